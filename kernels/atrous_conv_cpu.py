@@ -1,0 +1,171 @@
+"""CPU (Numba) kernels for atrous convolution; the index math is in ``atrous_conv``'s docstring.
+
+Kernel bodies are plain Python compiled at module level, so ``NUMBA_DISABLE_JIT=1`` runs them
+as ordinary Python for debugging.  Parallel loops (``prange``) always run over outputs that no
+other iteration writes, so there are no races and no atomics.
+"""
+import numpy as np
+from numba import njit, prange
+
+
+# ---- v1: naive direct loops, straight from the formulas ---------------------------------------
+def _forward_v1(x, w, b, y, sh, sw, ph, pw, dh, dw):
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    _, _, Ho, Wo = y.shape
+    for nk in prange(N * K):  # one (image, filter) output plane per iteration
+        n, k = nk // K, nk % K
+        for i in range(Ho):
+            for j in range(Wo):
+                acc = b[k]
+                for c in range(C):
+                    for p in range(kh):
+                        h = i * sh - ph + p * dh
+                        if h < 0 or h >= H:
+                            continue
+                        for q in range(kw):
+                            v = j * sw - pw + q * dw
+                            if 0 <= v < W:
+                                acc += w[k, c, p, q] * x[n, c, h, v]
+                y[n, k, i, j] = acc
+
+
+def _backward_v1(x, w, dy, dx, dwt, db, sh, sw, ph, pw, dh, dw):
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    _, _, Ho, Wo = dy.shape
+    # dx: each (n, c) input plane belongs to one iteration, so the scatter cannot race.
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for k in range(K):
+            for p in range(kh):
+                for q in range(kw):
+                    for i in range(Ho):
+                        h = i * sh - ph + p * dh
+                        if h < 0 or h >= H:
+                            continue
+                        for j in range(Wo):
+                            v = j * sw - pw + q * dw
+                            if 0 <= v < W:
+                                dx[n, c, h, v] += w[k, c, p, q] * dy[n, k, i, j]
+    # dw and db: each weight is a sum over images and output positions.
+    for kc in prange(K * C):
+        k, c = kc // C, kc % C
+        for p in range(kh):
+            for q in range(kw):
+                acc = 0.0
+                for n in range(N):
+                    for i in range(Ho):
+                        h = i * sh - ph + p * dh
+                        if h < 0 or h >= H:
+                            continue
+                        for j in range(Wo):
+                            v = j * sw - pw + q * dw
+                            if 0 <= v < W:
+                                acc += dy[n, k, i, j] * x[n, c, h, v]
+                dwt[k, c, p, q] = acc
+    for k in prange(K):
+        acc = 0.0
+        for n in range(N):
+            for i in range(Ho):
+                for j in range(Wo):
+                    acc += dy[n, k, i, j]
+        db[k] = acc
+
+
+_forward_v1_cpu = njit(parallel=True, cache=True)(_forward_v1)
+_backward_v1_cpu = njit(parallel=True, cache=True)(_backward_v1)
+
+
+def forward_v1(x, w, b, stride, padding, dilation):
+    from .atrous_conv import output_size
+
+    Ho, Wo = output_size(x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding,
+                         dilation)
+    y = np.empty((x.shape[0], w.shape[0], Ho, Wo), dtype=x.dtype)
+    bias = b if b is not None else np.zeros(w.shape[0], dtype=x.dtype)
+    _forward_v1_cpu(x, w, bias, y, *stride, *padding, *dilation)
+    return y
+
+
+def backward_v1(x, w, dy, stride, padding, dilation):
+    dx = np.zeros_like(x)
+    dw = np.empty_like(w)
+    db = np.empty(w.shape[0], dtype=x.dtype)
+    _backward_v1_cpu(x, w, dy, dx, dw, db, *stride, *padding, *dilation)
+    return dx, dw, db
+
+
+# ---- v2: im2col with holes, then one GEMM ------------------------------------------------------
+def _valid_columns(off, s, W, Wo):
+    """The range [j_lo, j_hi) of output columns j whose input column j·s + off lies in [0, W).
+
+    Computing it once per kernel row keeps the bounds test out of the innermost loop.
+    """
+    j_lo = 0 if off >= 0 else (-off + s - 1) // s
+    j_hi = 0 if W - 1 - off < 0 else (W - 1 - off) // s + 1
+    j_hi = min(j_hi, Wo)
+    return j_lo, max(j_lo, j_hi)
+
+
+def _im2col(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
+    # x (nb, C, H, W) -> cols (C·kh·kw, nb·rows·Wo), rows = r1 - r0 output rows from r0
+    nb, C, H, W = x.shape
+    rows = r1 - r0
+    for r in prange(C * kh * kw):  # each column-matrix row is written by one iteration
+        c, p, q = r // (kh * kw), (r // kw) % kh, r % kw
+        off = q * dw - pw
+        j_lo, j_hi = _valid_columns(off, sw, W, Wo)
+        for n in range(nb):
+            for ii in range(rows):
+                h = (r0 + ii) * sh - ph + p * dh
+                base = (n * rows + ii) * Wo
+                if h < 0 or h >= H:
+                    for j in range(Wo):
+                        cols[r, base + j] = 0
+                    continue
+                for j in range(j_lo):
+                    cols[r, base + j] = 0
+                for j in range(j_lo, j_hi):
+                    cols[r, base + j] = x[n, c, h, j * sw + off]
+                for j in range(j_hi, Wo):
+                    cols[r, base + j] = 0
+
+
+def _col2im(cols, dx, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
+    # the transpose of _im2col: dx (nb, C, H, W) += scatter of cols
+    nb, C, H, W = dx.shape
+    rows = r1 - r0
+    for nc in prange(nb * C):  # one input plane per iteration: the scatter-add cannot race
+        n, c = nc // C, nc % C
+        for p in range(kh):
+            for q in range(kw):
+                r = (c * kh + p) * kw + q
+                off = q * dw - pw
+                j_lo, j_hi = _valid_columns(off, sw, W, Wo)
+                for ii in range(rows):
+                    h = (r0 + ii) * sh - ph + p * dh
+                    if h < 0 or h >= H:
+                        continue
+                    base = (n * rows + ii) * Wo
+                    for j in range(j_lo, j_hi):
+                        dx[n, c, h, j * sw + off] += cols[r, base + j]
+
+
+_valid_columns = njit(inline="always", cache=True)(_valid_columns)
+_im2col_cpu = njit(parallel=True, cache=True)(_im2col)
+_col2im_cpu = njit(parallel=True, cache=True)(_col2im)
+
+
+def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo):
+    """Columns of output rows r0..r1 of every image in x: (C·kh·kw, nb·(r1−r0)·Wo)."""
+    nb, C = x.shape[:2]
+    kh, kw = w_shape[2], w_shape[3]
+    cols = np.empty((C * kh * kw, nb * (r1 - r0) * Wo), dtype=x.dtype)
+    _im2col_cpu(x, cols, kh, kw, *stride, *padding, *dilation, r0, r1, Wo)
+    return cols
+
+
+def col2im_dilated(cols, dx, w_shape, stride, padding, dilation, r0, r1, Wo):
+    """dx += col2im(cols) in place (dx: the images the columns came from)."""
+    _col2im_cpu(cols, dx, w_shape[2], w_shape[3], *stride, *padding, *dilation, r0, r1, Wo)

@@ -1,0 +1,21 @@
+from setuptools import setup
+
+setup(
+    name="tinydeeplab",
+    version="0.1.0",
+    description="DeepLab v2 rebuilt by hand: atrous convolution kernels, autograd, dense CRF",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The top-level kernels/ folder installs as tinydeeplab.kernels: a top-level package named
+    # "kernels" would clash with the unrelated PyPI distribution of that name.
+    packages=["tinydeeplab", "tinydeeplab.kernels"],
+    package_dir={"tinydeeplab": "tinydeeplab", "tinydeeplab.kernels": "kernels"},
+    install_requires=["numpy", "numba", "numba-cuda", "pillow", "matplotlib", "tqdm",
+                      "threadpoolctl"],
+    extras_require={
+        "cuda": ["cupy-cuda12x"],
+        "test": ["pytest", "hypothesis", "torch", "pydensecrf2"],
+    },
+    entry_points={"console_scripts": ["tinydeeplab = tinydeeplab.cli:main"]},
+)
