@@ -203,7 +203,9 @@ class Tensor:
         return ops.reshape(self, shape[0] if len(shape) == 1 else shape)
 
     def transpose(self, *axes):
-        return ops.transpose(self, axes[0] if len(axes) == 1 else (axes or None))
+        if len(axes) == 1 and (axes[0] is None or not np.isscalar(axes[0])):
+            axes = axes[0]  # transpose((1, 0)) as well as transpose(1, 0)
+        return ops.transpose(self, axes or None)
 
     @property
     def T(self):

@@ -1,0 +1,228 @@
+"""Atrous convolution: every variant against a float64 NumPy reference and PyTorch, forward and
+all three gradients; finite differences and the adjoint identity; bad input; bounded memory."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinydeeplab.functional as F
+from conftest import CUDA_MODE, on_device, to_numpy
+from helpers import torch
+from tinydeeplab import Tensor, gradcheck
+from tinydeeplab.kernels import atrous_conv
+from tinydeeplab.kernels import atrous_conv_cpu
+
+CPU_VARIANTS = [v for v, spec in atrous_conv.VARIANTS.items() if spec.device == "cpu"]
+CUDA_VARIANTS = [v for v, spec in atrous_conv.VARIANTS.items() if spec.device == "cuda"]
+
+
+def reference_conv2d(x, w, b, stride, padding, dilation):
+    """float64 NumPy loop over kernel taps: y += w[:, :, p, q] · (strided, shifted x)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xpad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    y = np.zeros((N, K, Ho, Wo))
+    for p in range(kh):
+        for q in range(kw):
+            window = xpad[:, :, p * dh: p * dh + sh * (Ho - 1) + 1: sh,
+                          q * dw: q * dw + sw * (Wo - 1) + 1: sw]
+            y += np.einsum("kc,nchw->nkhw", w[:, :, p, q].astype(np.float64), window)
+    if b is not None:
+        y += b.reshape(1, K, 1, 1)
+    return y
+
+
+def torch_conv2d(x, w, b, dy, stride, padding, dilation):
+    """PyTorch's y and (dx, dw, db) for the same float64 inputs."""
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True)
+    y = torch.nn.functional.conv2d(xt, wt, bt, stride=stride, padding=padding,
+                                   dilation=dilation)
+    y.backward(torch.tensor(dy))
+    return y.detach().numpy(), xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy()
+
+
+@st.composite
+def conv_case(draw, max_n=3, max_c=4, max_hw=12):
+    """A valid (x, w, b, stride, padding, dilation) with odd and non-square sizes."""
+    N, C, K = draw(st.integers(1, max_n)), draw(st.integers(1, max_c)), draw(st.integers(1, 5))
+    kh, kw = draw(st.sampled_from([1, 3, 5, 2])), draw(st.sampled_from([1, 3, 5]))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    padding = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
+    # input at least as large as the dilated kernel minus the padding, so the output is ≥ 1
+    h_min = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
+    w_min = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
+    H = draw(st.integers(h_min, max(h_min, max_hw)))
+    W = draw(st.integers(w_min, max(w_min, max_hw)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    x = rng.standard_normal((N, C, H, W))
+    w = rng.standard_normal((K, C, kh, kw))
+    b = rng.standard_normal(K)
+    return x, w, b, stride, padding, dilation
+
+
+def check_variant(variant, case, dtype=np.float64):
+    x, w, b, stride, padding, dilation = case
+    device = atrous_conv.VARIANTS[variant].device
+    y_ref = reference_conv2d(x, w, b, stride, padding, dilation)
+    dy = np.random.default_rng(7).standard_normal(y_ref.shape)
+    y_t, dx_t, dw_t, db_t = torch_conv2d(x, w, b, dy, stride, padding, dilation)
+    np.testing.assert_allclose(y_t, y_ref, atol=1e-10)  # the two oracles agree
+
+    args = [on_device(a.astype(dtype), device) for a in (x, w, b, dy)]
+    y = to_numpy(atrous_conv.conv2d_forward(*args[:3], stride, padding, dilation,
+                                            variant=variant))
+    grads = atrous_conv.conv2d_backward(args[0], args[1], args[3], stride, padding, dilation,
+                                        variant=variant)
+    dx, dw, db = (to_numpy(g) for g in grads)
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == dtype
+    tol = dict(atol=1e-9, rtol=1e-9) if dtype == np.float64 else dict(atol=2e-4, rtol=2e-4)
+    scale = lambda a: max(1.0, np.abs(a).max())  # noqa: E731  float32 sums of many terms
+    for name, ours, ref in (("y", y, y_ref), ("dx", dx, dx_t), ("dw", dw, dw_t),
+                            ("db", db, db_t)):
+        np.testing.assert_allclose(ours / scale(ref), ref / scale(ref), **tol,
+                                   err_msg=f"{variant} {name} differs from the reference")
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@settings(max_examples=40, deadline=None)
+@given(case=conv_case())
+def test_cpu_variants_match_reference_and_torch(variant, case):
+    check_variant(variant, case)
+
+
+@pytest.mark.parametrize("variant", sorted(atrous_conv.VARIANTS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, stride, padding, dilation", [
+    ((2, 3, 5, 6, 4, 3, 2), (2, 1), (3, 1), (2, 3)),   # N C H W K kh kw, non-square everything
+    ((1, 2, 4, 3, 3, 3, 3), (1, 1), (5, 5), (5, 5)),   # dilation larger than the input
+    ((2, 3, 3, 5, 2, 1, 1), (1, 1), (0, 0), (1, 1)),   # 1×1: the no-im2col path
+    ((1, 1, 1, 1, 1, 1, 1), (1, 1), (0, 0), (1, 1)),   # everything 1
+])
+def test_every_variant_on_fixed_cases(variant, dtype, shape, stride, padding, dilation):
+    """The parametrised test over the whole VARIANTS registry (CUDA ones under the simulator
+    when there is no GPU), float64 and float32."""
+    N, C, H, W, K, kh, kw = shape
+    rng = np.random.default_rng(sum(shape))
+    case = (rng.standard_normal((N, C, H, W)), rng.standard_normal((K, C, kh, kw)),
+            rng.standard_normal(K), stride, padding, dilation)
+    check_variant(variant, case, dtype)
+
+
+@pytest.mark.parametrize("variant", CUDA_VARIANTS)
+@settings(max_examples=4 if CUDA_MODE == "simulator" else 40, deadline=None)
+@given(case=conv_case(max_n=2, max_c=2, max_hw=6))
+def test_cuda_variants_on_random_tiny_shapes(variant, case):
+    check_variant(variant, case)
+
+
+@pytest.mark.parametrize("dilation", [4, 24])
+def test_deeplab_case_padding_equal_to_dilation_keeps_the_size(dilation):
+    """DeepLab v2: a 3×3 kernel with padding = dilation and stride 1 keeps H×W."""
+    rng = np.random.default_rng(dilation)
+    x = rng.standard_normal((5, 8, 56, 128)).astype(np.float32)
+    w = rng.standard_normal((33, 8, 3, 3)).astype(np.float32)
+    y = atrous_conv.conv2d_forward(x, w, None, 1, dilation, dilation)
+    assert y.shape == (5, 33, 56, 128)
+    yt = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), padding=dilation,
+                                    dilation=dilation).numpy()
+    np.testing.assert_allclose(y, yt, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_adjoint_identity(variant):
+    """<conv(x), y> == <x, convᵀ(y)>: the backward w.r.t. x is the transpose of the forward."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 9, 7))
+    w = rng.standard_normal((4, 3, 3, 2))
+    args = ((2, 1), (2, 3), (3, 2))
+    Ax = atrous_conv.conv2d_forward(x, w, None, *args, variant=variant)
+    y = rng.standard_normal(Ax.shape)
+    ATy, _, _ = atrous_conv.conv2d_backward(x, w, y, *args, variant=variant)
+    assert np.vdot(Ax, y) == pytest.approx(np.vdot(x, ATy), rel=1e-12)
+    # and linearity in w the same way: <conv_x(w), y> == <w, dw(y)>
+    _, dw, _ = atrous_conv.conv2d_backward(x, w, y, *args, variant=variant)
+    assert np.vdot(Ax, y) == pytest.approx(np.vdot(w, dw), rel=1e-12)
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 2, 2), ((2, 1), (1, 3), (1, 3)),
+                                                       (1, 0, 1)])
+def test_functional_conv2d_gradcheck(stride, padding, dilation):
+    rng = np.random.default_rng(5)
+    x = Tensor(rng.standard_normal((2, 2, 5, 6)), requires_grad=True)
+    w = Tensor(rng.standard_normal((3, 2, 3, 3)), requires_grad=True)
+    b = Tensor(rng.standard_normal(3), requires_grad=True)
+    assert gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation), [x, w, b])
+
+
+def test_functional_conv2d_float32_and_without_bias():
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((1, 2, 5, 5)).astype(np.float32), requires_grad=True)
+    w = Tensor(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), requires_grad=True)
+    y = F.conv2d(x, w, padding=2, dilation=2)
+    assert y.shape == (1, 3, 5, 5) and y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32 and w.grad.shape == (3, 2, 3, 3)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kwargs, message", [
+    ((2, 3, 8), (4, 3, 3, 3), {}, r"x must be 4-D .*\(2, 3, 8\)"),
+    ((1, 3, 8, 8), (4, 3, 3), {}, r"w must be 4-D"),
+    ((1, 3, 8, 8), (4, 2, 3, 3), {}, r"channel mismatch.*C=3.*C=2"),
+    ((1, 3, 8, 8), (4, 3, 3, 3), {"stride": 0}, r"stride must be positive"),
+    ((1, 3, 8, 8), (4, 3, 3, 3), {"dilation": (1, -2)}, r"dilation must be positive"),
+    ((1, 3, 8, 8), (4, 3, 3, 3), {"padding": -1}, r"padding must be non-negative"),
+    ((1, 3, 8, 8), (4, 3, 3, 3), {"dilation": 5}, r"output size .*\(1, 3, 8, 8\).*dilation"),
+    ((1, 3, 8, 8), (4, 3, 3, 3), {"stride": 1.5}, r"stride must be an int"),
+])
+def test_bad_input_gives_a_clear_value_error(x_shape, w_shape, kwargs, message):
+    x = np.zeros(x_shape, dtype=np.float32)
+    w = np.zeros(w_shape, dtype=np.float32)
+    with pytest.raises(ValueError, match=message):
+        atrous_conv.conv2d_forward(x, w, None, **kwargs)
+    if len(x_shape) == 4 and len(w_shape) == 4:
+        with pytest.raises(ValueError, match=message):
+            F.conv2d(Tensor(x), Tensor(w), **kwargs)
+
+
+def test_mixed_dtypes_and_bad_dy_are_rejected():
+    x = np.zeros((1, 2, 5, 5), dtype=np.float32)
+    w = np.zeros((3, 2, 3, 3), dtype=np.float64)
+    with pytest.raises(ValueError, match="float32 or both float64"):
+        atrous_conv.conv2d_forward(x, w)
+    with pytest.raises(ValueError, match=r"dy has shape .* expected \(1, 3, 3, 3\)"):
+        atrous_conv.conv2d_backward(x, w.astype(np.float32), np.zeros((1, 3, 5, 5), np.float32))
+
+
+def test_im2col_buffer_is_bounded_for_a_large_layer(monkeypatch):
+    """A 1024-channel 65×65 3×3 layer would need 156 MB of columns; chunks stay in budget."""
+    sizes = []
+    original = atrous_conv_cpu.im2col_dilated
+
+    def recording(*args):
+        cols = original(*args)
+        sizes.append(cols.nbytes)
+        return cols
+
+    monkeypatch.setattr(atrous_conv_cpu, "im2col_dilated", recording)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1024, 65, 65), dtype=np.float32)
+    w = rng.standard_normal((2, 1024, 3, 3), dtype=np.float32)
+    y = atrous_conv.conv2d_forward(x, w, None, 1, 2, 2)
+    assert len(sizes) > 1 and max(sizes) <= atrous_conv.COLS_BUDGET_BYTES["cpu"]
+    # the chunked result equals an unchunked one on a slice of the channels
+    yt = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), padding=2, dilation=2)
+    np.testing.assert_allclose(y, yt.numpy(), atol=1e-3, rtol=1e-4)
+
+
+def test_chunk_plan_covers_every_row_once():
+    for N, Ho, row_bytes, budget in [(3, 7, 10, 25), (5, 4, 10, 100), (2, 9, 100, 50)]:
+        seen = np.zeros((N, Ho), dtype=int)
+        for n0, n1, r0, r1 in atrous_conv.plan_chunks(N, Ho, row_bytes, budget):
+            seen[n0:n1, r0:r1] += 1
+        assert (seen == 1).all()
