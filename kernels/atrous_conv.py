@@ -32,14 +32,19 @@ Variants (``VARIANTS``; one parametrised test runs them all against the same ref
 
     cpu_v1   naive direct loops (Numba), the teaching version
     cpu_v2   im2col with holes + BLAS GEMM via numpy.matmul; 1×1 convolutions skip im2col
+    cpu_v3   v2 with the cheaper lowering per shape: kn2row forward when K < C (GEMM first,
+             then add the shifted tap planes), and for stride 1 the backward as a convolution
+             of dy with the flipped kernel (no col2im; dw from the same buffer)
     cuda_v1  one CUDA thread per output element (and per input pixel / weight for backward)
     cuda_v2  im2col / col2im CUDA kernels + cuBLAS GEMM via cupy.matmul
     cuda_v3  tiled shared-memory implicit GEMM: im2col happens while loading the tiles
+    cuda_v4  cpu_v3's lowerings with CUDA kernels + cuBLAS
 
 The library uses ``DEFAULT[device]``.  The im2col buffer is bounded (``COLS_BUDGET_BYTES``): the
 work is cut into chunks of images, or of output rows within one image, so a 1024-channel 65×65
 layer never needs gigabytes.
 """
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -138,59 +143,166 @@ def _is_pointwise(w, stride, padding):
     return w.shape[2] == 1 and w.shape[3] == 1 and stride == (1, 1) and padding == (0, 0)
 
 
-def gemm_forward(x, w, b, stride, padding, dilation, im2col):
+class _Workspace(threading.local):
+    """Reusable im2col buffers, one set per thread.
+
+    A fresh 64 MB NumPy array costs thousands of page faults on first touch (the OS hands out
+    zeroed pages lazily), which took as long as the im2col copy itself.  Keeping the buffer
+    between calls removes that cost; at most ``COLS_BUDGET_BYTES["cpu"]`` per buffer is held.
+    CuPy has its own memory pool, so GPU buffers are simply allocated.
+    """
+
+    def get(self, name, shape, dtype, xp):
+        if xp is not np:
+            return xp.empty(shape, dtype=dtype)
+        size = int(np.prod(shape))
+        buf = getattr(self, name, None)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = np.empty(size, dtype=dtype)
+            setattr(self, name, buf)
+        return buf[:size].reshape(shape)
+
+
+_workspace = _Workspace()
+
+
+def _rows_of(a, n, r0, r1, Wo):
+    """a[n, :, r0:r1, :] as a (K, (r1 − r0)·Wo) matrix view (rows of a plane are contiguous)."""
+    return a[n].reshape(a.shape[1], -1)[:, r0 * Wo: r1 * Wo]
+
+
+def _fits(nbytes, x):
+    return nbytes <= COLS_BUDGET_BYTES["cuda" if is_cupy_array(x) else "cpu"]
+
+
+def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
+    """Forward by GEMM.  ``kern``: the device's kernel module (im2col, col2im, shift_add).
+
+    lowering "im2col": y2d = w2d @ cols (v2, the Caffe way).
+    lowering "adaptive" (v3): when K < C use kn2row instead: z = w_taps @ x, one GEMM with
+    K·kh·kw rows and no im2col at all, then y[k,i,j] = Σ_{p,q} z[(k,p,q), h(i,p), v(j,q)] by
+    ``shift_add``.  Its buffer holds K·kh·kw rows instead of im2col's C·kh·kw.
+    """
     xp = array_module(x)
     N, C, H, W = x.shape
-    K = w.shape[0]
-    Ho, Wo = output_size(H, W, w.shape[2], w.shape[3], stride, padding, dilation)
-    w2d = w.reshape(K, -1)  # (K, C·kh·kw)
+    K, _, kh, kw = w.shape
+    Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
+    y = xp.empty((N, K, Ho, Wo), dtype=x.dtype)
     if _is_pointwise(w, stride, padding):  # 1×1: x itself is the column matrix
-        y = xp.matmul(w2d, x.reshape(N, C, H * W)).reshape(N, K, Ho, Wo)
+        w2d = w.reshape(K, C)
+        for n in range(N):
+            xp.matmul(w2d, x[n].reshape(C, H * W), out=y[n].reshape(K, Ho * Wo))
+    elif lowering == "adaptive" and K < C and _fits(K * kh * kw * H * W * x.itemsize, x):
+        _kn2row_forward(x, w, y, stride, padding, dilation, kern)
     else:
-        y = xp.empty((N, K, Ho, Wo), dtype=x.dtype)
-        device = "cuda" if is_cupy_array(x) else "cpu"
-        row_bytes = w2d.shape[1] * Wo * x.itemsize
-        for n0, n1, r0, r1 in plan_chunks(N, Ho, row_bytes, COLS_BUDGET_BYTES[device]):
-            cols = im2col(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo)
-            out = xp.matmul(w2d, cols).reshape(K, n1 - n0, r1 - r0, Wo)  # (K, nb, rows, Wo)
-            y[n0:n1, :, r0:r1] = out.transpose(1, 0, 2, 3)
+        _im2col_forward(x, w, y, stride, padding, dilation, kern)
     if b is not None:
         y += b.reshape(1, K, 1, 1)
     return y
 
 
-def gemm_backward(x, w, dy, stride, padding, dilation, im2col, col2im):
+def _im2col_forward(x, w, y, stride, padding, dilation, kern):
+    xp = array_module(x)
+    K, Ho, Wo = y.shape[1:]
+    w2d = w.reshape(K, -1)  # (K, C·kh·kw)
+    row_bytes = w2d.shape[1] * Wo * x.itemsize
+    device = "cuda" if is_cupy_array(x) else "cpu"
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, COLS_BUDGET_BYTES[device]):
+        L = (r1 - r0) * Wo  # columns per image in this chunk
+        cols = _workspace.get("cols", (w2d.shape[1], (n1 - n0) * L), x.dtype, xp)
+        kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
+        for n in range(n0, n1):  # GEMM straight into y: no temporary, no transpose
+            i = n - n0
+            xp.matmul(w2d, cols[:, i * L:(i + 1) * L], out=_rows_of(y, n, r0, r1, Wo))
+
+
+def _kn2row_forward(x, w, y, stride, padding, dilation, kern):
     xp = array_module(x)
     N, C, H, W = x.shape
-    K = w.shape[0]
-    Ho, Wo = dy.shape[2], dy.shape[3]
-    w2d = w.reshape(K, -1)
+    K, _, kh, kw = w.shape
+    R = K * kh * kw
+    w_taps = xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(R, C)  # rows (k, p, q)
+    device = "cuda" if is_cupy_array(x) else "cpu"
+    for n0, n1, _, _ in plan_chunks(N, 1, R * H * W * x.itemsize, COLS_BUDGET_BYTES[device]):
+        z = _workspace.get("cols", (n1 - n0, R, H, W), x.dtype, xp)
+        for n in range(n0, n1):
+            xp.matmul(w_taps, x[n].reshape(C, H * W), out=z[n - n0].reshape(R, H * W))
+        kern.shift_add(z, y[n0:n1], kh, kw, stride, padding, dilation)
+
+
+def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering):
+    """(dx, dw, db) by GEMM; see ``gemm_forward`` for ``kern`` and ``lowering``.
+
+    "im2col" (v2): dw2d = Σ dy2d @ colsᵀ, dx = col2im(w2dᵀ @ dy2d).
+    "adaptive" (v3), stride 1: the gradient w.r.t. x of a stride-1 convolution is itself a
+    convolution: of dy with the kernel flipped in space and with K and C swapped, padding
+    d·(k−1) − pad.  With dcols = im2col of dy for that convolution (K·kh·kw rows, no col2im):
+    dx = w_flip2d @ dcols and, because dcols holds exactly the dy values that met each x pixel,
+    dw = dcols @ xᵀ (rows flipped back).  Two GEMMs sharing one small buffer.
+    """
+    xp = array_module(x)
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    (dh, dw_), (ph, pw) = dilation, padding
     db = dy.sum(axis=(0, 2, 3))
     if _is_pointwise(w, stride, padding):
-        x3, dy3 = x.reshape(N, C, H * W), dy.reshape(N, K, H * W)
-        dw2d = xp.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0)  # Σ_n dy[n] @ x[n]ᵀ
-        dx = xp.matmul(w2d.T, dy3).reshape(N, C, H, W)
+        w2d, dw2d, dx = w.reshape(K, C), xp.zeros((K, C), dtype=x.dtype), xp.empty_like(x)
+        for n in range(N):
+            x2d, dy2d = x[n].reshape(C, H * W), dy[n].reshape(K, H * W)
+            dw2d += xp.matmul(dy2d, x2d.T)
+            xp.matmul(w2d.T, dy2d, out=dx[n].reshape(C, H * W))
         return dx, dw2d.reshape(w.shape), db
-    dx = xp.zeros_like(x)
+    if lowering == "adaptive" and stride == (1, 1) and ph <= dh * (kh - 1) and \
+            pw <= dw_ * (kw - 1):
+        return (*_flipped_conv_backward(x, w, dy, padding, dilation, kern), db)
+    return (*_col2im_backward(x, w, dy, stride, padding, dilation, kern), db)
+
+
+def _col2im_backward(x, w, dy, stride, padding, dilation, kern):
+    xp = array_module(x)
+    K, Ho, Wo = dy.shape[1:]
+    w2d = w.reshape(K, -1)
     dw2d = xp.zeros_like(w2d)
-    device = "cuda" if is_cupy_array(x) else "cpu"
+    dx = xp.zeros_like(x)
     row_bytes = w2d.shape[1] * Wo * x.itemsize
-    for n0, n1, r0, r1 in plan_chunks(N, Ho, row_bytes, COLS_BUDGET_BYTES[device]):
-        cols = im2col(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo)
-        dy2d = dy[n0:n1, :, r0:r1].transpose(1, 0, 2, 3).reshape(K, -1)  # (K, nb·rows·Wo)
-        dw2d += xp.matmul(dy2d, cols.T)
-        dcols = xp.matmul(w2d.T, dy2d)
-        col2im(dcols, dx[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo)
-    return dx, dw2d.reshape(w.shape), db
+    device = "cuda" if is_cupy_array(x) else "cpu"
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, COLS_BUDGET_BYTES[device]):
+        L = (r1 - r0) * Wo
+        shape = (w2d.shape[1], (n1 - n0) * L)
+        cols = _workspace.get("cols", shape, x.dtype, xp)
+        dcols = _workspace.get("dcols", shape, x.dtype, xp)
+        kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
+        for n in range(n0, n1):
+            i = n - n0
+            dy2d = _rows_of(dy, n, r0, r1, Wo)  # (K, L)
+            dw2d += xp.matmul(dy2d, cols[:, i * L:(i + 1) * L].T)
+            xp.matmul(w2d.T, dy2d, out=dcols[:, i * L:(i + 1) * L])
+        kern.col2im_dilated(dcols, dx[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo)
+    return dx, dw2d.reshape(w.shape)
 
 
-def _cpu_v2_forward(x, w, b, stride, padding, dilation):
-    return gemm_forward(x, w, b, stride, padding, dilation, _cpu.im2col_dilated)
-
-
-def _cpu_v2_backward(x, w, dy, stride, padding, dilation):
-    return gemm_backward(x, w, dy, stride, padding, dilation, _cpu.im2col_dilated,
-                         _cpu.col2im_dilated)
+def _flipped_conv_backward(x, w, dy, padding, dilation, kern):
+    xp = array_module(x)
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    (dh, dw_), (ph, pw) = dilation, padding
+    R = K * kh * kw
+    pad_t = (dh * (kh - 1) - ph, dw_ * (kw - 1) - pw)
+    w_flip2d = xp.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, R)
+    dx = xp.empty_like(x)
+    dw_flip = xp.zeros((R, C), dtype=x.dtype)  # rows (k, kh−1−p, kw−1−q)
+    device = "cuda" if is_cupy_array(x) else "cpu"
+    for n0, n1, r0, r1 in plan_chunks(N, H, R * W * x.itemsize, COLS_BUDGET_BYTES[device]):
+        L = (r1 - r0) * W
+        dcols = _workspace.get("cols", (R, (n1 - n0) * L), x.dtype, xp)
+        kern.im2col_dilated(dy[n0:n1], w.shape, (1, 1), pad_t, dilation, r0, r1, W, dcols)
+        for n in range(n0, n1):
+            i = n - n0
+            block = dcols[:, i * L:(i + 1) * L]
+            xp.matmul(w_flip2d, block, out=_rows_of(dx, n, r0, r1, W))
+            dw_flip += xp.matmul(block, _rows_of(x, n, r0, r1, W).T)
+    dw = dw_flip.reshape(K, kh, kw, C)[:, ::-1, ::-1, :].transpose(0, 3, 1, 2)
+    return dx, xp.ascontiguousarray(dw)
 
 
 def _cuda():
@@ -200,13 +312,17 @@ def _cuda():
     return atrous_conv_cuda
 
 
-def _cuda_v2_forward(x, w, b, stride, padding, dilation):
-    return gemm_forward(x, w, b, stride, padding, dilation, _cuda().im2col_dilated)
+def _gemm_variant(device, lowering):
+    def kern():
+        return _cpu if device == "cpu" else _cuda()
 
+    def forward(x, w, b, stride, padding, dilation):
+        return gemm_forward(x, w, b, stride, padding, dilation, kern(), lowering)
 
-def _cuda_v2_backward(x, w, dy, stride, padding, dilation):
-    m = _cuda()
-    return gemm_backward(x, w, dy, stride, padding, dilation, m.im2col_dilated, m.col2im_dilated)
+    def backward(x, w, dy, stride, padding, dilation):
+        return gemm_backward(x, w, dy, stride, padding, dilation, kern(), lowering)
+
+    return forward, backward
 
 
 def _lazy_cuda(name):
@@ -219,15 +335,19 @@ def _lazy_cuda(name):
 
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu.forward_v1, _cpu.backward_v1, "naive direct loops"),
-    "cpu_v2": Variant("cpu", _cpu_v2_forward, _cpu_v2_backward, "im2col with holes + GEMM"),
+    "cpu_v2": Variant("cpu", *_gemm_variant("cpu", "im2col"), "im2col with holes + GEMM"),
+    "cpu_v3": Variant("cpu", *_gemm_variant("cpu", "adaptive"),
+                      "kn2row forward when K < C; backward as a flipped-kernel convolution"),
     "cuda_v1": Variant("cuda", _lazy_cuda("forward_v1"), _lazy_cuda("backward_v1"),
                        "one thread per output element / input pixel / weight"),
-    "cuda_v2": Variant("cuda", _cuda_v2_forward, _cuda_v2_backward,
+    "cuda_v2": Variant("cuda", *_gemm_variant("cuda", "im2col"),
                        "im2col / col2im kernels + cuBLAS GEMM"),
     "cuda_v3": Variant("cuda", _lazy_cuda("forward_v3"), _lazy_cuda("backward_v3"),
                        "tiled shared-memory implicit GEMM"),
+    "cuda_v4": Variant("cuda", *_gemm_variant("cuda", "adaptive"),
+                       "cpu_v3's lowerings with CUDA kernels + cuBLAS GEMM"),
 }
-DEFAULT = {"cpu": "cpu_v2", "cuda": "cuda_v2"}
+DEFAULT = {"cpu": "cpu_v3", "cuda": "cuda_v4"}
 
 
 def _pick(x, variant):

@@ -7,6 +7,8 @@ other iteration writes, so there are no races and no atomics.
 import numpy as np
 from numba import njit, prange
 
+from . import parallel_njit
+
 
 # ---- v1: naive direct loops, straight from the formulas ---------------------------------------
 def _forward_v1(x, w, b, y, sh, sw, ph, pw, dh, dw):
@@ -73,8 +75,8 @@ def _backward_v1(x, w, dy, dx, dwt, db, sh, sw, ph, pw, dh, dw):
         db[k] = acc
 
 
-_forward_v1_cpu = njit(parallel=True, cache=True)(_forward_v1)
-_backward_v1_cpu = njit(parallel=True, cache=True)(_backward_v1)
+_forward_v1_cpu = parallel_njit(_forward_v1)
+_backward_v1_cpu = parallel_njit(_backward_v1)
 
 
 def forward_v1(x, w, b, stride, padding, dilation):
@@ -109,27 +111,28 @@ def _valid_columns(off, s, W, Wo):
 
 
 def _im2col(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
-    # x (nb, C, H, W) -> cols (C·kh·kw, nb·rows·Wo), rows = r1 - r0 output rows from r0
+    # x (nb, C, H, W) -> cols (C·kh·kw, nb·rows·Wo), rows = r1 - r0 output rows from r0.
+    # Each output row is one slice copy (vectorised by LLVM) between two runs of zeros.
     nb, C, H, W = x.shape
     rows = r1 - r0
     for r in prange(C * kh * kw):  # each column-matrix row is written by one iteration
         c, p, q = r // (kh * kw), (r // kw) % kh, r % kw
         off = q * dw - pw
         j_lo, j_hi = _valid_columns(off, sw, W, Wo)
+        v_lo, v_hi = j_lo * sw + off, (j_hi - 1) * sw + off + 1  # input columns read
         for n in range(nb):
             for ii in range(rows):
                 h = (r0 + ii) * sh - ph + p * dh
-                base = (n * rows + ii) * Wo
-                if h < 0 or h >= H:
-                    for j in range(Wo):
-                        cols[r, base + j] = 0
+                out = cols[r, (n * rows + ii) * Wo:(n * rows + ii + 1) * Wo]
+                if h < 0 or h >= H or j_lo == j_hi:
+                    out[:] = 0
                     continue
-                for j in range(j_lo):
-                    cols[r, base + j] = 0
-                for j in range(j_lo, j_hi):
-                    cols[r, base + j] = x[n, c, h, j * sw + off]
-                for j in range(j_hi, Wo):
-                    cols[r, base + j] = 0
+                out[:j_lo] = 0
+                if sw == 1:
+                    out[j_lo:j_hi] = x[n, c, h, v_lo:v_hi]
+                else:
+                    out[j_lo:j_hi] = x[n, c, h, v_lo:v_hi:sw]
+                out[j_hi:] = 0
 
 
 def _col2im(cols, dx, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
@@ -143,25 +146,57 @@ def _col2im(cols, dx, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
                 r = (c * kh + p) * kw + q
                 off = q * dw - pw
                 j_lo, j_hi = _valid_columns(off, sw, W, Wo)
+                if j_lo == j_hi:
+                    continue
+                v_lo, v_hi = j_lo * sw + off, (j_hi - 1) * sw + off + 1
                 for ii in range(rows):
                     h = (r0 + ii) * sh - ph + p * dh
                     if h < 0 or h >= H:
                         continue
                     base = (n * rows + ii) * Wo
-                    for j in range(j_lo, j_hi):
-                        dx[n, c, h, j * sw + off] += cols[r, base + j]
+                    if sw == 1:
+                        dx[n, c, h, v_lo:v_hi] += cols[r, base + j_lo:base + j_hi]
+                    else:
+                        dx[n, c, h, v_lo:v_hi:sw] += cols[r, base + j_lo:base + j_hi]
+
+
+def _shift_add(z, y, kh, kw, sh, sw, ph, pw, dh, dw):
+    # kn2row: y[n,k,i,j] = Σ_{p,q} z[n, (k,p,q), i·s − pad + p·d, j·s − pad + q·d]
+    nb, K, Ho, Wo = y.shape
+    H, W = z.shape[2], z.shape[3]
+    for nk in prange(nb * K):  # one output plane per iteration
+        n, k = nk // K, nk % K
+        y[n, k] = 0
+        for p in range(kh):
+            for q in range(kw):
+                r = (k * kh + p) * kw + q
+                off = q * dw - pw
+                j_lo, j_hi = _valid_columns(off, sw, W, Wo)
+                if j_lo == j_hi:
+                    continue
+                v_lo, v_hi = j_lo * sw + off, (j_hi - 1) * sw + off + 1
+                for i in range(Ho):
+                    h = i * sh - ph + p * dh
+                    if h < 0 or h >= H:
+                        continue
+                    if sw == 1:
+                        y[n, k, i, j_lo:j_hi] += z[n, r, h, v_lo:v_hi]
+                    else:
+                        y[n, k, i, j_lo:j_hi] += z[n, r, h, v_lo:v_hi:sw]
 
 
 _valid_columns = njit(inline="always", cache=True)(_valid_columns)
-_im2col_cpu = njit(parallel=True, cache=True)(_im2col)
-_col2im_cpu = njit(parallel=True, cache=True)(_col2im)
+_im2col_cpu = parallel_njit(_im2col)
+_col2im_cpu = parallel_njit(_col2im)
+_shift_add_cpu = parallel_njit(_shift_add)
 
 
-def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo):
+def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols=None):
     """Columns of output rows r0..r1 of every image in x: (C·kh·kw, nb·(r1−r0)·Wo)."""
     nb, C = x.shape[:2]
     kh, kw = w_shape[2], w_shape[3]
-    cols = np.empty((C * kh * kw, nb * (r1 - r0) * Wo), dtype=x.dtype)
+    if cols is None:
+        cols = np.empty((C * kh * kw, nb * (r1 - r0) * Wo), dtype=x.dtype)
     _im2col_cpu(x, cols, kh, kw, *stride, *padding, *dilation, r0, r1, Wo)
     return cols
 
@@ -169,3 +204,8 @@ def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo):
 def col2im_dilated(cols, dx, w_shape, stride, padding, dilation, r0, r1, Wo):
     """dx += col2im(cols) in place (dx: the images the columns came from)."""
     _col2im_cpu(cols, dx, w_shape[2], w_shape[3], *stride, *padding, *dilation, r0, r1, Wo)
+
+
+def shift_add(z, y, kh, kw, stride, padding, dilation):
+    """y = Σ over taps of the shifted tap planes of z (kn2row's second step), in place."""
+    _shift_add_cpu(z, y, kh, kw, *stride, *padding, *dilation)

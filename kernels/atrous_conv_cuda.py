@@ -158,11 +158,12 @@ def _col2im_kernel(cols, dx, kh, kw, sh, sw, ph, pw, dh, dw, r0, rows, Wo):
     dx[n, c, h, v] = acc
 
 
-def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo):
+def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols=None):
     xp = array_module(x)
     nb, C = x.shape[:2]
     kh, kw = w_shape[2], w_shape[3]
-    cols = xp.empty((C * kh * kw, nb * (r1 - r0) * Wo), dtype=x.dtype)
+    if cols is None:
+        cols = xp.empty((C * kh * kw, nb * (r1 - r0) * Wo), dtype=x.dtype)
     _launch(_im2col_kernel, cols.size, x, cols, kh, kw, *stride, *padding, *dilation, r0,
             r1 - r0, Wo)
     return cols
@@ -171,6 +172,29 @@ def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo):
 def col2im_dilated(cols, dx, w_shape, stride, padding, dilation, r0, r1, Wo):
     _launch(_col2im_kernel, dx.size, cols, dx, w_shape[2], w_shape[3], *stride, *padding,
             *dilation, r0, r1 - r0, Wo)
+
+
+@cuda.jit
+def _shift_add_kernel(z, y, kh, kw, sh, sw, ph, pw, dh, dw):
+    # kn2row's second step, one thread per output element gathering over the taps
+    t = cuda.grid(1)
+    nb, K, Ho, Wo = y.shape
+    if t >= nb * K * Ho * Wo:
+        return
+    j, i, k, n = t % Wo, (t // Wo) % Ho, (t // (Wo * Ho)) % K, t // (Wo * Ho * K)
+    acc = 0.0
+    for p in range(kh):
+        h = i * sh - ph + p * dh
+        if 0 <= h < z.shape[2]:
+            for q in range(kw):
+                v = j * sw - pw + q * dw
+                if 0 <= v < z.shape[3]:
+                    acc += z[n, (k * kh + p) * kw + q, h, v]
+    y[n, k, i, j] = acc
+
+
+def shift_add(z, y, kh, kw, stride, padding, dilation):
+    _launch(_shift_add_kernel, y.size, z, y, kh, kw, *stride, *padding, *dilation)
 
 
 # ---- v3: tiled shared-memory implicit GEMM -----------------------------------------------------

@@ -1,0 +1,153 @@
+"""Forward + backward of F.conv2d against PyTorch on DeepLab-like shapes, in one process.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv.py [--threads T]
+
+Per shape: our time, torch's time (best of two blocks of --repeat runs, median within a block,
+each block after a pause and a warm-up that also compiles the Numba kernels), the ratio, our GFLOP/s, and NumPy's single-precision GEMM GFLOP/s
+on this machine as the roofline (the im2col path can at best run at GEMM speed).
+FLOPs of one forward: 2·N·K·Ho·Wo·C·kh·kw; the backward costs twice that (dx and dw).
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+SHAPES = [  # (N, C, H, W) -> K, kernel, dilation (padding = dilation·(k−1)/2, stride 1)
+    ((2, 64, 65, 65), 64, 3, 1),
+    ((2, 128, 65, 65), 128, 3, 2),
+    ((1, 256, 41, 41), 256, 3, 2),
+    ((1, 512, 41, 41), 512, 3, 4),
+    ((1, 2048, 41, 41), 21, 3, 6),
+    ((1, 2048, 41, 41), 21, 3, 12),
+    ((1, 2048, 41, 41), 21, 3, 18),
+    ((1, 2048, 41, 41), 21, 3, 24),
+    ((1, 1024, 41, 41), 256, 1, 1),
+]
+
+
+def median_time(fn, repeat):
+    fn()  # warm-up (and JIT compilation)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def median_times_in_blocks(fns, repeat, rounds=2, pause=0.3):
+    """Best-of-``rounds`` median time of each function, timed in blocks (a×repeat, b×repeat,
+    a×repeat, ...).  Each block starts after a pause and a warm-up call, so the other
+    library's thread pool has gone idle: spinning OpenMP/BLAS workers left over from one
+    library would otherwise slow the other, whichever runs second."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            time.sleep(pause)
+            best[i] = min(best[i], median_time(fn, repeat))
+    return best
+
+
+def gemm_gflops(threads, n=1024, repeat=5):
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    t = median_time(lambda: a @ a, repeat)
+    return 2 * n**3 / t / 1e9
+
+
+def blas_info():
+    from threadpoolctl import threadpool_info
+
+    rows = [f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, "
+            f"{i['num_threads']} threads)" for i in threadpool_info()
+            if i["user_api"] == "blas"]
+    return "; ".join(rows) or "unknown"
+
+
+def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):
+    import torch  # first, so that its OpenMP runtime keeps its own defaults
+    from threadpoolctl import threadpool_limits
+
+    import numba
+    import tinydeeplab.functional as F
+    from tinydeeplab import Tensor
+
+    threads = threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    tdev = "cuda" if device == "cuda" else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        import cupy
+
+        csync = cupy.cuda.Device().synchronize
+    else:
+        csync = lambda: None  # noqa: E731
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        roof = gemm_gflops(threads) if device == "cpu" else float("nan")
+        print(f"# atrous conv forward+backward, float32, device={device}, threads={threads}",
+              file=out)
+        print(f"# {platform.processor() or platform.machine()}; BLAS: {blas_info()}", file=out)
+        if device == "cpu":
+            print(f"# NumPy sgemm 1024³ roofline: {roof:.1f} GFLOP/s", file=out)
+        print("| input (N,C,H,W) | K | k | d | ours ms | torch ms | ours/torch | ours GFLOP/s |",
+              file=out)
+        print("|---|---|---|---|---|---|---|---|", file=out)
+        ratios = []
+        for (N, C, H, W), K, k, d in shapes:
+            pad = d * (k - 1) // 2
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((N, C, H, W), dtype=np.float32)
+            w = (rng.standard_normal((K, C, k, k), dtype=np.float32) * 0.01)
+            b = np.zeros(K, dtype=np.float32)
+            xt, wt, bt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True), \
+                Tensor(b, requires_grad=True)
+            if device == "cuda":
+                xt, wt, bt = (Tensor(t.to("cuda").data, requires_grad=True)
+                              for t in (xt, wt, bt))
+            dy_shape = (N, K, H, W)
+            dy = rng.standard_normal(dy_shape, dtype=np.float32)
+            dy_ours = Tensor(dy).to(device).data
+
+            def ours():
+                y = F.conv2d(xt, wt, bt, 1, pad, d)
+                y.backward(dy_ours)
+                csync()
+
+            X = torch.tensor(x, device=tdev, requires_grad=True)
+            Wt = torch.tensor(w, device=tdev, requires_grad=True)
+            B = torch.tensor(b, device=tdev, requires_grad=True)
+            DY = torch.tensor(dy, device=tdev)
+
+            def theirs():
+                y = torch.nn.functional.conv2d(X, Wt, B, padding=pad, dilation=d)
+                y.backward(DY)
+                sync()
+
+            t_ours, t_torch = median_times_in_blocks([ours, theirs], repeat)
+            flops = 3 * 2 * N * K * H * W * C * k * k
+            ratios.append(t_ours / t_torch)
+            print(f"| {(N, C, H, W)} | {K} | {k}×{k} | {d} | {t_ours * 1e3:.1f} | "
+                  f"{t_torch * 1e3:.1f} | {t_ours / t_torch:.2f} | {flops / t_ours / 1e9:.1f} |",
+                  file=out)
+        print(f"\nmedian ratio ours/torch: {statistics.median(ratios):.2f}, "
+              f"worst: {max(ratios):.2f}", file=out)
+    return ratios
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    run(args.device, args.threads, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
