@@ -9,8 +9,10 @@ setup(
     python_requires=">=3.9",
     # The top-level kernels/ folder installs as tinydeeplab.kernels: a top-level package named
     # "kernels" would clash with the unrelated PyPI distribution of that name.
-    packages=["tinydeeplab", "tinydeeplab.kernels"],
-    package_dir={"tinydeeplab": "tinydeeplab", "tinydeeplab.kernels": "kernels"},
+    # benchmarks/ installs as tinydeeplab.benchmarks so that `tinydeeplab bench` works anywhere.
+    packages=["tinydeeplab", "tinydeeplab.kernels", "tinydeeplab.benchmarks"],
+    package_dir={"tinydeeplab": "tinydeeplab", "tinydeeplab.kernels": "kernels",
+                 "tinydeeplab.benchmarks": "benchmarks"},
     install_requires=["numpy", "numba", "numba-cuda", "pillow", "matplotlib", "tqdm",
                       "threadpoolctl"],
     extras_require={

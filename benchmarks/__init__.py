@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (installed as ``tinydeeplab.benchmarks``); see RESULTS.md."""
