@@ -1,0 +1,300 @@
+"""The fully connected CRF of Krähenbühl & Koltun (NIPS 2011), DeepLab v2's last stage.
+
+Energy over labellings x of N pixels:  E(x) = Σ_i ψ_u(x_i) + Σ_{i<j} μ(x_i, x_j) Σ_m w_m k_m(f_i, f_j)
+with Gaussian kernels k_m on features f (positions; positions and colours).  Mean-field
+inference (their §3, eq. 4-5) iterates
+
+    Q_i(l) ∝ exp(−ψ_u(x_i = l) − Σ_m Σ_l' μ_m(l, l') Σ_j k_m(f_i, f_j) Q_j(l'))
+
+and the sum over all pixels j is one Gaussian filter per kernel, computed on the permutohedral
+lattice (``kernels.permutohedral``) in linear time.  As in densecrf/pydensecrf, the filter
+includes the pixel itself, kernels are normalised symmetrically (k̃ = D^−½ K D^−½ with
+D = K·1), and a Potts compatibility of weight w contributes  +w · k̃ Q  to the log-potential.
+
+``DenseCRF2D`` copies pydensecrf's interface and semantics, so switching is one import line;
+``dense_crf`` is DeepLab v2's post-processing with its ResNet-101 VOC parameters.
+"""
+import numpy as np
+
+from .backend import array_module, to_device
+from .kernels import permutohedral as _lattice
+from .kernels.softmax import softmax_rows
+
+# pydensecrf's enums, same values
+CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
+NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC = 0, 1, 2, 3
+
+
+class PermutohedralLattice:
+    """Gaussian filtering with unit standard deviation on pre-scaled features.
+
+    ``PermutohedralLattice(features)``: features (N, d) — divide each feature by its kernel
+    width first.  ``filter(values)``: values (N, c) → Σ_j exp(−|f_i − f_j|²/2) v_j,
+    approximately (the lattice's error is a few percent), the point itself included.
+    NumPy arrays run on the CPU, CuPy arrays on the GPU.
+    """
+
+    def __init__(self, features):
+        xp = array_module(features)
+        features = xp.asarray(features)
+        if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+            raise ValueError(f"features must be a non-empty (N, d) array, got shape "
+                             f"{features.shape}")
+        if not bool(xp.isfinite(features).all()):
+            raise ValueError("features hold NaN or infinite values")
+        limit = 2**30 / (features.shape[1] + 1) ** 2
+        if float(abs(features).max()) > limit:
+            raise ValueError(f"features up to {float(abs(features).max()):.3g} are too large "
+                             f"for the lattice's int32 keys (limit {limit:.3g} for d = "
+                             f"{features.shape[1]}); are they divided by the kernel widths?")
+        self.device = "cpu" if xp is np else "cuda"
+        if self.device == "cpu":
+            self._impl = _lattice.LatticeCPU(features)
+        else:
+            from .kernels import permutohedral_cuda
+
+            self._impl = permutohedral_cuda.LatticeCUDA(features)
+        self.N, self.d = features.shape
+
+    @property
+    def num_vertices(self):
+        return self._impl.M
+
+    def filter(self, values, reverse=False):
+        """Filter values (N, c) (or (N,)); ``reverse=True`` applies the transposed operator."""
+        xp = array_module(values)
+        values = xp.asarray(values, dtype=xp.float32)
+        vector = values.ndim == 1
+        if vector:
+            values = values[:, None]
+        if values.ndim != 2 or values.shape[0] != self.N:
+            raise ValueError(f"values must be ({self.N}, c), got shape {values.shape}")
+        out = self._impl.filter(values, reverse)
+        return out[:, 0] if vector else out
+
+    def _filter(self, values, pre=None, post=None, out=None):
+        """Fused form for the CRF: out (+)= post ⊙ filter(pre ⊙ values), all (N, c)/(N,)."""
+        return self._impl.filter(values, False, pre, post, out)
+
+
+class _Pairwise:
+    """One Gaussian kernel with its normalisation and label compatibility."""
+
+    def __init__(self, features, compat, normalization, num_labels):
+        if normalization not in (NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER,
+                                 NORMALIZE_SYMMETRIC):
+            raise ValueError(f"normalization must be one of NO_NORMALIZATION ... "
+                             f"NORMALIZE_SYMMETRIC (0-3), got {normalization!r}")
+        self.lattice = PermutohedralLattice(features)
+        self.normalization = normalization
+        xp = array_module(features)
+        norm = self.lattice.filter(xp.ones(features.shape[0], dtype=xp.float32))
+        if normalization == NO_NORMALIZATION:
+            self.norm = None
+        elif normalization == NORMALIZE_SYMMETRIC:
+            self.norm = (1.0 / xp.sqrt(norm + 1e-20)).astype(xp.float32)
+        else:
+            self.norm = (1.0 / (norm + 1e-20)).astype(xp.float32)
+        self.compat = _compatibility(compat, num_labels, xp)
+
+    def add_message(self, Q, logits):
+        """Add this kernel's contribution to the log-potentials: logits (N, C) += f(Q)."""
+        nt, norm, (kind, w) = self.normalization, self.norm, self.compat
+        pre = norm if nt in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else None
+        post = norm if nt in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else None
+        if kind == "potts":  # +w · k̃Q: the weight rides along with the output scaling
+            xp = array_module(Q)
+            post = xp.full(Q.shape[0], w, xp.float32) if post is None else post * w
+            self.lattice._filter(Q, pre, post, out=logits)
+            return
+        x = self.lattice._filter(Q, pre, post)
+        # Signs as in densecrf (checked against pydensecrf): a Potts weight w rewards agreeing
+        # with the neighbours (+w·x above); a diagonal or full compatibility μ is an energy
+        # and enters as −μ x.
+        if kind == "diag":
+            logits -= x * w[None, :]
+        else:
+            logits -= x @ w  # w symmetrised, so x @ w is (μ xᵀ)ᵀ
+
+
+def _compatibility(compat, C, xp):
+    if np.isscalar(compat):
+        return "potts", float(compat)
+    m = np.asarray(to_device(compat, "cpu") if not isinstance(compat, list) else compat,
+                   dtype=np.float32)
+    if m.shape == (C,):
+        return "diag", xp.asarray(m)
+    if m.shape == (C, C):
+        return "matrix", xp.asarray(0.5 * (m + m.T))  # densecrf symmetrises
+    raise ValueError(f"compat must be a number, a ({C},) vector or a ({C}, {C}) matrix, got "
+                     f"shape {m.shape}")
+
+
+class DenseCRF:
+    """pydensecrf.densecrf.DenseCRF: N variables, C labels, any pairwise features."""
+
+    def __init__(self, N, C):
+        if int(N) < 1 or int(C) < 1:
+            raise ValueError(f"DenseCRF needs N ≥ 1 pixels and C ≥ 1 labels, got N={N}, C={C}")
+        self.N, self.C = int(N), int(C)
+        self.unary = None
+        self.pairwise = []
+
+    def setUnaryEnergy(self, U):  # noqa: N802  (pydensecrf's name)
+        """U: (C, N) float32 energies, −log of the label probabilities."""
+        xp = array_module(U)
+        U = xp.asarray(U)
+        if U.shape != (self.C, self.N):
+            raise ValueError(f"unary must have shape (C, N) = ({self.C}, {self.N}), got "
+                             f"{U.shape}")
+        if U.dtype != xp.float32:
+            raise ValueError(f"unary must be float32 (as pydensecrf), got {U.dtype}")
+        if not bool(xp.isfinite(U).all()):
+            raise ValueError("unary holds NaN or infinite energies")
+        self.unary = U
+
+    def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL,  # noqa: N802
+                          normalization=NORMALIZE_SYMMETRIC):
+        """features: (d, N) float32, already divided by the kernel widths."""
+        if kernel != DIAG_KERNEL:
+            raise ValueError("only kernel=DIAG_KERNEL (pydensecrf's default) is implemented")
+        xp = array_module(features)
+        features = xp.asarray(features, dtype=xp.float32)
+        if features.ndim != 2 or features.shape[1] != self.N:
+            raise ValueError(f"features must have shape (d, N) with N = {self.N}, got "
+                             f"{features.shape}")
+        self.pairwise.append(_Pairwise(xp.ascontiguousarray(features.T), compat,
+                                       normalization, self.C))
+
+    def inference(self, n_iterations):
+        """Q (C, N) float32 after n mean-field iterations (0: softmax of the unary)."""
+        if int(n_iterations) != n_iterations or n_iterations < 0:
+            raise ValueError(f"n_iterations must be a non-negative integer, got {n_iterations}")
+        if self.unary is None:
+            raise ValueError("call setUnaryEnergy before inference")
+        xp = array_module(self.unary)
+        neg_unary = xp.ascontiguousarray(-self.unary.T)  # (N, C): pixels in rows
+        Q = softmax_rows(neg_unary, xp.empty_like(neg_unary))
+        logits = xp.empty_like(neg_unary)
+        for _ in range(int(n_iterations)):
+            logits[...] = neg_unary
+            for p in self.pairwise:
+                p.add_message(Q, logits)
+            softmax_rows(logits, Q)
+        return xp.ascontiguousarray(Q.T)
+
+
+def _pair(value, name):
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"{name} must be a positive number or (x, y) pair, got {value!r}")
+    return pair
+
+
+class DenseCRF2D(DenseCRF):
+    """pydensecrf.densecrf.DenseCRF2D: an image of W×H pixels (row-major) and C labels."""
+
+    def __init__(self, W, H, C):
+        if int(W) < 1 or int(H) < 1:
+            raise ValueError(f"image size must be at least 1×1, got W={W}, H={H}")
+        super().__init__(int(W) * int(H), C)
+        self.W, self.H = int(W), int(H)
+        self._xp = np
+
+    def _positions(self, sx, sy, xp):
+        y, x = xp.mgrid[0:self.H, 0:self.W].astype(xp.float32)
+        return [x.ravel() / xp.float32(sx), y.ravel() / xp.float32(sy)]
+
+    def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL,  # noqa: N802
+                            normalization=NORMALIZE_SYMMETRIC):
+        """Smoothness kernel on positions: exp(−|p_i − p_j|² / 2 sxy²)."""
+        sx, sy = _pair(sxy, "sxy")
+        xp = array_module(self.unary) if self.unary is not None else np
+        self.addPairwiseEnergy(xp.stack(self._positions(sx, sy, xp)), compat, kernel,
+                               normalization)
+
+    def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,  # noqa: N802
+                             normalization=NORMALIZE_SYMMETRIC):
+        """Appearance kernel: exp(−|p_i − p_j|² / 2 sxy² − |I_i − I_j|² / 2 srgb²)."""
+        sx, sy = _pair(sxy, "sxy")
+        srgb = (srgb,) * 3 if np.isscalar(srgb) else tuple(srgb)
+        if len(srgb) != 3 or min(srgb) <= 0:
+            raise ValueError(f"srgb must be a positive number or an (r, g, b) triple, got "
+                             f"{srgb!r}")
+        image = _check_image(rgbim, self.H, self.W)
+        xp = array_module(image)
+        colours = image.reshape(-1, 3).astype(xp.float32)
+        features = self._positions(sx, sy, xp) + [colours[:, c] / xp.float32(srgb[c])
+                                                  for c in range(3)]
+        self.addPairwiseEnergy(xp.stack(features), compat, kernel, normalization)
+
+
+def _check_image(image, H, W):
+    xp = array_module(image)
+    image = xp.asarray(image)
+    if image.dtype != xp.uint8:
+        raise ValueError(f"image must be uint8 RGB (H, W, 3), got dtype {image.dtype}")
+    if image.shape != (H, W, 3):
+        raise ValueError(f"image must have shape (H, W, 3) = ({H}, {W}, 3), got {image.shape}")
+    return image
+
+
+def unary_from_softmax(sm, scale=None, clip=1e-5):
+    """−log of class probabilities sm (C, ...) as a (C, N) float32 unary (pydensecrf.utils)."""
+    xp = array_module(sm)
+    sm = xp.asarray(sm)
+    if sm.dtype.kind != "f":
+        raise ValueError(f"sm must hold floating-point probabilities, got dtype {sm.dtype}")
+    C = sm.shape[0]
+    if scale is not None:
+        if not 0 < scale <= 1:
+            raise ValueError(f"scale must be in (0, 1], got {scale}")
+        sm = scale * sm + (1 - scale) / C  # mix with the uniform distribution
+    if clip is not None:
+        sm = xp.clip(sm, clip, 1.0)
+    return (-xp.log(sm)).reshape(C, -1).astype(xp.float32)
+
+
+def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
+    """Unary from a label map (pydensecrf.utils semantics): each pixel believes its label with
+    probability gt_prob, the rest spread evenly.  With ``zero_unsure`` label 0 means "unknown"
+    (uniform) and labels 1..n_labels map to classes 0..n_labels−1."""
+    if not 0 < gt_prob < 1:
+        raise ValueError(f"gt_prob must be in (0, 1), got {gt_prob}")
+    labels = np.asarray(labels).ravel()
+    cls = labels - 1 if zero_unsure else labels
+    known = labels != 0 if zero_unsure else np.ones(labels.shape, dtype=bool)
+    if (cls[known] < 0).any() or (cls[known] >= n_labels).any():
+        raise ValueError(f"labels must lie in {'1' if zero_unsure else '0'}..."
+                         f"{n_labels if zero_unsure else n_labels - 1}")
+    U = np.full((n_labels, labels.size), -np.log((1 - gt_prob) / (n_labels - 1)),
+                dtype=np.float32)
+    idx = np.nonzero(known)[0]
+    U[cls[idx], idx] = -np.log(gt_prob)
+    U[:, ~known] = -np.log(1.0 / n_labels)
+    return U
+
+
+def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67,
+              bi_rgb_std=3):
+    """DeepLab v2's CRF post-processing: image (H, W, 3) uint8, probs (C, H, W) → Q (C, H, W).
+
+    Defaults are DeepLab v2's for ResNet-101 on VOC.  CuPy inputs run on the GPU.
+    """
+    xp = array_module(probs)
+    probs = xp.asarray(probs)
+    if probs.ndim != 3 or min(probs.shape) == 0:
+        raise ValueError(f"probs must be (C, H, W) with every size ≥ 1, got {probs.shape}")
+    C, H, W = probs.shape
+    image = _check_image(image, H, W)
+    if array_module(image) is not xp:
+        raise ValueError("image and probs must be on the same device")
+    if not bool(xp.isfinite(probs).all()) or bool((probs < 0).any()):
+        raise ValueError("probs must be finite and non-negative (class probabilities)")
+    if int(iterations) != iterations or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations}")
+    crf = DenseCRF2D(W, H, C)
+    crf.setUnaryEnergy(xp.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)
+    crf.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=image, compat=bi_w)
+    return crf.inference(iterations).reshape(C, H, W)
