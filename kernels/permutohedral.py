@@ -25,8 +25,8 @@ blur directions.
 Vertices are deduplicated with a hash table on their first d coordinates (the last follows from
 the zero sum).  Keys are int32, so features up to ~10^8 / d cannot overflow — pydensecrf uses
 16-bit keys, which wrap for large images with small spatial widths.
-The arithmetic of steps 1-3 is float32 in the order of Krähenbühl's densecrf, so that points
-land in the same simplices as there.
+The arithmetic of steps 1-3 is float32 in the order of Krähenbühl's densecrf as pydensecrf
+builds it on x86 (its SSE path: ties round to even), so that points land in the same simplices.
 """
 import math
 
@@ -39,9 +39,10 @@ EMPTY = -1
 
 
 def elevation_scale(d):
-    """s_i of step 1 (float32, as densecrf)."""
-    inv_std = np.sqrt(2.0 / 3.0) * (d + 1)
-    return np.array([inv_std / np.sqrt((i + 1) * (i + 2)) for i in range(d)], dtype=np.float32)
+    """s_i of step 1, rounded as densecrf does (its constant √(2/3)·(d+1) is a float32)."""
+    inv_std = np.float64(np.float32(np.sqrt(2.0 / 3.0) * (d + 1)))
+    return np.array([1.0 / np.sqrt((i + 1) * (i + 2)) * inv_std for i in range(d)],
+                    dtype=np.float32)
 
 
 def canonical_simplex(d):
@@ -54,9 +55,12 @@ def canonical_simplex(d):
 
 
 # ---- CPU: steps 1-3, one point per iteration ---------------------------------------------------
-def _round_half_away(x):
-    # C's roundf (what densecrf calls), not Python's round-half-to-even
-    return math.floor(x + 0.5) if x >= 0 else -math.floor(-x + 0.5)
+def _round_half_even(x):
+    # the SSE rounding of densecrf's x86 build (_mm_round_ps / cvtps: ties to even)
+    r = math.floor(x + 0.5)
+    if r - x == 0.5 and r % 2 != 0:
+        r -= 1
+    return r
 
 
 def _simplices(features, scale, canonical, keys, bary):
@@ -77,7 +81,7 @@ def _simplices(features, scale, canonical, keys, bary):
         elevated[0] = sm
         total = 0
         for i in range(d + 1):
-            rd = int(_round_half_away(down * elevated[i]))
+            rd = int(_round_half_even(down * elevated[i]))
             rem0[i] = f32(rd) * up
             total += rd
         for i in range(d):
@@ -99,7 +103,7 @@ def _simplices(features, scale, canonical, keys, bary):
             v = (elevated[i] - rem0[i]) * down
             b[d - rank[i]] += v
             b[d - rank[i] + 1] -= v
-        b[0] += f32(1.0) + b[d + 1]
+        b[0] += f32(1.0) + b[d + 1]  # float32, as densecrf's SSE build
         for k in range(d + 1):
             for i in range(d):
                 keys[n, k, i] = int(rem0[i]) + canonical[k, rank[i]]
@@ -231,7 +235,7 @@ def _slice(buf, bary, offsets, post, accumulate, out):
                 out[n, k] += w * buf[row, k]
 
 
-_round_half_away = njit(inline="always", cache=True)(_round_half_away)
+_round_half_even = njit(inline="always", cache=True)(_round_half_even)
 _hash = njit(inline="always", cache=True)(_hash)
 _lookup = njit(cache=True)(_lookup)
 _simplices_cpu = parallel_njit(_simplices)

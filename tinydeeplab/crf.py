@@ -16,7 +16,7 @@ D = K·1), and a Potts compatibility of weight w contributes  +w · k̃ Q  to th
 """
 import numpy as np
 
-from .backend import array_module, to_device
+from .backend import array_module, cuda_simulator, has_cuda, is_cupy_array, to_device
 from .kernels import permutohedral as _lattice
 from .kernels.softmax import softmax_rows
 
@@ -25,16 +25,40 @@ CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
 NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC = 0, 1, 2, 3
 
 
+def resolve_device(device, *arrays):
+    """"cpu" or "cuda": as asked, else where the arrays are.  "cuda" needs CuPy and a GPU, or
+    Numba's CUDA simulator (then the CUDA kernels run on NumPy arrays, for testing)."""
+    if device is None:
+        return "cuda" if any(is_cupy_array(a) for a in arrays) else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not (has_cuda() or cuda_simulator()):
+        raise RuntimeError("device='cuda' needs CuPy and a CUDA GPU (pip install "
+                           "tinydeeplab[cuda]), or NUMBA_ENABLE_CUDASIM=1 for the simulator")
+    return device
+
+
+def on_device(a, device):
+    """``a`` as the kernels for ``device`` take it (NumPy under the CUDA simulator)."""
+    if device == "cuda" and has_cuda():
+        return to_device(a, "cuda")
+    if device == "cpu":
+        return to_device(a, "cpu")
+    return a
+
+
 class PermutohedralLattice:
     """Gaussian filtering with unit standard deviation on pre-scaled features.
 
     ``PermutohedralLattice(features)``: features (N, d) — divide each feature by its kernel
     width first.  ``filter(values)``: values (N, c) → Σ_j exp(−|f_i − f_j|²/2) v_j,
-    approximately (the lattice's error is a few percent), the point itself included.
-    NumPy arrays run on the CPU, CuPy arrays on the GPU.
+    approximately (see tests/test_crf.py for the error against the exact sum), the point
+    itself included.  NumPy arrays run on the CPU, CuPy arrays on the GPU (or pass device=).
     """
 
-    def __init__(self, features):
+    def __init__(self, features, device=None):
+        self.device = resolve_device(device, features)
+        features = on_device(features, self.device)
         xp = array_module(features)
         features = xp.asarray(features)
         if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
@@ -47,7 +71,6 @@ class PermutohedralLattice:
             raise ValueError(f"features up to {float(abs(features).max()):.3g} are too large "
                              f"for the lattice's int32 keys (limit {limit:.3g} for d = "
                              f"{features.shape[1]}); are they divided by the kernel widths?")
-        self.device = "cpu" if xp is np else "cuda"
         if self.device == "cpu":
             self._impl = _lattice.LatticeCPU(features)
         else:
@@ -62,6 +85,7 @@ class PermutohedralLattice:
 
     def filter(self, values, reverse=False):
         """Filter values (N, c) (or (N,)); ``reverse=True`` applies the transposed operator."""
+        values = on_device(values, self.device)
         xp = array_module(values)
         values = xp.asarray(values, dtype=xp.float32)
         vector = values.ndim == 1
@@ -80,12 +104,12 @@ class PermutohedralLattice:
 class _Pairwise:
     """One Gaussian kernel with its normalisation and label compatibility."""
 
-    def __init__(self, features, compat, normalization, num_labels):
+    def __init__(self, features, compat, normalization, num_labels, device):
         if normalization not in (NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER,
                                  NORMALIZE_SYMMETRIC):
             raise ValueError(f"normalization must be one of NO_NORMALIZATION ... "
                              f"NORMALIZE_SYMMETRIC (0-3), got {normalization!r}")
-        self.lattice = PermutohedralLattice(features)
+        self.lattice = PermutohedralLattice(features, device)
         self.normalization = normalization
         xp = array_module(features)
         norm = self.lattice.filter(xp.ones(features.shape[0], dtype=xp.float32))
@@ -133,15 +157,23 @@ def _compatibility(compat, C, xp):
 class DenseCRF:
     """pydensecrf.densecrf.DenseCRF: N variables, C labels, any pairwise features."""
 
-    def __init__(self, N, C):
+    def __init__(self, N, C, device=None):
         if int(N) < 1 or int(C) < 1:
             raise ValueError(f"DenseCRF needs N ≥ 1 pixels and C ≥ 1 labels, got N={N}, C={C}")
         self.N, self.C = int(N), int(C)
+        self.device = None if device is None else resolve_device(device)
         self.unary = None
         self.pairwise = []
 
+    def _place(self, a):
+        """Fix the device on first use (from the first array seen) and move ``a`` there."""
+        if self.device is None:
+            self.device = resolve_device(None, a)
+        return on_device(a, self.device)
+
     def setUnaryEnergy(self, U):  # noqa: N802  (pydensecrf's name)
         """U: (C, N) float32 energies, −log of the label probabilities."""
+        U = self._place(U)
         xp = array_module(U)
         U = xp.asarray(U)
         if U.shape != (self.C, self.N):
@@ -158,13 +190,14 @@ class DenseCRF:
         """features: (d, N) float32, already divided by the kernel widths."""
         if kernel != DIAG_KERNEL:
             raise ValueError("only kernel=DIAG_KERNEL (pydensecrf's default) is implemented")
+        features = self._place(features)
         xp = array_module(features)
         features = xp.asarray(features, dtype=xp.float32)
         if features.ndim != 2 or features.shape[1] != self.N:
             raise ValueError(f"features must have shape (d, N) with N = {self.N}, got "
                              f"{features.shape}")
         self.pairwise.append(_Pairwise(xp.ascontiguousarray(features.T), compat,
-                                       normalization, self.C))
+                                       normalization, self.C, self.device))
 
     def inference(self, n_iterations):
         """Q (C, N) float32 after n mean-field iterations (0: softmax of the unary)."""
@@ -174,13 +207,14 @@ class DenseCRF:
             raise ValueError("call setUnaryEnergy before inference")
         xp = array_module(self.unary)
         neg_unary = xp.ascontiguousarray(-self.unary.T)  # (N, C): pixels in rows
-        Q = softmax_rows(neg_unary, xp.empty_like(neg_unary))
+        cuda = self.device == "cuda"
+        Q = softmax_rows(neg_unary, xp.empty_like(neg_unary), cuda)
         logits = xp.empty_like(neg_unary)
         for _ in range(int(n_iterations)):
             logits[...] = neg_unary
             for p in self.pairwise:
                 p.add_message(Q, logits)
-            softmax_rows(logits, Q)
+            softmax_rows(logits, Q, cuda)
         return xp.ascontiguousarray(Q.T)
 
 
@@ -194,23 +228,22 @@ def _pair(value, name):
 class DenseCRF2D(DenseCRF):
     """pydensecrf.densecrf.DenseCRF2D: an image of W×H pixels (row-major) and C labels."""
 
-    def __init__(self, W, H, C):
+    def __init__(self, W, H, C, device=None):
         if int(W) < 1 or int(H) < 1:
             raise ValueError(f"image size must be at least 1×1, got W={W}, H={H}")
-        super().__init__(int(W) * int(H), C)
+        super().__init__(int(W) * int(H), C, device)
         self.W, self.H = int(W), int(H)
-        self._xp = np
 
-    def _positions(self, sx, sy, xp):
-        y, x = xp.mgrid[0:self.H, 0:self.W].astype(xp.float32)
-        return [x.ravel() / xp.float32(sx), y.ravel() / xp.float32(sy)]
+    def _positions(self, sx, sy):
+        # float32 as densecrf: x / sx with x and sx floats
+        y, x = np.mgrid[0:self.H, 0:self.W].astype(np.float32)
+        return [x.ravel() / np.float32(sx), y.ravel() / np.float32(sy)]
 
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL,  # noqa: N802
                             normalization=NORMALIZE_SYMMETRIC):
         """Smoothness kernel on positions: exp(−|p_i − p_j|² / 2 sxy²)."""
         sx, sy = _pair(sxy, "sxy")
-        xp = array_module(self.unary) if self.unary is not None else np
-        self.addPairwiseEnergy(xp.stack(self._positions(sx, sy, xp)), compat, kernel,
+        self.addPairwiseEnergy(np.stack(self._positions(sx, sy)), compat, kernel,
                                normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,  # noqa: N802
@@ -221,12 +254,11 @@ class DenseCRF2D(DenseCRF):
         if len(srgb) != 3 or min(srgb) <= 0:
             raise ValueError(f"srgb must be a positive number or an (r, g, b) triple, got "
                              f"{srgb!r}")
-        image = _check_image(rgbim, self.H, self.W)
-        xp = array_module(image)
-        colours = image.reshape(-1, 3).astype(xp.float32)
-        features = self._positions(sx, sy, xp) + [colours[:, c] / xp.float32(srgb[c])
-                                                  for c in range(3)]
-        self.addPairwiseEnergy(xp.stack(features), compat, kernel, normalization)
+        image = to_device(_check_image(rgbim, self.H, self.W), "cpu")
+        colours = image.reshape(-1, 3).astype(np.float32)
+        features = self._positions(sx, sy) + [colours[:, c] / np.float32(srgb[c])
+                                              for c in range(3)]
+        self.addPairwiseEnergy(np.stack(features), compat, kernel, normalization)
 
 
 def _check_image(image, H, W):
@@ -276,7 +308,7 @@ def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
 
 
 def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67,
-              bi_rgb_std=3):
+              bi_rgb_std=3, device=None):
     """DeepLab v2's CRF post-processing: image (H, W, 3) uint8, probs (C, H, W) → Q (C, H, W).
 
     Defaults are DeepLab v2's for ResNet-101 on VOC.  CuPy inputs run on the GPU.
@@ -287,13 +319,11 @@ def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_
         raise ValueError(f"probs must be (C, H, W) with every size ≥ 1, got {probs.shape}")
     C, H, W = probs.shape
     image = _check_image(image, H, W)
-    if array_module(image) is not xp:
-        raise ValueError("image and probs must be on the same device")
     if not bool(xp.isfinite(probs).all()) or bool((probs < 0).any()):
         raise ValueError("probs must be finite and non-negative (class probabilities)")
     if int(iterations) != iterations or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations}")
-    crf = DenseCRF2D(W, H, C)
+    crf = DenseCRF2D(W, H, C, device=resolve_device(device, probs))
     crf.setUnaryEnergy(xp.ascontiguousarray(unary_from_softmax(probs)))
     crf.addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)
     crf.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=image, compat=bi_w)
