@@ -23,7 +23,7 @@ PARAMS = {
 }
 
 
-def test_image(H=375, W=500, C=21, seed=0):
+def make_scene(H=375, W=500, C=21, seed=0):
     """A photograph when the shared example is there (resized), else a textured scene; and a
     noisy softmax that prefers a blocky 'segmentation' of it."""
     path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
@@ -92,7 +92,7 @@ def timed(fn, repeat):
 def run(device="cpu", repeat=3, out=sys.stdout):
     import numba
 
-    image, probs = test_image()
+    image, probs = make_scene()
     C, H, W = probs.shape
     print(f"# dense CRF, {W}×{H} image, {C} labels, 10 iterations, device={device}, "
           f"{numba.get_num_threads()} Numba threads (pydensecrf: 1 thread, CPU)", file=out)

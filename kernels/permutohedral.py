@@ -30,6 +30,7 @@ builds it on x86 (its SSE path: ties round to even), so that points land in the 
 """
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -196,9 +197,10 @@ def _group_by_vertex(offsets, M, starts, members):
 
 
 # ---- CPU: splat, blur, slice ---------------------------------------------------------------------
-def _splat(values, pre, bary, starts, members, buf):
-    # buf (M+1, c): row 0 is the "missing neighbour" zero row; each point's values are
-    # multiplied by pre[n] on the way in (the CRF's kernel normalisation)
+def _splat_gather(values, pre, bary, starts, members, buf):
+    # buf (M+1, c): row 0 is the "missing neighbour" zero row; each vertex sums its points
+    # (values scaled by pre[n], the CRF's kernel normalisation).  No two iterations write the
+    # same row, so no races — but the points of one vertex are scattered over the image.
     d1 = bary.shape[1]
     c = values.shape[1]
     for v in prange(buf.shape[0] - 1):
@@ -210,6 +212,30 @@ def _splat(values, pre, bary, starts, members, buf):
             w = bary[n, r] * pre[n]
             for k in range(c):
                 buf[v + 1, k] += w * values[n, k]
+
+
+def _splat_scatter(values, pre, bary, offsets, private, buf):
+    # The same sum in point order: thread t scatters a contiguous block of points into its
+    # own copy private[t] of the vertex buffer (reading values sequentially), then the copies
+    # are added.  Faster when there are few vertices per point (wide kernels).
+    T, M1, c = private.shape
+    N, d1 = bary.shape
+    for t in prange(T):
+        p = private[t]
+        p[:] = 0
+        for n in range(t * N // T, (t + 1) * N // T):
+            s = pre[n]
+            for r in range(d1):
+                w = bary[n, r] * s
+                row = offsets[n * d1 + r] + 1
+                for k in range(c):
+                    p[row, k] += w * values[n, k]
+    for v in prange(1, M1):
+        for k in range(c):
+            acc = private[0, v, k]
+            for t in range(1, T):
+                acc += private[t, v, k]
+            buf[v, k] = acc
 
 
 def _blur_direction(buf, out, neighbours, j):
@@ -242,7 +268,8 @@ _simplices_cpu = parallel_njit(_simplices)
 _insert_all_cpu = njit(cache=True)(_insert_all)
 _blur_neighbours_cpu = parallel_njit(_blur_neighbours)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
-_splat_cpu = parallel_njit(_splat)
+_splat_gather_cpu = parallel_njit(_splat_gather)
+_splat_scatter_cpu = parallel_njit(_splat_scatter)
 _blur_direction_cpu = parallel_njit(_blur_direction)
 _slice_cpu = parallel_njit(_slice)
 
@@ -287,7 +314,13 @@ class LatticeCPU:
         tmp = np.empty_like(buf)
         buf[0] = 0
         tmp[0] = 0
-        _splat_cpu(values, pre, self.bary, self.starts, self.members, buf)
+        T = numba.get_num_threads()
+        # scatter into per-thread copies when the copies are small next to the points' work
+        if T * self.M < 0.25 * self.N * (self.d + 1) and T * self.M * c * 4 <= 256 << 20:
+            private = np.empty((T, self.M + 1, c), dtype=np.float32)
+            _splat_scatter_cpu(values, pre, self.bary, self.offsets, private, buf)
+        else:
+            _splat_gather_cpu(values, pre, self.bary, self.starts, self.members, buf)
         directions = range(self.d, -1, -1) if reverse else range(self.d + 1)
         for j in directions:
             _blur_direction_cpu(buf, tmp, self.neighbours, j)

@@ -15,9 +15,19 @@ def _bench(args):
     except ImportError:
         sys.exit("tinydeeplab bench compares against PyTorch, which is not installed: "
                  "pip install 'tinydeeplab[test]'")
-    from .benchmarks import bench_conv
+    if args.what in ("conv", "all"):
+        from .benchmarks import bench_conv
 
-    bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat)
+        bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat)
+    if args.what in ("crf", "all"):
+        try:
+            import pydensecrf  # noqa: F401
+        except ImportError:
+            sys.exit("tinydeeplab bench crf compares against pydensecrf, which is not "
+                     "installed: pip install 'tinydeeplab[test]'")
+        from .benchmarks import bench_crf
+
+        bench_crf.run(device=args.device, repeat=args.repeat)
 
 
 def build_parser():
@@ -35,11 +45,13 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="atrous convolution forward+backward against PyTorch "
-                                         "(needs the [test] extra)")
+    bench = sub.add_parser("bench", help="our kernels side by side with PyTorch (convolution) "
+                                         "and pydensecrf (CRF); needs the [test] extra")
+    bench.add_argument("what", nargs="?", choices=["conv", "crf", "all"], default="all",
+                       help="which benchmark (default: all)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench.add_argument("--threads", type=int, default=None, help="default: all cores")
-    bench.add_argument("--repeat", type=int, default=5)
+    bench.add_argument("--repeat", type=int, default=5, help="timed runs per block")
     bench.set_defaults(func=_bench)
     return parser
 
