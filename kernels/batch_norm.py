@@ -1,0 +1,203 @@
+"""Batch normalisation over (N, H, W) per channel, forward and backward, optionally fused with
+the ReLU that follows it in every ResNet block.
+
+Shapes: x, y (N, C, H, W); weight γ, bias β, running_mean, running_var (C,).  With
+m = N·H·W values per channel:
+
+    training:   μ = mean(x),  σ² = mean((x − μ)²)  (biased), and the running statistics move
+                r_μ ← (1 − momentum)·r_μ + momentum·μ,  r_σ² ← … + momentum·σ²·m/(m − 1)
+    inference:  μ, σ² = r_μ, r_σ²  (DeepLab's frozen batch norm: these and γ, β stay fixed)
+    x̂ = (x − μ) / √(σ² + eps),   y = γ·x̂ + β,   and with ``relu``: y = max(γ·x̂ + β, 0)
+
+Backward (dy already masked by y > 0 when fused with ReLU):
+
+    dβ = Σ dy,   dγ = Σ dy·x̂
+    inference:  dx = γ/√(σ² + eps) · dy
+    training:   dx = γ/√(σ² + eps) · (dy − dβ/m − x̂·dγ/m)      (μ and σ² depend on x)
+
+The CPU kernels run one channel per iteration (reductions in float64, two passes for the
+variance); the CUDA ones use one block per channel for the reductions and one thread per
+element for the elementwise parts.  Variants: ``cpu_v1``, ``cuda_v1``.
+"""
+from collections import namedtuple
+
+import numpy as np
+from numba import prange
+
+from tinydeeplab.backend import array_module, is_cupy_array
+
+from . import parallel_njit
+
+def _stats(x, mean, invstd, eps):
+    N, C, H, W = x.shape
+    m = N * H * W
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            for h in range(H):
+                for w in range(W):
+                    s += x[n, c, h, w]
+        mu = s / m
+        ss = 0.0
+        for n in range(N):
+            for h in range(H):
+                for w in range(W):
+                    d = x[n, c, h, w] - mu
+                    ss += d * d
+        mean[c] = mu
+        invstd[c] = 1.0 / np.sqrt(ss / m + eps)
+
+
+def _normalize(x, mean, invstd, weight, bias, relu, y):
+    N, C, H, W = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        scale = weight[c] * invstd[c]
+        shift = bias[c] - mean[c] * scale
+        for h in range(H):
+            for w in range(W):
+                v = x[n, c, h, w] * scale + shift
+                y[n, c, h, w] = max(v, 0.0) if relu else v
+
+
+def _grad_params(dy, x, y, mean, invstd, relu, dweight, dbias):
+    N, C, H, W = x.shape
+    for c in prange(C):
+        sb = 0.0
+        sw = 0.0
+        for n in range(N):
+            for h in range(H):
+                for w in range(W):
+                    g = dy[n, c, h, w]
+                    if relu and y[n, c, h, w] <= 0:
+                        g = 0.0
+                    sb += g
+                    sw += g * (x[n, c, h, w] - mean[c]) * invstd[c]
+        dbias[c] = sb
+        dweight[c] = sw
+
+
+def _grad_input(dy, x, y, mean, invstd, weight, dweight, dbias, training, relu, dx):
+    N, C, H, W = x.shape
+    m = N * H * W
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        k = weight[c] * invstd[c]
+        for h in range(H):
+            for w in range(W):
+                g = dy[n, c, h, w]
+                if relu and y[n, c, h, w] <= 0:
+                    g = 0.0
+                if training:
+                    xhat = (x[n, c, h, w] - mean[c]) * invstd[c]
+                    g = g - dbias[c] / m - xhat * dweight[c] / m
+                dx[n, c, h, w] = k * g
+
+
+_stats_cpu = parallel_njit(_stats)
+_normalize_cpu = parallel_njit(_normalize)
+_grad_params_cpu = parallel_njit(_grad_params)
+_grad_input_cpu = parallel_njit(_grad_input)
+
+
+def _cpu_forward(x, mean, invstd, weight, bias, relu):
+    y = np.empty_like(x)
+    _normalize_cpu(x, mean, invstd, weight, bias, relu, y)
+    return y
+
+
+def _cpu_stats(x, eps):
+    C = x.shape[1]
+    mean, invstd = np.empty(C, np.float64), np.empty(C, np.float64)
+    _stats_cpu(x, mean, invstd, eps)
+    return mean, invstd
+
+
+def _cpu_backward(dy, x, y, mean, invstd, weight, training, relu):
+    C = x.shape[1]
+    dweight, dbias = np.empty(C, np.float64), np.empty(C, np.float64)
+    _grad_params_cpu(dy, x, y, mean, invstd, relu, dweight, dbias)
+    dx = np.empty_like(x)
+    _grad_input_cpu(dy, x, y, mean, invstd, weight, dweight, dbias, training, relu, dx)
+    return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)
+
+
+def _cuda(name):
+    def call(*args):
+        from . import batch_norm_cuda
+
+        return getattr(batch_norm_cuda, name)(*args)
+
+    return call
+
+
+Variant = namedtuple("Variant", "device stats forward backward description")
+VARIANTS = {
+    "cpu_v1": Variant("cpu", _cpu_stats, _cpu_forward, _cpu_backward,
+                      "Numba loops: a channel per iteration for sums, a plane for the rest"),
+    "cuda_v1": Variant("cuda", _cuda("stats"), _cuda("forward"), _cuda("backward"),
+                       "a block per channel for sums (shared-memory tree), a thread per "
+                       "element for the rest"),
+}
+DEFAULT = {"cpu": "cpu_v1", "cuda": "cuda_v1"}
+
+
+def _pick(x, variant):
+    name = variant or DEFAULT["cuda" if is_cupy_array(x) else "cpu"]
+    if name not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[name]
+
+
+def check_bn_args(x, running_mean, running_var, weight, bias):
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"batch_norm: x must be 4-D (N, C, H, W), got shape {np.shape(x)}")
+    C = x.shape[1]
+    for name, a in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if a is not None and tuple(a.shape) != (C,):
+            raise ValueError(f"batch_norm: {name} must have shape ({C},) for x of shape "
+                             f"{x.shape}, got {tuple(a.shape)}")
+
+
+def batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum=0.1,
+                       eps=1e-5, relu=False, variant=None):
+    """y and (mean, invstd) for the backward.  In training the running statistics (float
+    arrays of shape (C,)) are updated in place."""
+    check_bn_args(x, running_mean, running_var, weight, bias)
+    xp = array_module(x)
+    x = xp.ascontiguousarray(x)
+    N, C, H, W = x.shape
+    impl = _pick(x, variant)
+    if training:
+        m = N * H * W
+        if m < 2:
+            raise ValueError(f"batch_norm: training needs more than one value per channel, got "
+                             f"input of shape {x.shape}")
+        mean, invstd = impl.stats(x, eps)
+        if running_mean is not None:
+            var = 1.0 / invstd**2 - eps
+            running_mean *= 1 - momentum
+            running_mean += (momentum * mean).astype(running_mean.dtype)
+            running_var *= 1 - momentum
+            running_var += (momentum * var * m / (m - 1)).astype(running_var.dtype)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm: inference needs running_mean and running_var")
+        mean = running_mean.astype(xp.float64)
+        invstd = 1.0 / xp.sqrt(running_var.astype(xp.float64) + eps)
+    weight = xp.ones(C, x.dtype) if weight is None else weight.astype(x.dtype)
+    bias = xp.zeros(C, x.dtype) if bias is None else bias.astype(x.dtype)
+    y = impl.forward(x, mean, invstd, weight, bias, bool(relu))
+    return y, (mean, invstd)
+
+
+def batch_norm_backward(dy, x, y, saved, weight, training, relu=False, variant=None):
+    """(dx, dweight, dbias); ``y`` is needed only when fused with ReLU (its mask)."""
+    xp = array_module(x)
+    mean, invstd = saved
+    C = x.shape[1]
+    weight = xp.ones(C, x.dtype) if weight is None else weight.astype(x.dtype)
+    y = x if y is None else y
+    return _pick(x, variant).backward(xp.ascontiguousarray(dy), x, y, mean, invstd, weight,
+                                      bool(training), bool(relu))

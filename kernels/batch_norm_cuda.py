@@ -1,0 +1,135 @@
+"""CUDA version of ``batch_norm`` (the math is in that module's docstring).
+
+Per-channel sums run one block per channel: each thread adds a strided share of the channel's
+N·H·W values, then the block halves its partial sums in shared memory until one is left
+(a tree reduction: log2(THREADS) steps, no atomics, the same order every run).
+"""
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+from tinydeeplab.backend import array_module
+
+THREADS = 128  # a power of two, for the tree reduction
+
+
+def _launch(kernel, count, *args):
+    if count > 0:
+        kernel[math.ceil(count / THREADS), THREADS](*args)
+
+
+@cuda.jit(device=True)
+def _block_sum(shared, value):
+    t = cuda.threadIdx.x
+    shared[t] = value
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if t < step:
+            shared[t] += shared[t + step]
+        cuda.syncthreads()
+        step //= 2
+    total = shared[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit
+def _stats_kernel(x, mean, invstd, eps):
+    c = cuda.blockIdx.x
+    N, C, H, W = x.shape
+    HW = H * W
+    m = N * HW
+    shared = cuda.shared.array(THREADS, numba.float64)
+    s = 0.0
+    for e in range(cuda.threadIdx.x, m, THREADS):
+        s += x[e // HW, c, (e % HW) // W, e % W]
+    mu = _block_sum(shared, s) / m
+    ss = 0.0
+    for e in range(cuda.threadIdx.x, m, THREADS):
+        d = x[e // HW, c, (e % HW) // W, e % W] - mu
+        ss += d * d
+    var = _block_sum(shared, ss) / m
+    if cuda.threadIdx.x == 0:
+        mean[c] = mu
+        invstd[c] = 1.0 / math.sqrt(var + eps)
+
+
+@cuda.jit
+def _normalize_kernel(x, mean, invstd, weight, bias, relu, y):
+    t = cuda.grid(1)
+    N, C, H, W = x.shape
+    if t >= N * C * H * W:
+        return
+    c = (t // (H * W)) % C
+    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
+    scale = weight[c] * invstd[c]
+    v = x[n, c, h, w_] * scale + (bias[c] - mean[c] * scale)
+    y[n, c, h, w_] = max(v, 0.0) if relu else v
+
+
+@cuda.jit
+def _grad_params_kernel(dy, x, y, mean, invstd, relu, dweight, dbias):
+    c = cuda.blockIdx.x
+    N, C, H, W = x.shape
+    HW = H * W
+    shared = cuda.shared.array(THREADS, numba.float64)
+    sb = 0.0
+    sw = 0.0
+    for e in range(cuda.threadIdx.x, N * HW, THREADS):
+        n, h, w_ = e // HW, (e % HW) // W, e % W
+        g = dy[n, c, h, w_]
+        if relu and y[n, c, h, w_] <= 0:
+            g = 0.0
+        sb += g
+        sw += g * (x[n, c, h, w_] - mean[c]) * invstd[c]
+    total_b = _block_sum(shared, sb)
+    total_w = _block_sum(shared, sw)
+    if cuda.threadIdx.x == 0:
+        dbias[c] = total_b
+        dweight[c] = total_w
+
+
+@cuda.jit
+def _grad_input_kernel(dy, x, y, mean, invstd, weight, dweight, dbias, training, relu, dx):
+    t = cuda.grid(1)
+    N, C, H, W = x.shape
+    if t >= N * C * H * W:
+        return
+    c = (t // (H * W)) % C
+    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
+    m = N * H * W
+    g = dy[n, c, h, w_]
+    if relu and y[n, c, h, w_] <= 0:
+        g = 0.0
+    if training:
+        xhat = (x[n, c, h, w_] - mean[c]) * invstd[c]
+        g = g - dbias[c] / m - xhat * dweight[c] / m
+    dx[n, c, h, w_] = weight[c] * invstd[c] * g
+
+
+def stats(x, eps):
+    xp = array_module(x)
+    C = x.shape[1]
+    mean, invstd = xp.empty(C, np.float64), xp.empty(C, np.float64)
+    _stats_kernel[C, THREADS](x, mean, invstd, eps)
+    return mean, invstd
+
+
+def forward(x, mean, invstd, weight, bias, relu):
+    y = array_module(x).empty_like(x)
+    _launch(_normalize_kernel, x.size, x, mean, invstd, weight, bias, relu, y)
+    return y
+
+
+def backward(dy, x, y, mean, invstd, weight, training, relu):
+    xp = array_module(x)
+    C = x.shape[1]
+    dweight, dbias = xp.empty(C, np.float64), xp.empty(C, np.float64)
+    _grad_params_kernel[C, THREADS](dy, x, y, mean, invstd, relu, dweight, dbias)
+    dx = xp.empty_like(x)
+    _launch(_grad_input_kernel, x.size, dy, x, y, mean, invstd, weight, dweight, dbias,
+            training, relu, dx)
+    return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)

@@ -1,0 +1,157 @@
+"""2-D max pooling, forward and backward (the ResNet stem: 3×3, stride 2, padding 1).
+
+Shapes: x (N, C, H, W) -> y (N, C, Ho, Wo), plus ``argmax`` (N, C, Ho, Wo): the flat index
+h·W + w, within its plane, of the input element each output took.
+
+    y[n,c,i,j] = max_{p<kh, q<kw} x[n, c, i·s − pad + p, j·s − pad + q]   (padding is −∞)
+
+Output size:  Ho = ⌊(H + 2·pad − kh) / s⌋ + 1, or with ``ceil_mode`` ⌈(H + 2·pad − kh) / s⌉ + 1,
+minus one if that last window would start beyond the input and right padding (PyTorch's and
+Caffe's rule, so a window always overlaps real pixels).  Windows scan rows then columns and
+take the *first* maximum, as PyTorch does, so both pick the same element on ties.
+
+Backward: the max is piecewise linear: dx[argmax[n,c,i,j]] += dy[n,c,i,j] (an element that wins
+several overlapping windows collects all their gradients).  On the CPU each (n, c) plane is one
+iteration, so the scatter-add cannot race; on CUDA each input element *gathers* from the
+windows that contain it (no atomics, deterministic).
+
+Variants: ``cpu_v1`` (Numba loops, parallel over planes) and ``cuda_v1`` (one thread per output
+for the forward, per input element for the backward).
+"""
+from collections import namedtuple
+
+import numpy as np
+from numba import prange
+
+from tinydeeplab.backend import array_module, is_cupy_array
+
+from . import parallel_njit
+
+Variant = namedtuple("Variant", "device forward backward description")
+
+
+def _pair(value, name, minimum):
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair) or \
+            min(pair) < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"max_pool2d: {name} must be a {what} int or pair, got {value!r}")
+    return tuple(int(v) for v in pair)
+
+
+def pooled_size(H, k, s, pad, ceil_mode):
+    span = H + 2 * pad - k
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= H + pad:
+        out -= 1
+    return out
+
+
+def check_pool_args(x, kernel_size, stride, padding, ceil_mode):
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"max_pool2d: x must be 4-D (N, C, H, W), got shape {np.shape(x)}")
+    k = _pair(kernel_size, "kernel_size", 1)
+    s = _pair(k if stride is None else stride, "stride", 1)
+    p = _pair(padding, "padding", 0)
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(f"max_pool2d: padding {p} must be at most half the kernel size {k}")
+    H, W = x.shape[2], x.shape[3]
+    Ho = pooled_size(H, k[0], s[0], p[0], ceil_mode)
+    Wo = pooled_size(W, k[1], s[1], p[1], ceil_mode)
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"max_pool2d: input {x.shape} is smaller than the kernel {k} "
+                         f"(padding {p}): output size {Ho}×{Wo}")
+    return k, s, p, (Ho, Wo)
+
+
+def _forward(x, y, argmax, kh, kw, sh, sw, ph, pw):
+    N, C, H, W = x.shape
+    Ho, Wo = y.shape[2], y.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for i in range(Ho):
+            for j in range(Wo):
+                best = -np.inf
+                where = -1
+                for p in range(kh):
+                    h = i * sh - ph + p
+                    if h < 0 or h >= H:
+                        continue
+                    for q in range(kw):
+                        v = j * sw - pw + q
+                        if 0 <= v < W and (x[n, c, h, v] > best or where < 0):
+                            best = x[n, c, h, v]
+                            where = h * W + v
+                y[n, c, i, j] = best
+                argmax[n, c, i, j] = where
+
+
+def _backward(dy, argmax, dx):
+    N, C, Ho, Wo = dy.shape
+    W = dx.shape[3]
+    for nc in prange(N * C):  # one plane per iteration: no two iterations touch one element
+        n, c = nc // C, nc % C
+        for i in range(Ho):
+            for j in range(Wo):
+                a = argmax[n, c, i, j]
+                dx[n, c, a // W, a % W] += dy[n, c, i, j]
+
+
+_forward_cpu = parallel_njit(_forward)
+_backward_cpu = parallel_njit(_backward)
+
+
+def _cpu_forward(x, k, s, p, out_size):
+    y = np.empty(x.shape[:2] + out_size, dtype=x.dtype)
+    argmax = np.empty(y.shape, dtype=np.int32)
+    _forward_cpu(x, y, argmax, *k, *s, *p)
+    return y, argmax
+
+
+def _cpu_backward(dy, argmax, x_shape, k, s, p):
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    _backward_cpu(dy, argmax, dx)
+    return dx
+
+
+def _cuda(name):
+    def call(*args):
+        from . import max_pool_cuda
+
+        return getattr(max_pool_cuda, name)(*args)
+
+    return call
+
+
+VARIANTS = {
+    "cpu_v1": Variant("cpu", _cpu_forward, _cpu_backward, "Numba loops, parallel over planes"),
+    "cuda_v1": Variant("cuda", _cuda("forward"), _cuda("backward"),
+                       "one thread per output (forward) / per input element (backward)"),
+}
+DEFAULT = {"cpu": "cpu_v1", "cuda": "cuda_v1"}
+
+
+def _pick(x, variant):
+    name = variant or DEFAULT["cuda" if is_cupy_array(x) else "cpu"]
+    if name not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return VARIANTS[name]
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, variant=None):
+    """(y, argmax) on arrays; stride defaults to the kernel size."""
+    k, s, p, out_size = check_pool_args(x, kernel_size, stride, padding, ceil_mode)
+    x = array_module(x).ascontiguousarray(x)
+    return _pick(x, variant).forward(x, k, s, p, out_size)
+
+
+def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0,
+                        variant=None):
+    """dx of shape x_shape from dy and the forward's argmax."""
+    k = _pair(kernel_size, "kernel_size", 1)
+    s = _pair(k if stride is None else stride, "stride", 1)
+    p = _pair(padding, "padding", 0)
+    if dy.shape != argmax.shape:
+        raise ValueError(f"max_pool2d_backward: dy {dy.shape} and argmax {argmax.shape} differ")
+    dy = array_module(dy).ascontiguousarray(dy)
+    return _pick(dy, variant).backward(dy, argmax, tuple(x_shape), k, s, p)
