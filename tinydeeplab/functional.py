@@ -2,13 +2,15 @@
 
 ``import tinydeeplab.functional as F`` gives the elementary ops of ``ops.py`` (``F.add``,
 ``F.matmul``, ...) and the network ones defined here: activations, the softmax family, the
-segmentation loss, and convolution (``F.conv2d``, in ``conv.py``).
+segmentation loss, convolution (``F.conv2d``, in ``conv.py``), and pooling, resizing and batch
+normalisation (``spatial.py``).
 """
 import numpy as np
 
 from .autograd import Function, Tensor
 from .backend import array_module, to_device
 from .conv import conv2d  # noqa: F401  (re-exported)
+from .spatial import batch_norm, interpolate, max_pool2d  # noqa: F401  (re-exported)
 from .ops import (  # noqa: F401  (re-exported)
     add,
     concatenate,

@@ -1,0 +1,196 @@
+"""Max pooling, bilinear resizing and batch norm: every variant against PyTorch (forward and
+backward), finite differences through F, odd sizes, CUDA under the simulator, bad input."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinydeeplab.functional as F
+from conftest import CUDA_MODE, on_device, to_numpy
+from helpers import torch
+from tinydeeplab import Tensor, gradcheck
+from tinydeeplab.kernels import batch_norm as bn_k
+from tinydeeplab.kernels import bilinear as bil_k
+from tinydeeplab.kernels import max_pool as pool_k
+
+FEW = settings(max_examples=3 if CUDA_MODE == "simulator" else 25, deadline=None)
+MANY = settings(max_examples=30, deadline=None)
+
+
+def settings_for(device):
+    return FEW if device == "cuda" else MANY
+
+
+# ---- max pooling --------------------------------------------------------------------------------
+@st.composite
+def pool_case(draw, small=False):
+    k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
+    top = 6 if small else 11
+    H, W = draw(st.integers(k[0], top + k[0])), draw(st.integers(k[1], top + k[1]))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2 if small else 3)), H, W)
+    x = np.random.default_rng(draw(st.integers(0, 2**16))).permutation(
+        np.arange(np.prod(shape), dtype=np.float64)).reshape(shape)  # distinct: no ties
+    return x, k, s, p, draw(st.booleans())
+
+
+def check_pool(variant, case):
+    x, k, s, p, ceil = case
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, k, s, p, ceil_mode=ceil)
+    dy = np.random.default_rng(0).standard_normal(tuple(yt.shape))
+    yt.backward(torch.tensor(dy))
+    device = pool_k.VARIANTS[variant].device
+    y, am = pool_k.max_pool2d_forward(on_device(x, device), k, s, p, ceil, variant=variant)
+    dx = pool_k.max_pool2d_backward(on_device(dy, device), am, x.shape, k, s, p, variant=variant)
+    np.testing.assert_array_equal(to_numpy(y), yt.detach().numpy())
+    np.testing.assert_allclose(to_numpy(dx), xt.grad.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", sorted(pool_k.VARIANTS))
+def test_max_pool_variants_match_torch(variant):
+    device = pool_k.VARIANTS[variant].device
+
+    @settings_for(device)
+    @given(case=pool_case(small=device == "cuda"))
+    def run(case):
+        check_pool(variant, case)
+
+    run()
+
+
+def test_max_pool_caffe_stem_with_ties_takes_the_first_maximum():
+    x = np.zeros((1, 1, 7, 7))  # all ties: PyTorch gives each window's first element
+    x[0, 0, 3, 3] = -1
+    check_pool("cpu_v1", (x, (3, 3), (2, 2), (1, 1), True))
+
+
+def test_max_pool_gradcheck():
+    x = np.random.default_rng(0).permutation(np.arange(2 * 2 * 7 * 6, dtype=np.float64))
+    xt = Tensor(x.reshape(2, 2, 7, 6) / 10, requires_grad=True)
+    assert gradcheck(lambda t: F.max_pool2d(t, 3, 2, 1, ceil_mode=True), [xt], eps=1e-6)
+
+
+# ---- bilinear -----------------------------------------------------------------------------------
+@st.composite
+def resize_case(draw, small=False):
+    top = 5 if small else 12
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, top)),
+             draw(st.integers(1, top)))
+    size = (draw(st.integers(1, 2 * top)), draw(st.integers(1, 2 * top)))
+    x = np.random.default_rng(draw(st.integers(0, 2**16))).standard_normal(shape)
+    return x, size, draw(st.booleans())
+
+
+def check_resize(variant, case, dtype=np.float64):
+    x, size, ac = case
+    x = x.astype(dtype)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.interpolate(xt, size=size, mode="bilinear", align_corners=ac)
+    dy = np.random.default_rng(1).standard_normal(tuple(yt.shape)).astype(dtype)
+    yt.backward(torch.tensor(dy))
+    device = bil_k.VARIANTS[variant].device
+    y = to_numpy(bil_k.bilinear_forward(on_device(x, device), size, ac, variant=variant))
+    dx = to_numpy(bil_k.bilinear_backward(on_device(dy, device), x.shape, ac, variant=variant))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert y.dtype == dx.dtype == dtype
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=tol)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), atol=tol * 10)
+
+
+@pytest.mark.parametrize("variant", sorted(bil_k.VARIANTS))
+def test_bilinear_variants_match_torch(variant):
+    device = bil_k.VARIANTS[variant].device
+
+    @settings_for(device)
+    @given(case=resize_case(small=device == "cuda"))
+    def run(case):
+        check_resize(variant, case)
+
+    run()
+
+
+@pytest.mark.parametrize("variant", sorted(bil_k.VARIANTS))
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_bilinear_deeplab_upsampling_float32(variant, align_corners):
+    """Logits at 1/8 resolution back to the label size: 41×41 → 321×321 (smaller under the
+    simulator)."""
+    size = (321, 321) if bil_k.VARIANTS[variant].device == "cpu" or CUDA_MODE == "gpu" \
+        else (17, 15)
+    src = (41, 41) if size[0] == 321 else (3, 2)
+    x = np.random.default_rng(2).standard_normal((1, 3) + src)
+    check_resize(variant, (x, size, align_corners), np.float32)
+
+
+def test_bilinear_gradcheck():
+    x = Tensor(np.random.default_rng(0).standard_normal((1, 2, 4, 5)), requires_grad=True)
+    assert gradcheck(lambda t: F.interpolate(t, (7, 3)), [x])
+    assert gradcheck(lambda t: F.interpolate(t, (6, 9), align_corners=True), [x])
+
+
+# ---- batch norm ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", sorted(bn_k.VARIANTS))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batch_norm_variants_match_torch(variant, training, relu, dtype):
+    rng = np.random.default_rng(int(training) + 2 * int(relu))
+    N, C, H, W = (2, 3, 5, 7) if bn_k.VARIANTS[variant].device == "cpu" else (2, 3, 3, 2)
+    x = (rng.standard_normal((N, C, H, W)) * 2 + 1).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    rm, rv = rng.standard_normal(C).astype(dtype), (rng.random(C) + 0.5).astype(dtype)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    rmt, rvt = torch.tensor(rm), torch.tensor(rv)
+    yt = torch.nn.functional.batch_norm(xt, rmt, rvt, wt, bt, training, 0.1, 1e-5)
+    yt = torch.relu(yt) if relu else yt
+    dy = rng.standard_normal(yt.shape).astype(dtype)
+    yt.backward(torch.tensor(dy))
+    dev = bn_k.VARIANTS[variant].device
+    rm2, rv2 = on_device(rm.copy(), dev), on_device(rv.copy(), dev)
+    y, saved = bn_k.batch_norm_forward(on_device(x, dev), rm2, rv2, on_device(w, dev),
+                                       on_device(b, dev), training, 0.1, 1e-5, relu,
+                                       variant=variant)
+    grads = bn_k.batch_norm_backward(on_device(dy, dev), on_device(x, dev), y, saved,
+                                     on_device(w, dev), training, relu, variant=variant)
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    for ours, ref in zip([y, *grads, rm2, rv2], [yt, xt.grad, wt.grad, bt.grad, rmt, rvt]):
+        ours = to_numpy(ours)
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(ours, ref.detach().numpy(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_gradcheck(training):
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 3, 3, 4)), requires_grad=True)
+    w = Tensor(rng.standard_normal(3), requires_grad=True)
+    b = Tensor(rng.standard_normal(3), requires_grad=True)
+
+    def fn(x, w, b):  # fresh running statistics each call: finite differences call it often
+        return F.batch_norm(x, np.zeros(3), np.ones(3) * 1.5, w, b, training=training)
+
+    assert gradcheck(fn, [x, w, b])
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def test_spatial_ops_reject_bad_input():
+    x = Tensor(np.zeros((1, 2, 4, 4)))
+    with pytest.raises(ValueError, match="4-D"):
+        F.max_pool2d(Tensor(np.zeros((2, 4, 4))), 2)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        F.max_pool2d(x, 5)
+    with pytest.raises(ValueError, match="padding"):
+        F.max_pool2d(x, 3, 1, 2)
+    with pytest.raises(ValueError, match="stride"):
+        F.max_pool2d(x, 3, 0)
+    with pytest.raises(ValueError, match="size"):
+        F.interpolate(x, (0, 3))
+    with pytest.raises(ValueError, match="mode"):
+        F.interpolate(x, (3, 3), mode="nearest")
+    with pytest.raises(ValueError, match=r"weight must have shape \(2,\)"):
+        F.batch_norm(x, np.zeros(2), np.ones(2), Tensor(np.ones(3)), None)
+    with pytest.raises(ValueError, match="more than one value"):
+        F.batch_norm(Tensor(np.zeros((1, 2, 1, 1))), np.zeros(2), np.ones(2), training=True)
+    with pytest.raises(ValueError, match="running_mean"):
+        F.batch_norm(x, None, None, training=False)
