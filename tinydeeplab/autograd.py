@@ -157,6 +157,8 @@ class Tensor:
                 input_grads = (input_grads,)
             for t, gt in zip(inputs, input_grads):
                 if isinstance(t, Tensor) and t.requires_grad and gt is not None:
+                    if gt.dtype != t.dtype:  # a gradient has its tensor's dtype, always
+                        gt = gt.astype(t.dtype)
                     grads[id(t)] = gt if id(t) not in grads else grads[id(t)] + gt
 
     def _topological_order(self):

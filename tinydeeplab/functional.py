@@ -18,6 +18,7 @@ from .ops import (  # noqa: F401  (re-exported)
     exp,
     log,
     matmul,
+    maximum,
     mean,
     mul,
     neg,

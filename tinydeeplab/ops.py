@@ -244,6 +244,21 @@ class MatMul(Function):
         return unbroadcast(da, a.shape), unbroadcast(db, b.shape)
 
 
+class Maximum(Function):
+    """Elementwise max(a, b); at ties each side gets half the gradient (as PyTorch)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return array_module(a).maximum(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        share = ((a > b) + 0.5 * (a == b)).astype(grad.dtype)  # a's share of the gradient
+        return unbroadcast(grad * share, a.shape), unbroadcast(grad * (1 - share), b.shape)
+
+
 class Concatenate(Function):
     @staticmethod
     def forward(ctx, axis, *arrays):
@@ -316,6 +331,10 @@ def pow(a, exponent):
     if isinstance(a, Tensor) and np.isscalar(exponent):
         return PowScalar.apply(a, exponent)
     return _binary(Pow, "pow", a, exponent)
+
+
+def maximum(a, b):
+    return _binary(Maximum, "maximum", a, b)
 
 
 def neg(a):

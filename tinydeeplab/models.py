@@ -1,0 +1,274 @@
+"""DeepLab v2: a ResNet with atrous convolution in its last stages, and the ASPP head.
+
+DeepLab v2 §3.1-3.2 (Chen et al., TPAMI 2017).  A ResNet downsamples by 32; DeepLab removes
+the stride of the last stage (output stride 16) or of the last two (output stride 8) and
+dilates the convolutions after each removed stride by the factor it removed, so every layer
+keeps the field of view it was trained with while the feature map stays 4× (or 2×) denser.
+Atrous Spatial Pyramid Pooling then classifies each position from four parallel 3×3 atrous
+convolutions with rates (6, 12, 18, 24) — four fields of view — and sums their logits.
+DeepLab v1's LargeFOV head is one 3×3 convolution at rate 12 followed by two 1×1 layers.
+
+Parameter names follow torchvision's ResNet (``layer3.0.conv2.weight`` ...), so its weights
+load by name with ``load_torchvision_resnet``.
+"""
+import os
+import tempfile
+
+import numpy as np
+
+from . import functional as F
+from . import nn
+from .autograd import Tensor
+from .ops import maximum
+
+# name -> (block, blocks per stage, stage widths, stem width)
+CONFIGS = {
+    "tiny": ("basic", (1, 1, 1, 1), (16, 32, 64, 128), 16),
+    "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512), 64),
+    "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512), 64),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 64),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), (64, 128, 256, 512), 64),
+}
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, dilation, downsample, rng):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False,
+                               rng=rng)
+        self.bn1 = nn.BatchNorm2d(planes, relu=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False, rng=rng)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride, dilation, downsample, rng):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False, rng=rng)
+        self.bn1 = nn.BatchNorm2d(planes, relu=True)
+        # the stride sits on the 3×3 convolution, as in torchvision (ResNet "v1.5")
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False,
+                               rng=rng)
+        self.bn2 = nn.BatchNorm2d(planes, relu=True)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False, rng=rng)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return F.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet(nn.Module):
+    """The backbone without its classifier: x (N, 3, H, W) -> features (N, C, H/os, W/os)."""
+
+    def __init__(self, name="resnet101", output_stride=8, stem_ceil_mode=False, seed=0):
+        super().__init__()
+        if name not in CONFIGS:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(CONFIGS)}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        kind, blocks, widths, stem = CONFIGS[name]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        rng = np.random.default_rng(seed)
+        self.name, self.output_stride = name, output_stride
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False, rng=rng)
+        self.bn1 = nn.BatchNorm2d(stem, relu=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=stem_ceil_mode)
+        # which of stages 2-4 trade their stride for dilation
+        dilate = {8: (False, True, True), 16: (False, False, True), 32: (False,) * 3}
+        self._inplanes, self._dilation = stem, 1
+        self.layer1 = self._stage(block, widths[0], blocks[0], 1, False, rng)
+        self.layer2 = self._stage(block, widths[1], blocks[1], 2, dilate[output_stride][0], rng)
+        self.layer3 = self._stage(block, widths[2], blocks[2], 2, dilate[output_stride][1], rng)
+        self.layer4 = self._stage(block, widths[3], blocks[3], 2, dilate[output_stride][2], rng)
+        self.out_channels = widths[3] * block.expansion
+        # below one output pixel's worth of input the logits mean nothing
+        self.min_input = output_stride
+
+    def _stage(self, block, planes, blocks, stride, dilate, rng):
+        previous = self._dilation
+        if dilate:  # as torchvision's replace_stride_with_dilation
+            self._dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self._inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self._inplanes, planes * block.expansion, 1, stride, bias=False,
+                          rng=rng),
+                nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self._inplanes, planes, stride, previous, downsample, rng)]
+        self._inplanes = planes * block.expansion
+        layers += [block(self._inplanes, planes, 1, self._dilation, None, rng)
+                   for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def freeze_batch_norm(self, frozen=True):
+        for _, m in self.named_modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.freeze(frozen)
+        return self
+
+
+class ASPP(nn.Module):
+    """Four parallel 3×3 atrous classifiers, logits summed (DeepLab v2 §3.3, Fig. 4)."""
+
+    def __init__(self, in_channels, num_classes, rates=(6, 12, 18, 24), seed=0):
+        super().__init__()
+        rng = np.random.default_rng(seed + 1)
+        self.rates = tuple(rates)
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, 1, r, r, bias=True, init_std=0.01, rng=rng)
+            for r in self.rates)
+
+    def forward(self, x):
+        out = self.branches[0](x)
+        for branch in list(self.branches)[1:]:
+            out = out + branch(x)
+        return out
+
+
+class LargeFOV(nn.Module):
+    """DeepLab v1's head: 3×3 at rate 12, then two 1×1 layers (fc7, fc8)."""
+
+    def __init__(self, in_channels, num_classes, width=1024, rate=12, seed=0):
+        super().__init__()
+        rng = np.random.default_rng(seed + 1)
+        self.fc6 = nn.Conv2d(in_channels, width, 3, 1, rate, rate, init_std=0.01, rng=rng)
+        self.fc7 = nn.Conv2d(width, width, 1, init_std=0.01, rng=rng)
+        self.fc8 = nn.Conv2d(width, num_classes, 1, init_std=0.01, rng=rng)
+
+    def forward(self, x):
+        return self.fc8(F.relu(self.fc7(F.relu(self.fc6(x)))))
+
+
+class DeepLabV2(nn.Module):
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"input must be (N, 3, H, W) images, got shape {x.shape}")
+        if min(x.shape[2:]) < self.backbone.min_input:
+            raise ValueError(f"input {x.shape[2]}×{x.shape[3]} is smaller than the "
+                             f"{self.backbone.min_input}×{self.backbone.min_input} this "
+                             f"network (output stride {self.backbone.output_stride}) accepts")
+        return self.head(self.backbone(x))
+
+
+def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
+               aspp_rates=(6, 12, 18, 24), head="aspp", seed=0, stem_ceil_mode=False):
+    """DeepLab v2 (``head="aspp"``) or v1-style LargeFOV (``head="largefov"``)."""
+    if head not in ("aspp", "largefov"):
+        raise ValueError(f"head must be 'aspp' or 'largefov', got {head!r}")
+    body = ResNet(backbone, output_stride, stem_ceil_mode, seed)
+    if head == "aspp":
+        top = ASPP(body.out_channels, num_classes, aspp_rates, seed)
+    else:
+        top = LargeFOV(body.out_channels, num_classes, min(1024, 4 * body.out_channels),
+                       seed=seed)
+    return DeepLabV2(body, top)
+
+
+class MSC(nn.Module):
+    """Multi-scale inputs (DeepLab v2 §3.2): run the network on the image at scales 1, 0.75,
+    0.5, upsample the logits to the scale-1 size and fuse by pixel-wise max.  In training it
+    returns every scale's logits and the fused ones, each to get its own loss."""
+
+    def __init__(self, model, scales=(0.75, 0.5)):
+        super().__init__()
+        self.model, self.scales = model, tuple(scales)
+
+    def forward(self, x):
+        logits = self.model(x)
+        H, W = x.shape[2:]
+        pyramid = [self.model(F.interpolate(x, (max(1, int(H * s)), max(1, int(W * s)))))
+                   for s in self.scales]
+        fused = logits
+        for p in pyramid:
+            fused = maximum(fused, F.interpolate(p, logits.shape[2:]))
+        return [logits, *pyramid, fused] if self.training else fused
+
+
+# ---- weights ------------------------------------------------------------------------------------
+def load_torchvision_resnet(backbone, state_dict, strict=True):
+    """Load a torchvision ResNet ``state_dict`` (a dict of torch tensors or arrays, or a path
+    to a .pth or .npz file) into our ResNet; its classifier (fc.*) is ignored."""
+    if isinstance(backbone, DeepLabV2):
+        backbone = backbone.backbone
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = _read_weights(state_dict)
+    state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    return backbone.load_state_dict(state, strict=strict)
+
+
+def _read_weights(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {path!r} needs PyTorch (pip install torch), or convert it "
+                          "to .npz") from None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(model, path, **extra):
+    """Write the model's state (and extra arrays) to ``path`` (.npz) atomically: a temporary
+    file in the same folder, then a rename, so a crash never leaves half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    arrays.update({f"extra/{k}": np.asarray(v) for k, v in extra.items()})
+    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(model, path, strict=True):
+    """Load a checkpoint written by ``save_checkpoint``; returns its extra arrays."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise ValueError(f"checkpoint {path!r} is not a readable .npz file: {e}") from None
+    state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+    if not state:
+        raise ValueError(f"checkpoint {path!r} holds no model weights")
+    try:
+        model.load_state_dict(state, strict=strict)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path!r} does not fit this model: {e}") from None
+    return {k[6:]: v for k, v in arrays.items() if k.startswith("extra/")}
