@@ -53,7 +53,9 @@ from tinydeeplab.backend import array_module, is_cupy_array
 
 from . import atrous_conv_cpu as _cpu
 
-Variant = namedtuple("Variant", "device forward backward description")
+# backward_weights: (dw, db) alone, for inputs that need no gradient (None: use backward)
+Variant = namedtuple("Variant", "device forward backward description backward_weights",
+                     defaults=(None,))
 
 
 def _pair(value, name, minimum):
@@ -140,7 +142,8 @@ def plan_chunks(N, Ho, bytes_per_row, budget):
 
 
 def _is_pointwise(w, stride, padding):
-    return w.shape[2] == 1 and w.shape[3] == 1 and stride == (1, 1) and padding == (0, 0)
+    """1×1 without padding: the (strided) input itself is the column matrix."""
+    return w.shape[2] == 1 and w.shape[3] == 1 and padding == (0, 0)
 
 
 class _Workspace(threading.local):
@@ -188,10 +191,11 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     K, _, kh, kw = w.shape
     Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
     y = xp.empty((N, K, Ho, Wo), dtype=x.dtype)
-    if _is_pointwise(w, stride, padding):  # 1×1: x itself is the column matrix
+    if _is_pointwise(w, stride, padding):  # 1×1: x itself (subsampled) is the column matrix
         w2d = w.reshape(K, C)
+        xs = xp.ascontiguousarray(x[:, :, ::stride[0], ::stride[1]])  # (N, C, Ho, Wo)
         for n in range(N):
-            xp.matmul(w2d, x[n].reshape(C, H * W), out=y[n].reshape(K, Ho * Wo))
+            xp.matmul(w2d, xs[n].reshape(C, Ho * Wo), out=y[n].reshape(K, Ho * Wo))
     elif lowering == "adaptive" and K < C and _fits(K * kh * kw * H * W * x.itemsize, x):
         _kn2row_forward(x, w, y, stride, padding, dilation, kern)
     else:
@@ -230,7 +234,7 @@ def _kn2row_forward(x, w, y, stride, padding, dilation, kern):
         kern.shift_add(z, y[n0:n1], kh, kw, stride, padding, dilation)
 
 
-def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering):
+def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=True):
     """(dx, dw, db) by GEMM; see ``gemm_forward`` for ``kern`` and ``lowering``.
 
     "im2col" (v2): dw2d = Σ dy2d @ colsᵀ, dx = col2im(w2dᵀ @ dy2d).
@@ -246,16 +250,44 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering):
     (dh, dw_), (ph, pw) = dilation, padding
     db = dy.sum(axis=(0, 2, 3))
     if _is_pointwise(w, stride, padding):
-        w2d, dw2d, dx = w.reshape(K, C), xp.zeros((K, C), dtype=x.dtype), xp.empty_like(x)
+        (sh, sw), (Ho, Wo) = stride, dy.shape[2:]
+        w2d, dw2d = w.reshape(K, C), xp.zeros((K, C), dtype=x.dtype)
+        xs = xp.ascontiguousarray(x[:, :, ::sh, ::sw])  # the pixels the 1×1 kernel read
+        dxs = xp.empty_like(xs) if need_dx else None
         for n in range(N):
-            x2d, dy2d = x[n].reshape(C, H * W), dy[n].reshape(K, H * W)
+            x2d, dy2d = xs[n].reshape(C, Ho * Wo), dy[n].reshape(K, Ho * Wo)
             dw2d += xp.matmul(dy2d, x2d.T)
-            xp.matmul(w2d.T, dy2d, out=dx[n].reshape(C, H * W))
+            if need_dx:
+                xp.matmul(w2d.T, dy2d, out=dxs[n].reshape(C, Ho * Wo))
+        if need_dx and (sh, sw) != (1, 1):
+            dx = xp.zeros_like(x)
+            dx[:, :, ::sh, ::sw] = dxs
+        else:
+            dx = dxs
         return dx, dw2d.reshape(w.shape), db
+    if not need_dx:
+        return (None, *_weights_backward(x, w, dy, stride, padding, dilation, kern), db)
     if lowering == "adaptive" and stride == (1, 1) and ph <= dh * (kh - 1) and \
             pw <= dw_ * (kw - 1):
         return (*_flipped_conv_backward(x, w, dy, padding, dilation, kern), db)
     return (*_col2im_backward(x, w, dy, stride, padding, dilation, kern), db)
+
+
+def _weights_backward(x, w, dy, stride, padding, dilation, kern):
+    """dw alone: Σ_n dy2d @ colsᵀ, no col2im (the input needs no gradient)."""
+    xp = array_module(x)
+    K, Ho, Wo = dy.shape[1:]
+    dw2d = xp.zeros((K, w[0].size), dtype=x.dtype)
+    row_bytes = dw2d.shape[1] * Wo * x.itemsize
+    device = "cuda" if is_cupy_array(x) else "cpu"
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, COLS_BUDGET_BYTES[device]):
+        L = (r1 - r0) * Wo
+        cols = _workspace.get("cols", (dw2d.shape[1], (n1 - n0) * L), x.dtype, xp)
+        kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
+        for n in range(n0, n1):
+            i = n - n0
+            dw2d += xp.matmul(_rows_of(dy, n, r0, r1, Wo), cols[:, i * L:(i + 1) * L].T)
+    return (dw2d.reshape(w.shape),)
 
 
 def _col2im_backward(x, w, dy, stride, padding, dilation, kern):
@@ -312,7 +344,8 @@ def _cuda():
     return atrous_conv_cuda
 
 
-def _gemm_variant(device, lowering):
+def _gemm_variant(device, lowering, description):
+    """A registry entry for the GEMM driver with ``lowering`` on ``device``'s kernels."""
     def kern():
         return _cpu if device == "cpu" else _cuda()
 
@@ -322,7 +355,12 @@ def _gemm_variant(device, lowering):
     def backward(x, w, dy, stride, padding, dilation):
         return gemm_backward(x, w, dy, stride, padding, dilation, kern(), lowering)
 
-    return forward, backward
+    def backward_weights(x, w, dy, stride, padding, dilation):
+        _, dw, db = gemm_backward(x, w, dy, stride, padding, dilation, kern(), lowering,
+                                  need_dx=False)
+        return dw, db
+
+    return Variant(device, forward, backward, description, backward_weights)
 
 
 def _lazy_cuda(name):
@@ -335,17 +373,16 @@ def _lazy_cuda(name):
 
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu.forward_v1, _cpu.backward_v1, "naive direct loops"),
-    "cpu_v2": Variant("cpu", *_gemm_variant("cpu", "im2col"), "im2col with holes + GEMM"),
-    "cpu_v3": Variant("cpu", *_gemm_variant("cpu", "adaptive"),
-                      "kn2row forward when K < C; backward as a flipped-kernel convolution"),
+    "cpu_v2": _gemm_variant("cpu", "im2col", "im2col with holes + GEMM"),
+    "cpu_v3": _gemm_variant("cpu", "adaptive", "kn2row forward when K < C; backward as a "
+                                               "flipped-kernel convolution"),
     "cuda_v1": Variant("cuda", _lazy_cuda("forward_v1"), _lazy_cuda("backward_v1"),
                        "one thread per output element / input pixel / weight"),
-    "cuda_v2": Variant("cuda", *_gemm_variant("cuda", "im2col"),
-                       "im2col / col2im kernels + cuBLAS GEMM"),
+    "cuda_v2": _gemm_variant("cuda", "im2col", "im2col / col2im kernels + cuBLAS GEMM"),
     "cuda_v3": Variant("cuda", _lazy_cuda("forward_v3"), _lazy_cuda("backward_v3"),
                        "tiled shared-memory implicit GEMM"),
-    "cuda_v4": Variant("cuda", *_gemm_variant("cuda", "adaptive"),
-                       "cpu_v3's lowerings with CUDA kernels + cuBLAS GEMM"),
+    "cuda_v4": _gemm_variant("cuda", "adaptive", "cpu_v3's lowerings with CUDA kernels + "
+                                                 "cuBLAS"),
 }
 DEFAULT = {"cpu": "cpu_v3", "cuda": "cuda_v4"}
 
@@ -366,9 +403,16 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, variant=None):
     return _pick(x, variant).forward(x, w, b, stride, padding, dilation)
 
 
-def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, variant=None):
-    """(dx, dw, db) for dy = ∂L/∂y; db is returned whether or not the forward had a bias."""
+def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, variant=None, need_dx=True):
+    """(dx, dw, db) for dy = ∂L/∂y; db is returned whether or not the forward had a bias.
+
+    ``need_dx=False`` (an input that needs no gradient, like the image) returns dx = None and
+    lets the GEMM variants skip computing it."""
     stride, padding, dilation, _ = check_conv_args(x, w, None, stride, padding, dilation, dy)
     xp = array_module(x)
     x, w, dy = xp.ascontiguousarray(x), xp.ascontiguousarray(w), xp.ascontiguousarray(dy)
-    return _pick(x, variant).backward(x, w, dy, stride, padding, dilation)
+    impl = _pick(x, variant)
+    if not need_dx and impl.backward_weights is not None:
+        return (None, *impl.backward_weights(x, w, dy, stride, padding, dilation))
+    dx, dw, db = impl.backward(x, w, dy, stride, padding, dilation)
+    return (dx if need_dx else None), dw, db

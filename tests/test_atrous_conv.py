@@ -231,3 +231,26 @@ def test_chunk_plan_covers_every_row_once():
         for n0, n1, r0, r1 in atrous_conv.plan_chunks(N, Ho, row_bytes, budget):
             seen[n0:n1, r0:r1] += 1
         assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("variant", sorted(atrous_conv.VARIANTS))
+@pytest.mark.parametrize("stride, padding, kernel", [(2, 0, 1), (1, 2, 3), (2, 3, 7)])
+def test_weights_only_backward_equals_full_backward(variant, stride, padding, kernel):
+    """need_dx=False (an input needing no gradient) gives the same dw and db, and no dx;
+    covers the strided 1×1 shortcut path too."""
+    rng = np.random.default_rng(kernel)
+    dev = atrous_conv.VARIANTS[variant].device
+    tiny = dev == "cuda" and CUDA_MODE == "simulator"
+    x = on_device(rng.standard_normal((1, 2, 5, 4) if tiny else (2, 3, 9, 8)), dev)
+    w = on_device(rng.standard_normal((2 if tiny else 4, x.shape[1], kernel, kernel)), dev)
+    y = atrous_conv.conv2d_forward(x, w, None, stride, padding, 1, variant=variant)
+    dy = on_device(rng.standard_normal(y.shape), dev)
+    dx, dw, db = atrous_conv.conv2d_backward(x, w, dy, stride, padding, 1, variant=variant)
+    none, dw2, db2 = atrous_conv.conv2d_backward(x, w, dy, stride, padding, 1, variant=variant,
+                                                 need_dx=False)
+    assert none is None
+    np.testing.assert_allclose(to_numpy(dw2), to_numpy(dw), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(db2), to_numpy(db), rtol=1e-12, atol=1e-12)
+    ref = reference_conv2d(to_numpy(x), to_numpy(w), None, (stride,) * 2, (padding,) * 2,
+                           (1, 1))
+    np.testing.assert_allclose(to_numpy(y), ref, atol=1e-10)

@@ -33,7 +33,11 @@ def is_grad_enabled():
 
 
 class Context:
-    """What a ``Function.forward`` leaves for its ``backward``."""
+    """What a ``Function.forward`` leaves for its ``backward``.
+
+    ``needs_input_grad[i]`` tells whether positional argument i is a tensor that wants a
+    gradient, so a backward can skip work nobody asked for (the image's gradient, say).
+    """
 
     def save_for_backward(self, *arrays):
         self.saved = arrays
@@ -58,6 +62,7 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         ctx = Context()
+        ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
         raw = [a.data if isinstance(a, Tensor) else a for a in args]
         out = Tensor(cls.forward(ctx, *raw, **kwargs))
         if _grad_enabled and any(isinstance(a, Tensor) and a.requires_grad for a in args):

@@ -14,7 +14,8 @@ class Conv2d(Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved
-        dx, dw, db = atrous_conv.conv2d_backward(x, w, dy, *ctx.args)
+        dx, dw, db = atrous_conv.conv2d_backward(x, w, dy, *ctx.args,
+                                                 need_dx=ctx.needs_input_grad[0])
         return dx, dw, (db if ctx.has_bias else None), None, None, None
 
 

@@ -15,6 +15,11 @@ from .autograd import Tensor
 from .backend import array_module, to_device
 
 
+# BatchNorm2d(relu=True) runs batch norm and the ReLU after it in one kernel pass (saving one
+# full read and write of the activations each way); False runs them separately, for comparison.
+FUSE_BN_RELU = True
+
+
 class Parameter(Tensor):
     """A Tensor that a Module owns and an optimiser updates (requires_grad by default)."""
 
@@ -227,8 +232,10 @@ class BatchNorm2d(Module):
         training = self.training and not self.frozen
         if training:
             self.register_buffer("num_batches_tracked", self.num_batches_tracked + 1)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training, self.momentum, self.eps, self.relu)
+        fused = self.relu and FUSE_BN_RELU
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         training, self.momentum, self.eps, fused)
+        return F.relu(y) if self.relu and not fused else y
 
 
 class ReLU(Module):

@@ -1,0 +1,132 @@
+"""One DeepLab v2 training step (forward, loss, backward) in tinydeeplab and PyTorch.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_model.py
+
+Identical models (weights copied, see torch_twin.py), same input, same thread count, in one
+process: the "tiny" configuration at batch 4 on 161×161 crops and ResNet-50 DeepLab v2 at
+batch 1 on 321×321.  Time: best of two blocks of --repeat steps (median within a block), each
+block after a pause and a warm-up step.  Peak memory: each framework's step in a fresh child
+process, the rise of its resident set (VmHWM) during one step, after a warm-up step and
+malloc_trim (so memory the allocator kept from the warm-up does not hide the peak).
+Also reports the batch norm + ReLU fusion: the same tiny step with the fusion switched off.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321)}
+
+
+def _step_functions(name, batch, size, threads):
+    import torch
+
+    import numba
+    import tinydeeplab.functional as F
+    from tinydeeplab import Tensor
+
+    from tinydeeplab.benchmarks.torch_twin import paired
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    ours, body, twin = paired(name, 8, num_classes=21)
+    ours.train()
+    body.train()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    out = (size - 1) // 8 + 1
+    target = rng.integers(0, 21, (batch, out, out))
+    target[:, :3] = 255
+    xt, tt = torch.tensor(x), torch.tensor(target)
+
+    def step_ours():
+        ours.zero_grad()
+        F.cross_entropy(ours(Tensor(x)), target).backward()
+
+    def step_torch():
+        body.zero_grad()
+        torch.nn.functional.cross_entropy(twin(xt), tt, ignore_index=255).backward()
+
+    return ours, step_ours, step_torch
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return -1
+
+
+def child(framework, name, batch, size, threads):
+    """Run in a subprocess: warm-up step, reset the peak, one step, print the rise in MB."""
+    _, step_ours, step_torch = _step_functions(name, batch, size, threads)
+    step = step_ours if framework == "ours" else step_torch
+    step()
+    try:  # give the freed heap back to the OS, so the next step's peak shows as a rise
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = _rss_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+    except OSError:
+        pass
+    step()
+    print(json.dumps({"peak_rise_mb": (_rss_kb("VmHWM") - before) / 1024}))
+
+
+def peak_memory(framework, name, batch, size, threads):
+    out = subprocess.run([sys.executable, __file__, "--child", framework, name, str(batch),
+                          str(size), str(threads)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return float("nan")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rise_mb"]
+
+
+def run(threads=None, repeat=3, out=sys.stdout):
+    from tinydeeplab import nn
+    from tinydeeplab.benchmarks.bench_conv import blas_info, median_times_in_blocks
+
+    threads = threads or os.cpu_count()
+    print(f"# DeepLab v2 training step, float32, CPU, {threads} threads; BLAS: {blas_info()}",
+          file=out)
+    print("| model | batch × size | ours s | torch s | ours/torch | peak MB ours | "
+          "peak MB torch | memory ratio |", file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
+    for label, (name, batch, size) in CASES.items():
+        ours, step_ours, step_torch = _step_functions(name, batch, size, threads)
+        t_ours, t_torch = median_times_in_blocks([step_ours, step_torch], repeat)
+        m_ours = peak_memory("ours", name, batch, size, threads)
+        m_torch = peak_memory("torch", name, batch, size, threads)
+        print(f"| {label} | {batch} × {size}² | {t_ours:.3f} | {t_torch:.3f} | "
+              f"{t_ours / t_torch:.2f} | {m_ours:.0f} | {m_torch:.0f} | "
+              f"{m_ours / m_torch:.2f} |", file=out)
+        if name == "tiny":  # the batch norm + ReLU fusion, measured
+            nn.FUSE_BN_RELU = False
+            (t_separate,) = median_times_in_blocks([step_ours], repeat)
+            nn.FUSE_BN_RELU = True
+            print(f"\nbatch norm + ReLU fused vs separate (ours, {label} step): "
+                  f"{t_ours:.3f} s vs {t_separate:.3f} s\n", file=out)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        framework, name, batch, size, threads = argv[1:]
+        return child(framework, name, int(batch), int(size), int(threads))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    run(args.threads, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
