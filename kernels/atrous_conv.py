@@ -52,6 +52,7 @@ import numpy as np
 from tinydeeplab.backend import array_module, is_cupy_array
 
 from . import atrous_conv_cpu as _cpu
+from ._common import lazy, pick
 
 # backward_weights: (dw, db) alone, for inputs that need no gradient (None: use backward)
 Variant = namedtuple("Variant", "device forward backward description backward_weights",
@@ -174,8 +175,9 @@ def _rows_of(a, n, r0, r1, Wo):
     return a[n].reshape(a.shape[1], -1)[:, r0 * Wo: r1 * Wo]
 
 
-def _fits(nbytes, x):
-    return nbytes <= COLS_BUDGET_BYTES["cuda" if is_cupy_array(x) else "cpu"]
+def _budget(x):
+    """The im2col buffer budget, in bytes, for x's device."""
+    return COLS_BUDGET_BYTES["cuda" if is_cupy_array(x) else "cpu"]
 
 
 def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
@@ -196,7 +198,7 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
         xs = xp.ascontiguousarray(x[:, :, ::stride[0], ::stride[1]])  # (N, C, Ho, Wo)
         for n in range(N):
             xp.matmul(w2d, xs[n].reshape(C, Ho * Wo), out=y[n].reshape(K, Ho * Wo))
-    elif lowering == "adaptive" and K < C and _fits(K * kh * kw * H * W * x.itemsize, x):
+    elif lowering == "adaptive" and K < C and K * kh * kw * H * W * x.itemsize <= _budget(x):
         _kn2row_forward(x, w, y, stride, padding, dilation, kern)
     else:
         _im2col_forward(x, w, y, stride, padding, dilation, kern)
@@ -210,8 +212,7 @@ def _im2col_forward(x, w, y, stride, padding, dilation, kern):
     K, Ho, Wo = y.shape[1:]
     w2d = w.reshape(K, -1)  # (K, C·kh·kw)
     row_bytes = w2d.shape[1] * Wo * x.itemsize
-    device = "cuda" if is_cupy_array(x) else "cpu"
-    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, COLS_BUDGET_BYTES[device]):
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, _budget(x)):
         L = (r1 - r0) * Wo  # columns per image in this chunk
         cols = _workspace.get("cols", (w2d.shape[1], (n1 - n0) * L), x.dtype, xp)
         kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
@@ -226,8 +227,7 @@ def _kn2row_forward(x, w, y, stride, padding, dilation, kern):
     K, _, kh, kw = w.shape
     R = K * kh * kw
     w_taps = xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(R, C)  # rows (k, p, q)
-    device = "cuda" if is_cupy_array(x) else "cpu"
-    for n0, n1, _, _ in plan_chunks(N, 1, R * H * W * x.itemsize, COLS_BUDGET_BYTES[device]):
+    for n0, n1, _, _ in plan_chunks(N, 1, R * H * W * x.itemsize, _budget(x)):
         z = _workspace.get("cols", (n1 - n0, R, H, W), x.dtype, xp)
         for n in range(n0, n1):
             xp.matmul(w_taps, x[n].reshape(C, H * W), out=z[n - n0].reshape(R, H * W))
@@ -279,8 +279,7 @@ def _weights_backward(x, w, dy, stride, padding, dilation, kern):
     K, Ho, Wo = dy.shape[1:]
     dw2d = xp.zeros((K, w[0].size), dtype=x.dtype)
     row_bytes = dw2d.shape[1] * Wo * x.itemsize
-    device = "cuda" if is_cupy_array(x) else "cpu"
-    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, COLS_BUDGET_BYTES[device]):
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, _budget(x)):
         L = (r1 - r0) * Wo
         cols = _workspace.get("cols", (dw2d.shape[1], (n1 - n0) * L), x.dtype, xp)
         kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
@@ -297,8 +296,7 @@ def _col2im_backward(x, w, dy, stride, padding, dilation, kern):
     dw2d = xp.zeros_like(w2d)
     dx = xp.zeros_like(x)
     row_bytes = w2d.shape[1] * Wo * x.itemsize
-    device = "cuda" if is_cupy_array(x) else "cpu"
-    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, COLS_BUDGET_BYTES[device]):
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, _budget(x)):
         L = (r1 - r0) * Wo
         shape = (w2d.shape[1], (n1 - n0) * L)
         cols = _workspace.get("cols", shape, x.dtype, xp)
@@ -323,8 +321,7 @@ def _flipped_conv_backward(x, w, dy, padding, dilation, kern):
     w_flip2d = xp.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, R)
     dx = xp.empty_like(x)
     dw_flip = xp.zeros((R, C), dtype=x.dtype)  # rows (k, kh−1−p, kw−1−q)
-    device = "cuda" if is_cupy_array(x) else "cpu"
-    for n0, n1, r0, r1 in plan_chunks(N, H, R * W * x.itemsize, COLS_BUDGET_BYTES[device]):
+    for n0, n1, r0, r1 in plan_chunks(N, H, R * W * x.itemsize, _budget(x)):
         L = (r1 - r0) * W
         dcols = _workspace.get("cols", (R, (n1 - n0) * L), x.dtype, xp)
         kern.im2col_dilated(dy[n0:n1], w.shape, (1, 1), pad_t, dilation, r0, r1, W, dcols)
@@ -363,36 +360,21 @@ def _gemm_variant(device, lowering, description):
     return Variant(device, forward, backward, description, backward_weights)
 
 
-def _lazy_cuda(name):
-    def call(*args):
-        return getattr(_cuda(), name)(*args)
-
-    call.__name__ = name
-    return call
-
-
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu.forward_v1, _cpu.backward_v1, "naive direct loops"),
     "cpu_v2": _gemm_variant("cpu", "im2col", "im2col with holes + GEMM"),
     "cpu_v3": _gemm_variant("cpu", "adaptive", "kn2row forward when K < C; backward as a "
                                                "flipped-kernel convolution"),
-    "cuda_v1": Variant("cuda", _lazy_cuda("forward_v1"), _lazy_cuda("backward_v1"),
+    "cuda_v1": Variant("cuda", lazy("atrous_conv_cuda", "forward_v1"),
+                       lazy("atrous_conv_cuda", "backward_v1"),
                        "one thread per output element / input pixel / weight"),
     "cuda_v2": _gemm_variant("cuda", "im2col", "im2col / col2im kernels + cuBLAS GEMM"),
-    "cuda_v3": Variant("cuda", _lazy_cuda("forward_v3"), _lazy_cuda("backward_v3"),
-                       "tiled shared-memory implicit GEMM"),
+    "cuda_v3": Variant("cuda", lazy("atrous_conv_cuda", "forward_v3"),
+                       lazy("atrous_conv_cuda", "backward_v3"), "tiled shared-memory implicit GEMM"),
     "cuda_v4": _gemm_variant("cuda", "adaptive", "cpu_v3's lowerings with CUDA kernels + "
                                                  "cuBLAS"),
 }
 DEFAULT = {"cpu": "cpu_v3", "cuda": "cuda_v4"}
-
-
-def _pick(x, variant):
-    if variant is None:
-        return VARIANTS[DEFAULT["cuda" if is_cupy_array(x) else "cpu"]]
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    return VARIANTS[variant]
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, variant=None):
@@ -400,7 +382,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, variant=None):
     stride, padding, dilation, _ = check_conv_args(x, w, b, stride, padding, dilation)
     xp = array_module(x)
     x, w = xp.ascontiguousarray(x), xp.ascontiguousarray(w)
-    return _pick(x, variant).forward(x, w, b, stride, padding, dilation)
+    return pick(VARIANTS, DEFAULT, x, variant).forward(x, w, b, stride, padding, dilation)
 
 
 def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, variant=None, need_dx=True):
@@ -411,7 +393,7 @@ def conv2d_backward(x, w, dy, stride=1, padding=0, dilation=1, variant=None, nee
     stride, padding, dilation, _ = check_conv_args(x, w, None, stride, padding, dilation, dy)
     xp = array_module(x)
     x, w, dy = xp.ascontiguousarray(x), xp.ascontiguousarray(w), xp.ascontiguousarray(dy)
-    impl = _pick(x, variant)
+    impl = pick(VARIANTS, DEFAULT, x, variant)
     if not need_dx and impl.backward_weights is not None:
         return (None, *impl.backward_weights(x, w, dy, stride, padding, dilation))
     dx, dw, db = impl.backward(x, w, dy, stride, padding, dilation)

@@ -17,13 +17,9 @@ from numba import cuda
 
 from tinydeeplab.backend import array_module
 
-THREADS = 128  # per block for the one-thread-per-element kernels
+from ._common import launch
+
 TILE = 16  # v3: a block computes a TILE × TILE tile of the output matrix
-
-
-def _launch(kernel, count, *args):
-    if count > 0:
-        kernel[math.ceil(count / THREADS), THREADS](*args)
 
 
 @cuda.jit(device=True, inline=True)
@@ -107,15 +103,15 @@ def forward_v1(x, w, b, stride, padding, dilation):
                          dilation)
     y = xp.empty((x.shape[0], w.shape[0], Ho, Wo), dtype=x.dtype)
     bias = b if b is not None else xp.zeros(w.shape[0], dtype=x.dtype)
-    _launch(_forward_v1_kernel, y.size, x, w, bias, y, *stride, *padding, *dilation)
+    launch(_forward_v1_kernel, y.size, x, w, bias, y, *stride, *padding, *dilation)
     return y
 
 
 def backward_v1(x, w, dy, stride, padding, dilation):
     xp = array_module(x)
     dx, dwt = xp.empty_like(x), xp.empty_like(w)
-    _launch(_dx_v1_kernel, dx.size, w, dy, dx, *stride, *padding, *dilation)
-    _launch(_dw_v1_kernel, dwt.size, x, dy, dwt, *stride, *padding, *dilation)
+    launch(_dx_v1_kernel, dx.size, w, dy, dx, *stride, *padding, *dilation)
+    launch(_dw_v1_kernel, dwt.size, x, dy, dwt, *stride, *padding, *dilation)
     return dx, dwt, dy.sum(axis=(0, 2, 3))
 
 
@@ -164,13 +160,13 @@ def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols=None)
     kh, kw = w_shape[2], w_shape[3]
     if cols is None:
         cols = xp.empty((C * kh * kw, nb * (r1 - r0) * Wo), dtype=x.dtype)
-    _launch(_im2col_kernel, cols.size, x, cols, kh, kw, *stride, *padding, *dilation, r0,
+    launch(_im2col_kernel, cols.size, x, cols, kh, kw, *stride, *padding, *dilation, r0,
             r1 - r0, Wo)
     return cols
 
 
 def col2im_dilated(cols, dx, w_shape, stride, padding, dilation, r0, r1, Wo):
-    _launch(_col2im_kernel, dx.size, cols, dx, w_shape[2], w_shape[3], *stride, *padding,
+    launch(_col2im_kernel, dx.size, cols, dx, w_shape[2], w_shape[3], *stride, *padding,
             *dilation, r0, r1 - r0, Wo)
 
 
@@ -194,7 +190,7 @@ def _shift_add_kernel(z, y, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 def shift_add(z, y, kh, kw, stride, padding, dilation):
-    _launch(_shift_add_kernel, y.size, z, y, kh, kw, *stride, *padding, *dilation)
+    launch(_shift_add_kernel, y.size, z, y, kh, kw, *stride, *padding, *dilation)
 
 
 # ---- v3: tiled shared-memory implicit GEMM -----------------------------------------------------

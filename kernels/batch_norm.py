@@ -24,9 +24,10 @@ from collections import namedtuple
 import numpy as np
 from numba import prange
 
-from tinydeeplab.backend import array_module, is_cupy_array
+from tinydeeplab.backend import array_module
 
 from . import parallel_njit
+from ._common import lazy, pick
 
 def _stats(x, mean, invstd, eps):
     N, C, H, W = x.shape
@@ -122,31 +123,16 @@ def _cpu_backward(dy, x, y, mean, invstd, weight, training, relu):
     return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)
 
 
-def _cuda(name):
-    def call(*args):
-        from . import batch_norm_cuda
-
-        return getattr(batch_norm_cuda, name)(*args)
-
-    return call
-
-
 Variant = namedtuple("Variant", "device stats forward backward description")
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu_stats, _cpu_forward, _cpu_backward,
                       "Numba loops: a channel per iteration for sums, a plane for the rest"),
-    "cuda_v1": Variant("cuda", _cuda("stats"), _cuda("forward"), _cuda("backward"),
+    "cuda_v1": Variant("cuda", lazy("batch_norm_cuda", "stats"),
+                       lazy("batch_norm_cuda", "forward"), lazy("batch_norm_cuda", "backward"),
                        "a block per channel for sums (shared-memory tree), a thread per "
                        "element for the rest"),
 }
 DEFAULT = {"cpu": "cpu_v1", "cuda": "cuda_v1"}
-
-
-def _pick(x, variant):
-    name = variant or DEFAULT["cuda" if is_cupy_array(x) else "cpu"]
-    if name not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    return VARIANTS[name]
 
 
 def check_bn_args(x, running_mean, running_var, weight, bias):
@@ -168,7 +154,7 @@ def batch_norm_forward(x, running_mean, running_var, weight, bias, training, mom
     xp = array_module(x)
     x = xp.ascontiguousarray(x)
     N, C, H, W = x.shape
-    impl = _pick(x, variant)
+    impl = pick(VARIANTS, DEFAULT, x, variant)
     if training:
         m = N * H * W
         if m < 2:
@@ -199,5 +185,6 @@ def batch_norm_backward(dy, x, y, saved, weight, training, relu=False, variant=N
     C = x.shape[1]
     weight = xp.ones(C, x.dtype) if weight is None else weight.astype(x.dtype)
     y = x if y is None else y
-    return _pick(x, variant).backward(xp.ascontiguousarray(dy), x, y, mean, invstd, weight,
-                                      bool(training), bool(relu))
+    impl = pick(VARIANTS, DEFAULT, x, variant)
+    return impl.backward(xp.ascontiguousarray(dy), x, y, mean, invstd, weight, bool(training),
+                         bool(relu))

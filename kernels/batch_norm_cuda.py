@@ -12,12 +12,7 @@ from numba import cuda
 
 from tinydeeplab.backend import array_module
 
-THREADS = 128  # a power of two, for the tree reduction
-
-
-def _launch(kernel, count, *args):
-    if count > 0:
-        kernel[math.ceil(count / THREADS), THREADS](*args)
+from ._common import THREADS, launch  # THREADS: a power of two, for the tree
 
 
 @cuda.jit(device=True)
@@ -120,7 +115,7 @@ def stats(x, eps):
 
 def forward(x, mean, invstd, weight, bias, relu):
     y = array_module(x).empty_like(x)
-    _launch(_normalize_kernel, x.size, x, mean, invstd, weight, bias, relu, y)
+    launch(_normalize_kernel, x.size, x, mean, invstd, weight, bias, relu, y)
     return y
 
 
@@ -130,6 +125,6 @@ def backward(dy, x, y, mean, invstd, weight, training, relu):
     dweight, dbias = xp.empty(C, np.float64), xp.empty(C, np.float64)
     _grad_params_kernel[C, THREADS](dy, x, y, mean, invstd, relu, dweight, dbias)
     dx = xp.empty_like(x)
-    _launch(_grad_input_kernel, x.size, dy, x, y, mean, invstd, weight, dweight, dbias,
+    launch(_grad_input_kernel, x.size, dy, x, y, mean, invstd, weight, dweight, dbias,
             training, relu, dx)
     return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)

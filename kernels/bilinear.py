@@ -22,9 +22,10 @@ from collections import namedtuple
 import numpy as np
 from numba import prange
 
-from tinydeeplab.backend import array_module, is_cupy_array
+from tinydeeplab.backend import array_module
 
 from . import parallel_njit
+from ._common import lazy, pick
 
 Variant = namedtuple("Variant", "device forward backward description")
 
@@ -105,28 +106,13 @@ def _cpu_backward(dy, x_shape, align_corners):
     return dx
 
 
-def _cuda(name):
-    def call(*args):
-        from . import bilinear_cuda
-
-        return getattr(bilinear_cuda, name)(*args)
-
-    return call
-
-
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu_forward, _cpu_backward, "Numba loops, parallel over planes"),
-    "cuda_v1": Variant("cuda", _cuda("forward"), _cuda("backward"),
+    "cuda_v1": Variant("cuda", lazy("bilinear_cuda", "forward"),
+                       lazy("bilinear_cuda", "backward"),
                        "one thread per output (forward) / per input element (backward)"),
 }
 DEFAULT = {"cpu": "cpu_v1", "cuda": "cuda_v1"}
-
-
-def _pick(x, variant):
-    name = variant or DEFAULT["cuda" if is_cupy_array(x) else "cpu"]
-    if name not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    return VARIANTS[name]
 
 
 def check_size(x, size):
@@ -145,11 +131,12 @@ def check_size(x, size):
 def bilinear_forward(x, size, align_corners=False, variant=None):
     size = check_size(x, size)
     x = array_module(x).ascontiguousarray(x)
-    return _pick(x, variant).forward(x, size, bool(align_corners))
+    return pick(VARIANTS, DEFAULT, x, variant).forward(x, size, bool(align_corners))
 
 
 def bilinear_backward(dy, x_shape, align_corners=False, variant=None):
     if dy.ndim != 4 or len(x_shape) != 4 or tuple(dy.shape[:2]) != tuple(x_shape[:2]):
         raise ValueError(f"bilinear_backward: dy {dy.shape} does not fit x of shape {x_shape}")
     dy = array_module(dy).ascontiguousarray(dy)
-    return _pick(dy, variant).backward(dy, tuple(x_shape), bool(align_corners))
+    impl = pick(VARIANTS, DEFAULT, dy, variant)
+    return impl.backward(dy, tuple(x_shape), bool(align_corners))

@@ -1,18 +1,11 @@
 """CUDA version of ``bilinear`` (the tables and the math are in that module)."""
-import math
-
 from numba import cuda
 
 from tinydeeplab.backend import array_module
 
+from ._common import launch
+
 from .bilinear import _tables
-
-THREADS = 128
-
-
-def _launch(kernel, count, *args):
-    if count > 0:
-        kernel[math.ceil(count / THREADS), THREADS](*args)
 
 
 @cuda.jit
@@ -47,7 +40,7 @@ def forward(x, size, align_corners):
     xp = array_module(x)
     fh, _, fw, _ = _tables(x.shape[2:], size, align_corners, x.dtype, xp)
     y = xp.empty(x.shape[:2] + tuple(size), dtype=x.dtype)
-    _launch(_forward_kernel, y.size, x, y, *fh, *fw)
+    launch(_forward_kernel, y.size, x, y, *fh, *fw)
     return y
 
 
@@ -55,5 +48,5 @@ def backward(dy, x_shape, align_corners):
     xp = array_module(dy)
     _, bh, _, bw = _tables(x_shape[2:], dy.shape[2:], align_corners, dy.dtype, xp)
     dx = xp.empty(x_shape, dtype=dy.dtype)
-    _launch(_backward_kernel, dx.size, dy, dx, *bh, *bw)
+    launch(_backward_kernel, dx.size, dy, dx, *bh, *bw)
     return dx

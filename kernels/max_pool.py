@@ -23,9 +23,10 @@ from collections import namedtuple
 import numpy as np
 from numba import prange
 
-from tinydeeplab.backend import array_module, is_cupy_array
+from tinydeeplab.backend import array_module
 
 from . import parallel_njit
+from ._common import lazy, pick
 
 Variant = namedtuple("Variant", "device forward backward description")
 
@@ -114,35 +115,20 @@ def _cpu_backward(dy, argmax, x_shape, k, s, p):
     return dx
 
 
-def _cuda(name):
-    def call(*args):
-        from . import max_pool_cuda
-
-        return getattr(max_pool_cuda, name)(*args)
-
-    return call
-
-
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu_forward, _cpu_backward, "Numba loops, parallel over planes"),
-    "cuda_v1": Variant("cuda", _cuda("forward"), _cuda("backward"),
+    "cuda_v1": Variant("cuda", lazy("max_pool_cuda", "forward"),
+                       lazy("max_pool_cuda", "backward"),
                        "one thread per output (forward) / per input element (backward)"),
 }
 DEFAULT = {"cpu": "cpu_v1", "cuda": "cuda_v1"}
-
-
-def _pick(x, variant):
-    name = variant or DEFAULT["cuda" if is_cupy_array(x) else "cpu"]
-    if name not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    return VARIANTS[name]
 
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, variant=None):
     """(y, argmax) on arrays; stride defaults to the kernel size."""
     k, s, p, out_size = check_pool_args(x, kernel_size, stride, padding, ceil_mode)
     x = array_module(x).ascontiguousarray(x)
-    return _pick(x, variant).forward(x, k, s, p, out_size)
+    return pick(VARIANTS, DEFAULT, x, variant).forward(x, k, s, p, out_size)
 
 
 def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0,
@@ -154,4 +140,5 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0
     if dy.shape != argmax.shape:
         raise ValueError(f"max_pool2d_backward: dy {dy.shape} and argmax {argmax.shape} differ")
     dy = array_module(dy).ascontiguousarray(dy)
-    return _pick(dy, variant).backward(dy, argmax, tuple(x_shape), k, s, p)
+    impl = pick(VARIANTS, DEFAULT, dy, variant)
+    return impl.backward(dy, argmax, tuple(x_shape), k, s, p)

@@ -1,16 +1,9 @@
 """CUDA version of ``max_pool`` (math and tie rule in that module's docstring)."""
-import math
-
 from numba import cuda
 
 from tinydeeplab.backend import array_module
 
-THREADS = 128
-
-
-def _launch(kernel, count, *args):
-    if count > 0:
-        kernel[math.ceil(count / THREADS), THREADS](*args)
+from ._common import launch
 
 
 @cuda.jit
@@ -61,12 +54,12 @@ def forward(x, k, s, p, out_size):
     xp = array_module(x)
     y = xp.empty(x.shape[:2] + out_size, dtype=x.dtype)
     argmax = xp.empty(y.shape, dtype=xp.int32)
-    _launch(_forward_kernel, y.size, x, y, argmax, *k, *s, *p)
+    launch(_forward_kernel, y.size, x, y, argmax, *k, *s, *p)
     return y, argmax
 
 
 def backward(dy, argmax, x_shape, k, s, p):
     xp = array_module(dy)
     dx = xp.empty(x_shape, dtype=dy.dtype)
-    _launch(_backward_kernel, dx.size, dy, argmax, dx, *k, *s, *p)
+    launch(_backward_kernel, dx.size, dy, argmax, dx, *k, *s, *p)
     return dx

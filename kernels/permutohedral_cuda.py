@@ -18,15 +18,11 @@ from numba import cuda
 
 from tinydeeplab.backend import array_module
 
+from ._common import launch
+
 from .permutohedral import canonical_simplex, elevation_scale
 
-THREADS = 128
 D_MAX = 16  # local arrays need a compile-time size: features of up to 15 dimensions
-
-
-def _launch(kernel, count, *args):
-    if count > 0:
-        kernel[math.ceil(count / THREADS), THREADS](*args)
 
 
 @cuda.jit
@@ -188,7 +184,7 @@ class LatticeCUDA:
         K = N * (d + 1)
         keys = xp.empty((K, d), dtype=xp.int32)
         self.bary = xp.empty((N, d + 1), dtype=xp.float32)
-        _launch(_simplices_kernel, N, features, xp.asarray(elevation_scale(d)),
+        launch(_simplices_kernel, N, features, xp.asarray(elevation_scale(d)),
                 xp.asarray(canonical_simplex(d)), keys, self.bary)
         # dedupe by a stable sort: lexsort's last key is the primary one
         order = xp.lexsort(keys.T[::-1])
@@ -204,7 +200,7 @@ class LatticeCUDA:
         self.starts = xp.concatenate([first, xp.asarray([K])]).astype(xp.int64)
         self.members = order.astype(xp.int64)
         self.neighbours = xp.empty((d + 1, M, 2), dtype=xp.int32)
-        _launch(_neighbours_kernel, (d + 1) * M, self.vertex_keys, self.neighbours)
+        launch(_neighbours_kernel, (d + 1) * M, self.vertex_keys, self.neighbours)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None):
@@ -215,14 +211,14 @@ class LatticeCUDA:
         post = (xp.ones(self.N, xp.float32) if post is None else post) * self.alpha
         buf = xp.zeros((self.M + 1, c), dtype=xp.float32)
         tmp = xp.zeros_like(buf)
-        _launch(_splat_kernel, self.M * c, values, pre, self.bary, self.starts, self.members,
+        launch(_splat_kernel, self.M * c, values, pre, self.bary, self.starts, self.members,
                 buf)
         for j in (range(self.d, -1, -1) if reverse else range(self.d + 1)):
-            _launch(_blur_kernel, self.M * c, buf, tmp, self.neighbours, j)
+            launch(_blur_kernel, self.M * c, buf, tmp, self.neighbours, j)
             buf, tmp = tmp, buf
         accumulate = out is not None
         if out is None:
             out = xp.empty((self.N, c), dtype=xp.float32)
-        _launch(_slice_kernel, self.N * c, buf, self.bary, self.offsets,
+        launch(_slice_kernel, self.N * c, buf, self.bary, self.offsets,
                 post.astype(xp.float32), accumulate, out)
         return out

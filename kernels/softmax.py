@@ -9,7 +9,6 @@ operations and their temporaries.
 """
 import math
 
-import numpy as np
 from numba import prange
 
 from tinydeeplab.backend import is_cupy_array

@@ -3,7 +3,7 @@ import math
 
 from numba import cuda
 
-THREADS = 128
+from ._common import launch
 
 
 @cuda.jit
@@ -25,5 +25,4 @@ def _softmax_rows_kernel(a, out):
 
 
 def softmax_rows(a, out):
-    if a.shape[0] > 0:
-        _softmax_rows_kernel[math.ceil(a.shape[0] / THREADS), THREADS](a, out)
+    launch(_softmax_rows_kernel, a.shape[0], a, out)

@@ -1,0 +1,33 @@
+"""What every kernel module shares: choosing a variant, importing CUDA code lazily, launching
+one-thread-per-element CUDA kernels."""
+import math
+
+from tinydeeplab.backend import is_cupy_array
+
+THREADS = 128  # per block, for the one-thread-per-element kernels
+
+
+def lazy(module, name):
+    """``kernels.<module>.<name>``, imported on first call: numba.cuda reads
+    NUMBA_ENABLE_CUDASIM when it is first imported, and CPU users never need it."""
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+def pick(variants, default, x, variant=None):
+    """The registry entry to run: ``variant`` if given, else the default for x's device."""
+    name = variant or default["cuda" if is_cupy_array(x) else "cpu"]
+    if name not in variants:
+        raise ValueError(f"variant must be one of {sorted(variants)}, got {variant!r}")
+    return variants[name]
+
+
+def launch(kernel, count, *args):
+    """Run a CUDA kernel with one thread per element for ``count`` elements."""
+    if count > 0:
+        kernel[math.ceil(count / THREADS), THREADS](*args)
