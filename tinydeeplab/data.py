@@ -203,17 +203,23 @@ class Loader:
         image, label = self.dataset[index]
         return self.transform(image, label, np.random.default_rng((self.seed, epoch, index)))
 
-    def epoch(self, e):
-        """Yield (images (B, 3, H, W) float32, labels (B, H, W) int64) for epoch ``e``."""
+    def batches_per_epoch(self):
+        n = len(self.dataset)
+        count = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if count == 0:
+            raise ValueError(f"the data set has {n} samples, fewer than one batch of "
+                             f"{self.batch_size}")
+        return count
+
+    def epoch(self, e, start_batch=0):
+        """Yield (images (B, 3, H, W) float32, labels (B, H, W) int64) for epoch ``e``,
+        from batch ``start_batch`` on."""
         order = np.arange(len(self.dataset))
         if self.shuffle:
             order = np.random.default_rng((self.seed, e)).permutation(order)
-        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        if stop == 0:
-            raise ValueError(f"the data set has {len(order)} samples, fewer than one batch of "
-                             f"{self.batch_size}")
+        stop = min(len(order), self.batches_per_epoch() * self.batch_size)
         with concurrent.futures.ThreadPoolExecutor(max(1, self.workers)) as pool:
-            for start in range(0, stop, self.batch_size):
+            for start in range(start_batch * self.batch_size, stop, self.batch_size):
                 idx = order[start:start + self.batch_size]
                 samples = list(pool.map(lambda i: self._sample(e, int(i)), idx))
                 yield (np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples]))

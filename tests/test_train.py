@@ -1,0 +1,90 @@
+"""Training: overfitting a few images, resume equals an uninterrupted run, the LR policies,
+label downsampling, parameter groups, evaluation with and without CRF."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tinydeeplab import data, models
+from tinydeeplab.evaluate import evaluate
+from tinydeeplab.train import (TrainConfig, downsample_labels, learning_rate, param_groups,
+                               train)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    return data.make_synthetic_voc(str(tmp_path_factory.mktemp("syn")), n_train=4, n_val=2,
+                                   size=64, seed=1)
+
+
+def test_learning_rate_policies():
+    cfg = TrainConfig("x", "y", iterations=100, lr=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 50) == pytest.approx(0.1 * 0.5**0.9)
+    step = TrainConfig("x", "y", lr=0.1, lr_policy="step", step_size=10, gamma=0.5)
+    assert learning_rate(step, 25) == pytest.approx(0.025)
+    with pytest.raises(ValueError, match="lr_policy"):
+        learning_rate(TrainConfig("x", "y", lr_policy="cosine"), 0)
+
+
+def test_labels_are_downsampled_by_nearest_neighbour():
+    labels = np.arange(64).reshape(1, 8, 8)
+    small = downsample_labels(labels, (2, 2))
+    np.testing.assert_array_equal(small[0], [[18, 22], [50, 54]])  # pixel centres
+
+
+def test_parameter_groups_follow_deeplab():
+    net = models.deeplab_v2(3, "tiny")
+    groups = param_groups(net, TrainConfig("x", "y"))
+    assert [g.get("lr_mult", 1) for g in groups] == [1, 10.0, 20.0]
+    assert groups[2]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(net.parameters())
+
+
+def test_overfits_a_few_images(tmp_path):
+    """Three 128×128 images, no scaling: training mIoU ≥ 0.9 in well under a CPU minute
+    (measured 0.944 after 300 iterations, ~22 s on 2 cores)."""
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=3, n_val=1, size=128, seed=1)
+    cfg = TrainConfig(root, str(tmp_path / "run"), crop=128, scale=None, batch_size=3,
+                      iterations=300, lr=0.05, checkpoint_every=1000)
+    model, history = train(cfg, log=lambda s: None, progress=False)
+    assert history[-1]["loss"] < history[0]["loss"] / 10
+    scores = evaluate(model, data.VOCSegmentation(root, "train"))["plain"]
+    assert scores["miou"] >= 0.9, scores
+    lines = open(os.path.join(cfg.out_dir, "log.jsonl")).read().splitlines()
+    assert len(lines) == 300 and set(json.loads(lines[0])) == {"iteration", "loss", "lr",
+                                                               "images_per_s"}
+
+
+def test_resume_continues_exactly(tiny_set, tmp_path, monkeypatch):
+    """Kill the run right after its first checkpoint; resuming reproduces the weights of an
+    uninterrupted run (same batches, same learning rates, same momentum buffers)."""
+    kw = dict(crop=48, batch_size=2, lr=0.02, checkpoint_every=3, workers=2, iterations=7)
+    full = TrainConfig(tiny_set, str(tmp_path / "full"), **kw)
+    model_full, _ = train(full, log=lambda s: None, progress=False)
+
+    save = models.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt  # the process is killed here
+
+    monkeypatch.setattr(models, "save_checkpoint", save_then_die)
+    part = TrainConfig(tiny_set, str(tmp_path / "part"), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(part, log=lambda s: None, progress=False)
+    monkeypatch.setattr(models, "save_checkpoint", save)
+    messages = []
+    model_resumed, _ = train(part, log=messages.append, progress=False)
+    assert any("resumed" in m and "iteration 3" in m for m in messages)
+    a, b = model_full.state_dict(), model_resumed.state_dict()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_evaluate_with_crf_and_multiscale(tiny_set):
+    net = models.deeplab_v2(5, "tiny")
+    out = evaluate(net, data.VOCSegmentation(tiny_set, "val"), scales=(1.0, 0.75), crf=True,
+                   crf_params={"iterations": 2})
+    assert set(out) == {"plain", "crf"} and 0 <= out["crf"]["miou"] <= 1

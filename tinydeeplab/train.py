@@ -1,0 +1,180 @@
+"""Training DeepLab v2: SGD with momentum, the poly (or step) learning rate, the head at 10×,
+gradient accumulation, loss at the logits' resolution, JSON-lines log, atomic checkpoints,
+resume.
+
+DeepLab v2 §4: the loss is the sum of pixel-wise cross-entropies over the 1/8-resolution
+output, against the ground truth *downsampled* (nearest neighbour, so labels stay labels and
+void stays void) — the logits are not upsampled in training.  The learning rate follows
+``base · (1 − iter / max_iter)^0.9``; the new classifier layers learn 10× faster than the
+backbone (their biases 20×, without weight decay).
+"""
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from . import functional as F
+from . import models
+from .autograd import Tensor
+from .backend import to_device
+from .data import Loader, VOCSegmentation, train_transform
+from .optim import SGD
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data_root: str
+    out_dir: str
+    split: str = "train"
+    subset: int = None
+    backbone: str = "tiny"
+    output_stride: int = 8
+    head: str = "aspp"
+    crop: int = 161
+    scale: tuple = (0.5, 1.5)
+    batch_size: int = 4
+    iter_size: int = 1  # gradient accumulation: batches per update
+    iterations: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_policy: str = "poly"  # or "step"
+    power: float = 0.9
+    step_size: int = 2000
+    gamma: float = 0.1
+    head_lr_mult: float = 10.0
+    freeze_bn: bool = False
+    seed: int = 0
+    workers: int = 2
+    checkpoint_every: int = 100
+    device: str = "cpu"
+
+
+def learning_rate(cfg, iteration):
+    """The base learning rate at ``iteration`` (0-based) under cfg.lr_policy."""
+    if cfg.lr_policy == "poly":
+        return cfg.lr * (1 - iteration / cfg.iterations) ** cfg.power
+    if cfg.lr_policy == "step":
+        return cfg.lr * cfg.gamma ** (iteration // cfg.step_size)
+    raise ValueError(f"lr_policy must be 'poly' or 'step', got {cfg.lr_policy!r}")
+
+
+def param_groups(model, cfg):
+    """Backbone at 1×; head weights at head_lr_mult×, head biases at 2·head_lr_mult× with no
+    weight decay (DeepLab's Caffe solver settings)."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    head_w = [p for n, p in model.head.named_parameters() if n.endswith("weight")]
+    head_b = [p for n, p in model.head.named_parameters() if n.endswith("bias")]
+    return [{"params": backbone},
+            {"params": head_w, "lr_mult": cfg.head_lr_mult},
+            {"params": head_b, "lr_mult": 2 * cfg.head_lr_mult, "weight_decay": 0.0}]
+
+
+def downsample_labels(labels, size):
+    """Nearest-neighbour resize of (B, H, W) labels to size (h, w), sampling pixel centres."""
+    B, H, W = labels.shape
+    h, w = size
+    rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1)
+    return labels[:, rows[:, None], cols[None, :]]
+
+
+def segmentation_loss(logits, labels):
+    """Cross-entropy at the logits' resolution, void (255) ignored."""
+    target = downsample_labels(labels, logits.shape[2:])
+    return F.cross_entropy(logits, to_device(target, logits.device))
+
+
+def _velocity_state(opt, model):
+    """The momentum buffers by parameter name, so that a resumed run continues exactly."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {f"velocity/{names[k]}": to_device(v, "cpu") for k, v in opt.velocity.items()
+            if k in names}
+
+
+def _restore_velocity(opt, model, extra):
+    params = dict(model.named_parameters())
+    for key, value in extra.items():
+        if key.startswith("velocity/") and key[9:] in params:
+            p = params[key[9:]]
+            opt.velocity[id(p)] = to_device(value, p.device)
+
+
+def train(cfg, log=print, progress=True):
+    """Train; returns the history (a list of dicts).  Writes to cfg.out_dir: ``checkpoint.npz``
+    (atomically, every cfg.checkpoint_every iterations and at the end) and ``log.jsonl``."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise PermissionError(f"output folder {cfg.out_dir!r} is not writable")
+    dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
+    model = models.deeplab_v2(dataset.num_classes, cfg.backbone, cfg.output_stride,
+                              head=cfg.head, seed=cfg.seed)
+    if cfg.freeze_bn:
+        model.backbone.freeze_batch_norm()
+    opt = SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+              weight_decay=cfg.weight_decay)
+    ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
+    start = 0
+    if os.path.exists(ckpt):
+        extra = models.load_checkpoint(model, ckpt)
+        _restore_velocity(opt, model, extra)
+        start = int(extra["iteration"])
+        log(f"resumed from {ckpt} at iteration {start}")
+    model.to(cfg.device).train()
+
+    def transform(image, label, rng):
+        return train_transform(image, label, rng, cfg.crop, cfg.scale)
+
+    loader = Loader(dataset, cfg.batch_size, transform, cfg.seed, workers=cfg.workers)
+    batches = _batches(loader, start * cfg.iter_size)
+    history = []
+    bar = _progress(cfg.iterations, start, progress)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    with open(log_path, "a") as log_file:
+        for it in range(start, cfg.iterations):
+            t0 = time.perf_counter()
+            opt.lr = learning_rate(cfg, it)
+            opt.zero_grad()
+            total = 0.0
+            for _ in range(cfg.iter_size):
+                x, y = next(batches)
+                loss = segmentation_loss(model(Tensor(x).to(cfg.device)), y)
+                (loss * (1.0 / cfg.iter_size)).backward()
+                total += loss.item() / cfg.iter_size
+            opt.step()
+            seconds = time.perf_counter() - t0
+            record = {"iteration": it + 1, "loss": total, "lr": opt.lr,
+                      "images_per_s": cfg.batch_size * cfg.iter_size / seconds}
+            history.append(record)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{opt.lr:.2e}",
+                                img_s=f"{record['images_per_s']:.1f}")
+                bar.update(1)
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                models.save_checkpoint(model, ckpt, iteration=it + 1,
+                                       **_velocity_state(opt, model))
+    if bar is not None:
+        bar.close()
+    return model, history
+
+
+def _batches(loader, skip):
+    """Endless batches over epochs, starting after the first ``skip`` (to resume exactly:
+    the same batches in the same order as an uninterrupted run)."""
+    per_epoch = loader.batches_per_epoch()
+    epoch, offset = divmod(skip, per_epoch)
+    while True:
+        yield from loader.epoch(epoch, start_batch=offset)
+        epoch, offset = epoch + 1, 0
+
+
+def _progress(total, start, enabled):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="it")
