@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from tinydeeplab import Tensor, demo
+from tinydeeplab import Tensor
+from tinydeeplab import toy as demo
 from tinydeeplab.cli import main
 from tinydeeplab.metrics import ConfusionMatrix
 from tinydeeplab.optim import SGD

@@ -1,5 +1,6 @@
 """Training: overfitting a few images, resume equals an uninterrupted run, the LR policies,
 label downsampling, parameter groups, evaluation with and without CRF."""
+import dataclasses
 import json
 import os
 
@@ -8,8 +9,8 @@ import pytest
 
 from tinydeeplab import data, models
 from tinydeeplab.evaluate import evaluate
-from tinydeeplab.train import (TrainConfig, downsample_labels, learning_rate, param_groups,
-                               train)
+from tinydeeplab.train import (TrainConfig, downsample_labels, learning_rate, load_model,
+                               param_groups, train)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,11 @@ def test_resume_continues_exactly(tiny_set, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(part, log=lambda s: None, progress=False)
     monkeypatch.setattr(models, "save_checkpoint", save)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(part, log=lambda s: None, progress=False)
     messages = []
-    model_resumed, _ = train(part, log=messages.append, progress=False)
+    model_resumed, _ = train(dataclasses.replace(part, resume=True), log=messages.append,
+                             progress=False)
     assert any("resumed" in m and "iteration 3" in m for m in messages)
     a, b = model_full.state_dict(), model_resumed.state_dict()
     for k in a:
@@ -88,3 +92,14 @@ def test_evaluate_with_crf_and_multiscale(tiny_set):
     out = evaluate(net, data.VOCSegmentation(tiny_set, "val"), scales=(1.0, 0.75), crf=True,
                    crf_params={"iterations": 2})
     assert set(out) == {"plain", "crf"} and 0 <= out["crf"]["miou"] <= 1
+
+
+def test_checkpoint_rebuilds_the_model(tiny_set, tmp_path):
+    cfg = TrainConfig(tiny_set, str(tmp_path / "r"), crop=48, batch_size=2, iterations=2)
+    model, _ = train(cfg, log=lambda s: None, progress=False)
+    loaded, config = load_model(str(tmp_path / "r" / "checkpoint.npz"))
+    assert config["backbone"] == "tiny" and config["num_classes"] == 5
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nope.npz"))

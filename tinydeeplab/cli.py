@@ -1,12 +1,137 @@
-"""The ``tinydeeplab`` command line."""
+"""The ``tinydeeplab`` command line: demo, train, eval, predict, crf, bench.
+
+Bad input ends with a one-line message and exit status 1 (2 for bad arguments), never a
+traceback; files are written atomically.
+"""
 import argparse
+import json
+import os
 import sys
 
 
 def _demo(args):
     from . import demo
 
-    demo.run(iterations=args.iterations, seed=args.seed)
+    demo.run(out_dir=args.out, iterations=args.iterations, seed=args.seed)
+
+
+def _train(args):
+    from .train import TrainConfig, train
+    from .viz import plot_curves
+
+    cfg = TrainConfig(
+        data_root=args.data, out_dir=args.out, split=args.split, subset=args.subset,
+        backbone=args.backbone, output_stride=args.output_stride, head=args.head,
+        crop=args.crop, batch_size=args.batch_size, iter_size=args.iter_size,
+        iterations=args.iterations, lr=args.lr, lr_policy=args.lr_policy,
+        step_size=args.step_size, freeze_bn=args.freeze_bn, seed=args.seed,
+        workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device,
+        resume=args.resume)
+    _, history = train(cfg)
+    if history:
+        plot_curves(_read_log(os.path.join(args.out, "log.jsonl")),
+                    os.path.join(args.out, "curves.png"))
+    print(f"checkpoint: {os.path.join(args.out, 'checkpoint.npz')}\n"
+          f"log: {os.path.join(args.out, 'log.jsonl')}\ncurves: "
+          f"{os.path.join(args.out, 'curves.png')}")
+
+
+def _read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _scales(text):
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales must be numbers like 1,0.75,0.5, got {text!r}")
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return scales
+
+
+def _eval(args):
+    from .data import VOCSegmentation
+    from .evaluate import evaluate
+    from .train import load_model
+
+    model, config = load_model(args.checkpoint, args.device)
+    ds = VOCSegmentation(args.data, args.split, args.subset)
+    if ds.num_classes != config["num_classes"]:
+        raise ValueError(f"the checkpoint predicts {config['num_classes']} classes but the data "
+                         f"set has {ds.num_classes}")
+    result = evaluate(model, ds, args.scales, args.crf, device=args.device, progress=True)
+    for name, scores in result.items():
+        print(f"{name}: mIoU {scores['miou']:.4f}  pixel acc {scores['pixel_acc']:.4f}  "
+              f"mean acc {scores['mean_acc']:.4f}  fwIoU {scores['fwiou']:.4f}")
+        for cls, iou in scores["per_class_iou"].items():
+            print(f"    {cls:>20s} {iou:.4f}")
+    if args.json:
+        _write_json(args.json, result)
+        print(f"scores: {args.json}")
+
+
+def _write_json(path, obj):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder!r} does not exist")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _predict(args):
+    from PIL import Image
+
+    from . import crf as crf_module
+    from .data import read_image, write_mask
+    from .evaluate import predict_probs
+    from .train import load_model
+    from .viz import overlay
+
+    model, _ = load_model(args.checkpoint, args.device)
+    if os.path.isdir(args.input):
+        paths = sorted(os.path.join(args.input, f) for f in os.listdir(args.input)
+                       if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        if not paths:
+            raise FileNotFoundError(f"no .jpg or .png images in {args.input!r}")
+    elif os.path.isfile(args.input):
+        paths = [args.input]
+    else:
+        raise FileNotFoundError(f"input {args.input!r} does not exist")
+    os.makedirs(args.out, exist_ok=True)
+    for path in paths:
+        image = read_image(path)
+        probs = predict_probs(model, image, args.scales, args.device)
+        if args.crf:
+            probs = crf_module.dense_crf(image, probs)
+        mask = probs.argmax(0).astype("uint8")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        write_mask(os.path.join(args.out, f"{stem}.png"), mask)
+        Image.fromarray(overlay(image, mask)).save(os.path.join(args.out, f"{stem}_overlay.jpg"))
+        print(os.path.join(args.out, f"{stem}.png"))
+
+
+def _crf(args):
+    import numpy as np
+
+    from . import crf as crf_module
+    from .data import read_image, write_mask
+
+    image = read_image(args.image)
+    if not os.path.isfile(args.probs):
+        raise FileNotFoundError(f"probabilities file {args.probs!r} does not exist")
+    try:
+        probs = np.load(args.probs).astype(np.float32)
+    except Exception as e:
+        raise ValueError(f"{args.probs!r} is not a readable .npy array: {e}") from None
+    q = crf_module.dense_crf(image, probs, iterations=args.iterations, pos_w=args.pos_w,
+                             pos_xy_std=args.pos_xy_std, bi_w=args.bi_w,
+                             bi_xy_std=args.bi_xy_std, bi_rgb_std=args.bi_rgb_std)
+    write_mask(args.out, q.argmax(0))
+    print(args.out)
 
 
 def _bench(args):
@@ -31,36 +156,99 @@ def _bench(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="tinydeeplab", description="DeepLab v2 rebuilt by hand: kernels, autograd, CRF.")
     from . import __version__
 
+    parser = argparse.ArgumentParser(
+        prog="tinydeeplab", description="DeepLab v2 rebuilt by hand: kernels, autograd, CRF.")
     parser.add_argument("--version", action="version", version=f"tinydeeplab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    demo = sub.add_parser("demo", help="train a small atrous network on a toy segmentation task "
-                                       "(CPU, under a minute) and report mIoU")
-    demo.add_argument("--iterations", type=int, default=300, help="SGD steps (default 300)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    p = sub.add_parser("demo", help="generate a synthetic set, train the tiny DeepLab on the "
+                                    "CPU, evaluate with and without CRF, save pictures")
+    p.add_argument("--out", default=None, help="folder for everything (default: "
+                   "$TDL_CACHE or ~/.cache/tinydeeplab/demo)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench", help="our kernels side by side with PyTorch (convolution) "
-                                         "and pydensecrf (CRF); needs the [test] extra")
-    bench.add_argument("what", nargs="?", choices=["conv", "crf", "all"], default="all",
-                       help="which benchmark (default: all)")
-    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    bench.add_argument("--threads", type=int, default=None, help="default: all cores")
-    bench.add_argument("--repeat", type=int, default=5, help="timed runs per block")
-    bench.set_defaults(func=_bench)
+    p = sub.add_parser("train", help="train DeepLab v2 on a VOC-layout data set")
+    p.add_argument("--data", required=True, help="data set root (VOC layout)")
+    p.add_argument("--out", required=True, help="folder for checkpoint.npz, log.jsonl, curves")
+    p.add_argument("--split", default="train")
+    p.add_argument("--subset", type=int, default=None, help="use the first N listed images")
+    p.add_argument("--backbone", default="tiny",
+                   choices=["tiny", "resnet18", "resnet34", "resnet50", "resnet101"])
+    p.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
+    p.add_argument("--head", default="aspp", choices=["aspp", "largefov"])
+    p.add_argument("--crop", type=int, default=321)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--iter-size", type=int, default=1, help="batches accumulated per update")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr-policy", default="poly", choices=["poly", "step"])
+    p.add_argument("--step-size", type=int, default=2000, help="for --lr-policy step")
+    p.add_argument("--freeze-bn", action="store_true", help="frozen batch norm (as DeepLab)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--workers", type=int, default=2, help="data loading threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="mIoU and per-class IoU of a checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--scales", type=_scales, default=(1.0,), help="e.g. 1,0.75,0.5")
+    p.add_argument("--crf", action="store_true", help="also score after the dense CRF")
+    p.add_argument("--json", default=None, help="write the scores to this file")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="palette PNGs and overlays for an image or a folder")
+    p.add_argument("input", help="an image or a folder of images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--scales", type=_scales, default=(1.0,))
+    p.add_argument("--crf", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("crf", help="apply the dense CRF to an image and saved probabilities")
+    p.add_argument("--image", required=True)
+    p.add_argument("--probs", required=True, help=".npy array (C, H, W) of probabilities")
+    p.add_argument("--out", required=True, help="palette PNG to write")
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--pos-w", type=float, default=3)
+    p.add_argument("--pos-xy-std", type=float, default=1)
+    p.add_argument("--bi-w", type=float, default=4)
+    p.add_argument("--bi-xy-std", type=float, default=67)
+    p.add_argument("--bi-rgb-std", type=float, default=3)
+    p.set_defaults(func=_crf)
+
+    p = sub.add_parser("bench", help="our kernels side by side with PyTorch (convolution) and "
+                                     "pydensecrf (CRF); needs the [test] extra")
+    p.add_argument("what", nargs="?", choices=["conv", "crf", "all"], default="all")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="default: all cores")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per block")
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if getattr(args, "iterations", 1) < 1:
-        sys.exit("--iterations must be ≥ 1")
-    args.func(args)
+    for name in ("iterations", "batch_size", "iter_size", "crop", "subset", "checkpoint_every"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            sys.exit(f"tinydeeplab {args.command}: --{name.replace('_', '-')} must be ≥ 1, "
+                     f"got {value}")
+    try:
+        args.func(args)
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+        sys.exit(f"tinydeeplab {args.command}: {e}")
 
 
 if __name__ == "__main__":

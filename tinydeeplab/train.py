@@ -50,6 +50,7 @@ class TrainConfig:
     workers: int = 2
     checkpoint_every: int = 100
     device: str = "cpu"
+    resume: bool = False  # continue from out_dir/checkpoint.npz (else refuse to overwrite it)
 
 
 def learning_rate(cfg, iteration):
@@ -117,6 +118,9 @@ def train(cfg, log=print, progress=True):
               weight_decay=cfg.weight_decay)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
     start = 0
+    if os.path.exists(ckpt) and not cfg.resume:
+        raise FileExistsError(f"{ckpt} exists: resume it (--resume) or choose another output "
+                              "folder")
     if os.path.exists(ckpt):
         extra = models.load_checkpoint(model, ckpt)
         _restore_velocity(opt, model, extra)
@@ -155,11 +159,33 @@ def train(cfg, log=print, progress=True):
                                 img_s=f"{record['images_per_s']:.1f}")
                 bar.update(1)
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-                models.save_checkpoint(model, ckpt, iteration=it + 1,
-                                       **_velocity_state(opt, model))
+                models.save_checkpoint(model, ckpt, iteration=it + 1, config=model_config(cfg,
+                                       dataset), **_velocity_state(opt, model))
     if bar is not None:
         bar.close()
     return model, history
+
+
+def model_config(cfg, dataset):
+    """What rebuilds the network from a checkpoint (stored in it as JSON)."""
+    return json.dumps({"num_classes": dataset.num_classes, "backbone": cfg.backbone,
+                       "output_stride": cfg.output_stride, "head": cfg.head,
+                       "class_names": dataset.class_names})
+
+
+def load_model(path, device="cpu"):
+    """The network saved in a training checkpoint, ready for inference; returns
+    (model, config dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with np.load(path) as f:
+        if "extra/config" not in f.files:
+            raise ValueError(f"{path!r} is not a tinydeeplab training checkpoint (no config)")
+        config = json.loads(str(f["extra/config"]))
+    model = models.deeplab_v2(config["num_classes"], config["backbone"],
+                              config["output_stride"], head=config["head"])
+    models.load_checkpoint(model, path)
+    return model.to(device).eval(), config
 
 
 def _batches(loader, skip):

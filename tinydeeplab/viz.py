@@ -1,0 +1,71 @@
+"""Pictures: training curves, image | ground truth | prediction | prediction + CRF grids, colour
+overlays.  Matplotlib without a screen (Agg); every file is written atomically."""
+import os
+
+import numpy as np
+
+from .data import IGNORE, voc_colormap
+
+
+def colorize(mask):
+    """Class indices (H, W) -> RGB (H, W, 3) in the VOC palette (void 255 is cream)."""
+    return voc_colormap()[np.asarray(mask, np.uint8)]
+
+
+def overlay(image, mask, alpha=0.5):
+    """The image with the mask's colours blended in (void and background left as they are)."""
+    colours = colorize(mask).astype(np.float32)
+    keep = ((mask == 0) | (mask == IGNORE))[..., None]
+    out = np.where(keep, image, (1 - alpha) * image + alpha * colours)
+    return out.astype(np.uint8)
+
+
+def _figure_to(path, fig):
+    import matplotlib.pyplot as plt
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder!r} does not exist")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_curves(history, path):
+    """Loss and learning rate against the iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iteration"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(it, [h["loss"] for h in history], lw=0.8)
+    a.set(xlabel="iteration", ylabel="loss", title="training loss", yscale="log")
+    b.plot(it, [h["lr"] for h in history])
+    b.set(xlabel="iteration", ylabel="learning rate", title="poly learning rate")
+    _figure_to(path, fig)
+
+
+def save_grid(rows, path, titles=("image", "ground truth", "prediction", "prediction + CRF")):
+    """rows: tuples (image, label, prediction[, prediction after CRF]) of equal sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = len(rows[0])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.2 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, item in enumerate(row):
+            axes[r, c].imshow(item if c == 0 else colorize(item), interpolation="nearest")
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title(titles[c], fontsize=9)
+    _figure_to(path, fig)
