@@ -103,3 +103,33 @@ def test_checkpoint_rebuilds_the_model(tiny_set, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(str(tmp_path / "nope.npz"))
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_set, tmp_path):
+    """iter_size 2 × batch 2 sees the same four crops as batch 4; with frozen batch norm the
+    update is the same up to how void pixels weight each half (Caffe's iter_size semantics)."""
+    def update(name, **kw):
+        cfg = TrainConfig(tiny_set, str(tmp_path / name), crop=48, iterations=1, lr=0.05,
+                          freeze_bn=True, scale=None, **kw)
+        model, history = train(cfg, log=lambda s: None, progress=False)
+        return model.state_dict(), history[0]["loss"]
+
+    start = models.deeplab_v2(5, "tiny").state_dict()
+    big, loss_big = update("big", batch_size=4)
+    acc, loss_acc = update("acc", batch_size=2, iter_size=2)
+    assert loss_acc == pytest.approx(loss_big, rel=0.05)
+    for k in start:
+        if k.endswith("weight") and "bn" not in k:
+            d_big, d_acc = big[k] - start[k], acc[k] - start[k]
+            assert np.linalg.norm(d_acc - d_big) <= 0.1 * np.linalg.norm(d_big), k
+
+
+def test_augmented_set_layout(tmp_path):
+    root = data.make_synthetic_voc(str(tmp_path / "v"), 3, 1, 32, seed=0)
+    os.rename(os.path.join(root, "SegmentationClass"), os.path.join(root, "SegmentationClassAug"))
+    os.makedirs(os.path.join(root, "ImageSets", "SegmentationAug"))
+    with open(os.path.join(root, "ImageSets", "SegmentationAug", "train_aug.txt"), "w") as f:
+        f.write("syn_train_00000\nsyn_train_00002\n")
+    ds = data.VOCSegmentation(root, "train_aug")
+    assert len(ds) == 2 and ds[1][1].shape == (32, 32)
+    assert len(data.VOCSegmentation(root, "train_aug", subset=1)) == 1
