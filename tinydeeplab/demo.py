@@ -19,7 +19,7 @@ from .train import TrainConfig, train
 from .viz import plot_curves, save_grid
 
 # Sized for ≤ 10 minutes on 2 cores (measured in benchmarks/RESULTS.md).
-DEFAULTS = dict(n_train=200, n_val=50, size=128, crop=113, batch_size=4, iterations=5000,
+DEFAULTS = dict(n_train=200, n_val=50, size=128, crop=113, batch_size=4, iterations=4000,
                 lr=0.02)
 # DeepLab v2's CRF parameters for ResNet-101 on VOC (crf.dense_crf's defaults).  Tried on
 # this set after 1500 iterations: they added 3.1 points of mIoU; widths scaled to the smaller
