@@ -2,6 +2,8 @@
 one-thread-per-element CUDA kernels."""
 import math
 
+import numpy as np
+
 from tinydeeplab.backend import is_cupy_array
 
 THREADS = 128  # per block, for the one-thread-per-element kernels
@@ -31,3 +33,15 @@ def launch(kernel, count, *args):
     """Run a CUDA kernel with one thread per element for ``count`` elements."""
     if count > 0:
         kernel[math.ceil(count / THREADS), THREADS](*args)
+
+
+def int_pair(value, name, minimum, op):
+    """An int or (h, w) pair of ints ≥ ``minimum`` as a tuple; a ValueError naming ``op``,
+    the argument and its value otherwise."""
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
+    return tuple(int(v) for v in pair)

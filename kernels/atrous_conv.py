@@ -52,21 +52,11 @@ import numpy as np
 from tinydeeplab.backend import array_module, is_cupy_array
 
 from . import atrous_conv_cpu as _cpu
-from ._common import lazy, pick
+from ._common import int_pair, lazy, pick
 
 # backward_weights: (dw, db) alone, for inputs that need no gradient (None: use backward)
 Variant = namedtuple("Variant", "device forward backward description backward_weights",
                      defaults=(None,))
-
-
-def _pair(value, name, minimum):
-    pair = (value, value) if np.isscalar(value) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if any(v < minimum for v in pair):
-        what = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return tuple(int(v) for v in pair)
 
 
 def output_size(H, W, kh, kw, stride, padding, dilation):
@@ -99,9 +89,9 @@ def check_conv_args(x, w, b, stride, padding, dilation, dy=None):
             f"conv2d: b must have shape ({w.shape[0]},) and dtype {w.dtype}, got "
             f"{b.shape} {b.dtype}"
         )
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
+    stride = int_pair(stride, "stride", 1, "conv2d")
+    padding = int_pair(padding, "padding", 0, "conv2d")
+    dilation = int_pair(dilation, "dilation", 1, "conv2d")
     Ho, Wo = output_size(x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding,
                          dilation)
     if Ho <= 0 or Wo <= 0:

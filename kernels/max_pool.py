@@ -26,18 +26,9 @@ from numba import prange
 from tinydeeplab.backend import array_module
 
 from . import parallel_njit
-from ._common import lazy, pick
+from ._common import int_pair, lazy, pick
 
 Variant = namedtuple("Variant", "device forward backward description")
-
-
-def _pair(value, name, minimum):
-    pair = (value, value) if np.isscalar(value) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair) or \
-            min(pair) < minimum:
-        what = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"max_pool2d: {name} must be a {what} int or pair, got {value!r}")
-    return tuple(int(v) for v in pair)
 
 
 def pooled_size(H, k, s, pad, ceil_mode):
@@ -51,9 +42,9 @@ def pooled_size(H, k, s, pad, ceil_mode):
 def check_pool_args(x, kernel_size, stride, padding, ceil_mode):
     if getattr(x, "ndim", None) != 4:
         raise ValueError(f"max_pool2d: x must be 4-D (N, C, H, W), got shape {np.shape(x)}")
-    k = _pair(kernel_size, "kernel_size", 1)
-    s = _pair(k if stride is None else stride, "stride", 1)
-    p = _pair(padding, "padding", 0)
+    k = int_pair(kernel_size, "kernel_size", 1, "max_pool2d")
+    s = int_pair(k if stride is None else stride, "stride", 1, "max_pool2d")
+    p = int_pair(padding, "padding", 0, "max_pool2d")
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(f"max_pool2d: padding {p} must be at most half the kernel size {k}")
     H, W = x.shape[2], x.shape[3]
@@ -134,9 +125,9 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, 
 def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0,
                         variant=None):
     """dx of shape x_shape from dy and the forward's argmax."""
-    k = _pair(kernel_size, "kernel_size", 1)
-    s = _pair(k if stride is None else stride, "stride", 1)
-    p = _pair(padding, "padding", 0)
+    k = int_pair(kernel_size, "kernel_size", 1, "max_pool2d")
+    s = int_pair(k if stride is None else stride, "stride", 1, "max_pool2d")
+    p = int_pair(padding, "padding", 0, "max_pool2d")
     if dy.shape != argmax.shape:
         raise ValueError(f"max_pool2d_backward: dy {dy.shape} and argmax {argmax.shape} differ")
     dy = array_module(dy).ascontiguousarray(dy)
