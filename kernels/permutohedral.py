@@ -303,21 +303,23 @@ class LatticeCPU:
 
         Optional per-point factors: ``pre`` (N,) scales the values before splatting, ``post``
         (N,) the result; with ``out`` given the result is *added* to it (the CRF's fused
-        message passing: one pass over the pixels instead of four).
+        message passing: one pass over the pixels instead of four).  float64 values are
+        filtered in float64 (the same linear operator, for gradient checks).
         """
-        values = np.ascontiguousarray(values, dtype=np.float32)
+        dt = np.float64 if values.dtype == np.float64 else np.float32
+        values = np.ascontiguousarray(values, dtype=dt)
         c = values.shape[1]
-        ones = None if pre is not None and post is not None else np.ones(self.N, np.float32)
-        pre = ones if pre is None else np.ascontiguousarray(pre, dtype=np.float32)
-        post = (ones if post is None else post) * self.alpha
-        buf = np.empty((self.M + 1, c), dtype=np.float32)
+        ones = None if pre is not None and post is not None else np.ones(self.N, dt)
+        pre = ones if pre is None else np.ascontiguousarray(pre, dtype=dt)
+        post = ((ones if post is None else post) * self.alpha).astype(dt)
+        buf = np.empty((self.M + 1, c), dtype=dt)
         tmp = np.empty_like(buf)
         buf[0] = 0
         tmp[0] = 0
         T = numba.get_num_threads()
         # scatter into per-thread copies when the copies are small next to the points' work
         if T * self.M < 0.25 * self.N * (self.d + 1) and T * self.M * c * 4 <= 256 << 20:
-            private = np.empty((T, self.M + 1, c), dtype=np.float32)
+            private = np.empty((T, self.M + 1, c), dtype=dt)
             _splat_scatter_cpu(values, pre, self.bary, self.offsets, private, buf)
         else:
             _splat_gather_cpu(values, pre, self.bary, self.starts, self.members, buf)
@@ -327,6 +329,6 @@ class LatticeCPU:
             buf, tmp = tmp, buf
         accumulate = out is not None
         if out is None:
-            out = np.empty((self.N, c), dtype=np.float32)
-        _slice_cpu(buf, self.bary, self.offsets, post.astype(np.float32), accumulate, out)
+            out = np.empty((self.N, c), dtype=dt)
+        _slice_cpu(buf, self.bary, self.offsets, post, accumulate, out)
         return out

@@ -133,7 +133,7 @@ def _splat_kernel(values, pre, bary, starts, members, buf):
         return
     v, k = t // c, t % c
     d1 = bary.shape[1]
-    acc = numba.float32(0)
+    acc = buf[0, k]  # row 0 is the zero row: a zero of the buffer's type
     for m in range(starts[v], starts[v + 1]):
         e = members[m]
         n, r = e // d1, e % d1
@@ -160,7 +160,7 @@ def _slice_kernel(buf, bary, offsets, post, accumulate, out):
         return
     n, k = t // c, t % c
     d1 = bary.shape[1]
-    acc = numba.float32(0)
+    acc = buf[0, k]  # zero, in the buffer's type
     for r in range(d1):
         acc += bary[n, r] * post[n] * buf[offsets[n * d1 + r] + 1, k]
     if accumulate:
@@ -205,11 +205,12 @@ class LatticeCUDA:
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None):
         xp = self.xp
-        values = xp.ascontiguousarray(values, dtype=xp.float32)
+        dt = xp.float64 if values.dtype == xp.float64 else xp.float32
+        values = xp.ascontiguousarray(values, dtype=dt)
         c = values.shape[1]
-        pre = xp.ones(self.N, xp.float32) if pre is None else xp.asarray(pre, xp.float32)
-        post = (xp.ones(self.N, xp.float32) if post is None else post) * self.alpha
-        buf = xp.zeros((self.M + 1, c), dtype=xp.float32)
+        pre = xp.ones(self.N, dt) if pre is None else xp.asarray(pre, dt)
+        post = ((xp.ones(self.N, dt) if post is None else post) * self.alpha).astype(dt)
+        buf = xp.zeros((self.M + 1, c), dtype=dt)
         tmp = xp.zeros_like(buf)
         launch(_splat_kernel, self.M * c, values, pre, self.bary, self.starts, self.members,
                 buf)
@@ -218,7 +219,6 @@ class LatticeCUDA:
             buf, tmp = tmp, buf
         accumulate = out is not None
         if out is None:
-            out = xp.empty((self.N, c), dtype=xp.float32)
-        launch(_slice_kernel, self.N * c, buf, self.bary, self.offsets,
-                post.astype(xp.float32), accumulate, out)
+            out = xp.empty((self.N, c), dtype=dt)
+        launch(_slice_kernel, self.N * c, buf, self.bary, self.offsets, post, accumulate, out)
         return out

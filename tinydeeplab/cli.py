@@ -26,7 +26,8 @@ def _train(args):
         iterations=args.iterations, lr=args.lr, lr_policy=args.lr_policy,
         step_size=args.step_size, freeze_bn=args.freeze_bn, seed=args.seed,
         workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device,
-        resume=args.resume)
+        resume=args.resume, init=args.init, crf_layer=args.crf_layer,
+        crf_lr_mult=args.crf_lr_mult)
     _, history = train(cfg)
     if history:
         plot_curves(_read_log(os.path.join(args.out, "log.jsonl")),
@@ -191,6 +192,13 @@ def build_parser():
     p.add_argument("--freeze-bn", action="store_true", help="frozen batch norm (as DeepLab)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--crf-layer", type=int, default=0, metavar="T",
+                   help="end the network with a trainable CRF of T mean-field iterations "
+                        "(DeepLab's kernels; Potts weights learned), trained end to end")
+    p.add_argument("--crf-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier of the CRF layer's weights")
     p.add_argument("--workers", type=int, default=2, help="data loading threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -16,9 +16,11 @@ D = K·1), and a Potts compatibility of weight w contributes  +w · k̃ Q  to th
 """
 import numpy as np
 
+from .autograd import Function, Tensor
 from .backend import array_module, cuda_simulator, has_cuda, is_cupy_array, to_device
 from .kernels import permutohedral as _lattice
 from .kernels.softmax import softmax_rows
+from .nn import Module, Parameter
 
 # pydensecrf's enums, same values
 CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
@@ -84,10 +86,13 @@ class PermutohedralLattice:
         return self._impl.M
 
     def filter(self, values, reverse=False):
-        """Filter values (N, c) (or (N,)); ``reverse=True`` applies the transposed operator."""
+        """Filter values (N, c) (or (N,)); ``reverse=True`` applies the transposed operator.
+
+        float32 in, float32 out; float64 values are filtered in float64."""
         values = on_device(values, self.device)
         xp = array_module(values)
-        values = xp.asarray(values, dtype=xp.float32)
+        double = getattr(values, "dtype", None) == xp.float64
+        values = xp.asarray(values, dtype=xp.float64 if double else xp.float32)
         vector = values.ndim == 1
         if vector:
             values = values[:, None]
@@ -328,3 +333,205 @@ def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_
     crf.addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)
     crf.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=image, compat=bi_w)
     return crf.inference(iterations).reshape(C, H, W)
+
+
+# ---- the CRF as a trainable layer (end to end) ---------------------------------------------------
+# DeepLab v2 runs the CRF after the network, so the network never learns with it.  Unrolling
+# T mean-field iterations as layers (in the spirit of "CRF as RNN", Zheng et al. 2015) makes
+# it differentiable:
+#
+#     Q_0 = softmax(U)                                   U: the network's logits (N, C)
+#     A_t = U + Σ_k  F_k(Q_{t−1}) W_k        t = 1..T    F_k(x) = D_k^−½ K_k D_k^−½ x
+#     Q_t = softmax(A_t)                                 the output is A_T (logits again)
+#
+# K_k is the lattice filter of kernel k (spatial, bilateral) and D_k = diag(K_k 1) its
+# symmetric normalisation.  W_k is the label compatibility as a reward matrix: w·I is
+# densecrf's Potts model with weight w (the layer's forward equals ``dense_crf``), a full C×C
+# matrix lets the layer learn which labels go together.
+#
+# Backward, given g = ∂L/∂A_T, for t = T..1:
+#     ∂L/∂U   += g
+#     G_k      = F_kᵀ(g) = D_k^−½ K_kᵀ D_k^−½ g      K_kᵀ is the reversed filter (blur order
+#                                                    reversed; splat and slice swap roles)
+#     ∂L/∂W_k += Q_{t−1}ᵀ G_k       (for Potts: Σ Q_{t−1} ⊙ G_k, the trace of that)
+#     ∂L/∂Q    = Σ_k G_k W_kᵀ
+#     g        = Q_{t−1} ⊙ (∂L/∂Q − Σ_c ∂L/∂Q ⊙ Q_{t−1})    (softmax backward: ∂L/∂A_{t−1})
+# and finally ∂L/∂U += g (through Q_0).  ⟨g, F(Q) W⟩ = ⟨F ᵀ(g), Q W⟩ is why no message has to
+# be stored: the backward keeps only Q_0..Q_{T−1} and filters once per kernel per iteration,
+# like the forward.  D_k depends on the image and the kernel widths alone, not on U or W, so
+# it is a constant diagonal scaling here and F_k stays linear; the widths are fixed (moving
+# them would move the lattice itself, which has no useful derivative).
+def _scaled_features(image, sxy, srgb=None):
+    """(N, 2) positions / sxy, or (N, 5) positions / sxy and colours / srgb, float32."""
+    H, W = image.shape[:2]
+    y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+    cols = [x.ravel() / np.float32(sxy), y.ravel() / np.float32(sxy)]
+    if srgb is not None:
+        colours = np.asarray(image, dtype=np.float32).reshape(-1, 3)
+        cols += [colours[:, c] / np.float32(srgb) for c in range(3)]
+    return np.ascontiguousarray(np.stack(cols, axis=1))
+
+
+class _Kernel:
+    """One normalised Gaussian kernel F(x) = n ⊙ K(n ⊙ x) on a built lattice."""
+
+    def __init__(self, features, device):
+        self.lattice = PermutohedralLattice(features, device)
+        xp = getattr(self.lattice._impl, "xp", np)  # the CUDA lattice's array module
+        self.norm32 = None
+        ones = xp.ones(self.lattice.N, dtype=xp.float64)
+        self.norm64 = 1.0 / xp.sqrt(self.lattice.filter(ones) + 1e-20)
+
+    def norm(self, dtype):
+        if dtype == np.float64:
+            return self.norm64
+        if self.norm32 is None:  # densecrf's float32 normalisation
+            xp = array_module(self.norm64)
+            n = self.lattice.filter(xp.ones(self.lattice.N, dtype=xp.float32))
+            self.norm32 = (1.0 / xp.sqrt(n + 1e-20)).astype(xp.float32)
+        return self.norm32
+
+    def apply(self, x, reverse=False, scale=None, out=None):
+        """(scale ·) F(x) (or Fᵀ with reverse), added to ``out`` when given."""
+        n = self.norm(x.dtype)
+        post = n if scale is None else n * x.dtype.type(scale)
+        return self.lattice._impl.filter(x, reverse, n, post, out)
+
+
+class _MeanField(Function):
+    """Mean field over a batch; one (kernels) list per image, one weight per kernel."""
+
+    @staticmethod
+    def forward(ctx, logits, *weights, kernels, iterations, cuda):
+        xp = array_module(logits)
+        B, C, H, W = logits.shape
+        out = xp.empty_like(logits)
+        mats = [_as_matrix(w, C) for w in weights]
+        ctx.saved = []
+        for b in range(B):
+            U = xp.ascontiguousarray(logits[b].reshape(C, H * W).T)  # (N, C)
+            Q = softmax_rows(U, xp.empty_like(U), cuda)
+            history = [Q]
+            for t in range(iterations):
+                A = U.copy()
+                for kernel, w, m in zip(kernels[b], weights, mats):
+                    if m is None:  # Potts: the weight rides along with the output scaling
+                        kernel.apply(Q, scale=float(w), out=A)
+                    else:
+                        A += kernel.apply(Q) @ m
+                if t + 1 < iterations:
+                    Q = softmax_rows(A, xp.empty_like(A), cuda)
+                    history.append(Q)
+            out[b] = A.T.reshape(C, H, W)
+            ctx.saved.append(history)
+        ctx.kernels, ctx.weights, ctx.mats, ctx.cuda = kernels, weights, mats, cuda
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = array_module(grad)
+        B, C, H, W = grad.shape
+        dU = xp.empty_like(grad)
+        dW = [xp.zeros_like(w) for w in ctx.weights]
+        for b in range(B):
+            g = xp.ascontiguousarray(grad[b].reshape(C, H * W).T)
+            acc = xp.zeros_like(g)
+            for Q in reversed(ctx.saved[b]):
+                acc += g
+                dQ = xp.zeros_like(g)
+                for k, (kernel, w, m) in enumerate(zip(ctx.kernels[b], ctx.weights, ctx.mats)):
+                    G = kernel.apply(g, reverse=True)
+                    if m is None:
+                        dW[k] += (Q * G).sum()
+                        dQ += w * G
+                    else:
+                        dW[k] += Q.T @ G
+                        dQ += G @ m.T
+                g = Q * (dQ - (dQ * Q).sum(axis=1, keepdims=True))
+            acc += g
+            dU[b] = acc.T.reshape(C, H, W)
+        return (dU, *dW)
+
+
+def _as_matrix(w, C):
+    """None for a scalar (Potts) weight, else the (C, C) compatibility matrix."""
+    if w.ndim == 0:
+        return None
+    if w.shape != (C, C):
+        raise ValueError(f"a compatibility matrix must be ({C}, {C}) for {C} labels, got "
+                         f"{w.shape}")
+    return w
+
+
+class CRFLayer(Module):
+    """Mean-field inference of the dense CRF as a layer: logits (B, C, H, W) and the images
+    (B, H, W, 3) RGB in 0..255 → refined logits (B, C, H, W), differentiable in the logits and
+    in the label compatibilities.
+
+    Kernels as DeepLab v2's CRF (``dense_crf``'s defaults: spatial width ``pos_xy_std``,
+    bilateral widths ``bi_xy_std`` / ``bi_rgb_std``), symmetric normalisation.  ``compat``:
+    ``"potts"`` learns the two weights ``pos_w`` and ``bi_w`` (initialised to the given
+    values); ``"matrix"`` learns a full C×C compatibility per kernel (initialised to
+    ``weight · I``, which is Potts; give ``num_classes``).  Widths are fixed.  Softmax of the
+    output equals ``dense_crf(image, softmax(logits), iterations, ...)`` for Potts weights.
+    """
+
+    def __init__(self, iterations=5, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=67.0,
+                 bi_rgb_std=3.0, compat="potts", num_classes=None, device=None):
+        super().__init__()
+        if int(iterations) != iterations or iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, got {iterations}")
+        for name, v in (("pos_xy_std", pos_xy_std), ("bi_xy_std", bi_xy_std),
+                        ("bi_rgb_std", bi_rgb_std)):
+            if not v > 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if compat == "potts":
+            self.pos_w = Parameter(np.array(pos_w, dtype=np.float32))
+            self.bi_w = Parameter(np.array(bi_w, dtype=np.float32))
+        elif compat == "matrix":
+            if num_classes is None or int(num_classes) < 1:
+                raise ValueError("compat='matrix' needs num_classes (the number of labels)")
+            eye = np.eye(int(num_classes), dtype=np.float32)
+            self.pos_w = Parameter(pos_w * eye)
+            self.bi_w = Parameter(bi_w * eye)
+        else:
+            raise ValueError(f"compat must be 'potts' or 'matrix', got {compat!r}")
+        self.iterations, self.compat = int(iterations), compat
+        self.pos_xy_std, self.bi_xy_std, self.bi_rgb_std = pos_xy_std, bi_xy_std, bi_rgb_std
+        self.device = device
+        self._spatial = {}  # the spatial lattice depends only on the image size: built once
+
+    def kernels(self, image, device):
+        """[spatial, bilateral] normalised kernels for one (H, W, 3) image."""
+        H, W = image.shape[:2]
+        key = (H, W, device)
+        if key not in self._spatial:
+            self._spatial = {key: _Kernel(_scaled_features(image, self.pos_xy_std), device)}
+        bilateral = _Kernel(_scaled_features(image, self.bi_xy_std, self.bi_rgb_std), device)
+        return [self._spatial[key], bilateral]
+
+    def forward(self, logits, images):
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+        if logits.ndim != 4:
+            raise ValueError(f"logits must be (B, C, H, W), got shape {logits.shape}")
+        B, C, H, W = logits.shape
+        images = to_device(images.data if isinstance(images, Tensor) else images, "cpu")
+        if images.shape != (B, H, W, 3):
+            raise ValueError(f"images must be (B, H, W, 3) = ({B}, {H}, {W}, 3) to match the "
+                             f"logits, got shape {images.shape}")
+        if images.dtype != np.uint8 and not (np.isfinite(images).all() and images.min() >= 0
+                                             and images.max() <= 255):
+            raise ValueError("images must be RGB values in 0..255")
+        if self.compat == "matrix" and self.pos_w.shape[0] != C:
+            raise ValueError(f"the layer's compatibility matrices are for "
+                             f"{self.pos_w.shape[0]} labels, the logits have {C}")
+        device = resolve_device(self.device, logits.data)
+        kernels = [self.kernels(images[b], device) for b in range(B)]
+        return _MeanField.apply(logits, self.pos_w, self.bi_w, kernels=kernels,
+                                iterations=self.iterations, cuda=device == "cuda")
+
+    def extra_repr(self):
+        return (f"iterations={self.iterations}, compat={self.compat!r}, "
+                f"pos_xy_std={self.pos_xy_std}, bi_xy_std={self.bi_xy_std}, "
+                f"bi_rgb_std={self.bi_rgb_std}")

@@ -46,7 +46,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0, max_elements=4
                 "float64 inputs"
             )
     for i in checked:  # finite differences perturb the data in place through a flat view
-        inputs[i].data = array_module(inputs[i].data).ascontiguousarray(inputs[i].data)
+        if not inputs[i].data.flags.c_contiguous:  # (ascontiguousarray would make 0-d 1-d)
+            inputs[i].data = array_module(inputs[i].data).ascontiguousarray(inputs[i].data)
     rng = np.random.default_rng(seed)
 
     out = fn(*inputs)

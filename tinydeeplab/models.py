@@ -19,6 +19,7 @@ import numpy as np
 from . import functional as F
 from . import nn
 from .autograd import Tensor
+from .backend import to_device
 from .ops import maximum
 
 # name -> (block, blocks per stage, stage widths, stem width)
@@ -157,11 +158,17 @@ class LargeFOV(nn.Module):
 
 
 class DeepLabV2(nn.Module):
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone, self.head = backbone, head
+    """backbone → head → logits at 1/output_stride.  With a ``crf`` head (``crf.CRFLayer``),
+    the logits are upsampled bilinearly to the input size and refined by mean-field inference
+    on the image — end to end, not post-processing."""
 
-    def forward(self, x):
+    def __init__(self, backbone, head, crf=None):
+        super().__init__()
+        self.backbone, self.head, self.crf = backbone, head, crf
+
+    def forward(self, x, image=None):
+        """x: (N, 3, H, W) mean-subtracted images.  ``image`` (N, H, W, 3) RGB 0..255 is only
+        used by the CRF head; without it the CRF recovers it from x (adding the mean back)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a Tensor, got {type(x).__name__}")
         if x.ndim != 4 or x.shape[1] != 3:
@@ -170,12 +177,23 @@ class DeepLabV2(nn.Module):
             raise ValueError(f"input {x.shape[2]}×{x.shape[3]} is smaller than the "
                              f"{self.backbone.min_input}×{self.backbone.min_input} this "
                              f"network (output stride {self.backbone.output_stride}) accepts")
-        return self.head(self.backbone(x))
+        logits = self.head(self.backbone(x))
+        if self.crf is None:
+            return logits
+        if image is None:
+            from .data import MEAN_RGB
+
+            rgb = to_device(x.data, "cpu").transpose(0, 2, 3, 1) + MEAN_RGB
+            image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        return self.crf(F.interpolate(logits, x.shape[2:]), image)
 
 
 def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
-               aspp_rates=(6, 12, 18, 24), head="aspp", seed=0, stem_ceil_mode=False):
-    """DeepLab v2 (``head="aspp"``) or v1-style LargeFOV (``head="largefov"``)."""
+               aspp_rates=(6, 12, 18, 24), head="aspp", seed=0, stem_ceil_mode=False,
+               crf_layer=None):
+    """DeepLab v2 (``head="aspp"``) or v1-style LargeFOV (``head="largefov"``).
+    ``crf_layer``: None, or a dict of ``crf.CRFLayer`` arguments (e.g. {"iterations": 5}) to
+    end the network with a trainable CRF."""
     if head not in ("aspp", "largefov"):
         raise ValueError(f"head must be 'aspp' or 'largefov', got {head!r}")
     body = ResNet(backbone, output_stride, stem_ceil_mode, seed)
@@ -184,7 +202,12 @@ def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
     else:
         top = LargeFOV(body.out_channels, num_classes, min(1024, 4 * body.out_channels),
                        seed=seed)
-    return DeepLabV2(body, top)
+    layer = None
+    if crf_layer is not None:
+        from .crf import CRFLayer
+
+        layer = CRFLayer(**{"num_classes": num_classes, **crf_layer})
+    return DeepLabV2(body, top, layer)
 
 
 class MSC(nn.Module):

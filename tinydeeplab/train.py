@@ -51,6 +51,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     device: str = "cpu"
     resume: bool = False  # continue from out_dir/checkpoint.npz (else refuse to overwrite it)
+    init: str = None  # start from this checkpoint's weights (fine-tuning), e.g. a finished run
+    crf_layer: int = 0  # > 0: end the network with a trainable CRF of this many iterations
+    crf_lr_mult: float = 1.0  # the CRF layer's compatibility weights (no weight decay)
 
 
 def learning_rate(cfg, iteration):
@@ -68,9 +71,13 @@ def param_groups(model, cfg):
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     head_w = [p for n, p in model.head.named_parameters() if n.endswith("weight")]
     head_b = [p for n, p in model.head.named_parameters() if n.endswith("bias")]
-    return [{"params": backbone},
-            {"params": head_w, "lr_mult": cfg.head_lr_mult},
-            {"params": head_b, "lr_mult": 2 * cfg.head_lr_mult, "weight_decay": 0.0}]
+    groups = [{"params": backbone},
+              {"params": head_w, "lr_mult": cfg.head_lr_mult},
+              {"params": head_b, "lr_mult": 2 * cfg.head_lr_mult, "weight_decay": 0.0}]
+    if model.crf is not None:
+        groups.append({"params": model.crf.parameters(), "lr_mult": cfg.crf_lr_mult,
+                       "weight_decay": 0.0})
+    return groups
 
 
 def downsample_labels(labels, size):
@@ -111,7 +118,9 @@ def train(cfg, log=print, progress=True):
         raise PermissionError(f"output folder {cfg.out_dir!r} is not writable")
     dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
     model = models.deeplab_v2(dataset.num_classes, cfg.backbone, cfg.output_stride,
-                              head=cfg.head, seed=cfg.seed)
+                              head=cfg.head, seed=cfg.seed, crf_layer=_crf_config(cfg))
+    if cfg.init and not cfg.resume:
+        _initialise(model, cfg.init, log)
     if cfg.freeze_bn:
         model.backbone.freeze_batch_norm()
     opt = SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
@@ -166,11 +175,34 @@ def train(cfg, log=print, progress=True):
     return model, history
 
 
+def _crf_config(cfg):
+    if int(cfg.crf_layer) != cfg.crf_layer or cfg.crf_layer < 0:
+        raise ValueError(f"crf_layer must be a non-negative number of iterations, got "
+                         f"{cfg.crf_layer!r}")
+    return {"iterations": int(cfg.crf_layer)} if cfg.crf_layer else None
+
+
+def _initialise(model, path, log):
+    """Weights from another run's checkpoint; a CRF layer it lacks keeps its initial
+    weights.  Any other difference is an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"initial checkpoint {path!r} does not exist")
+    own = set(model.state_dict())
+    with np.load(path) as f:
+        theirs = {k[6:] for k in f.files if k.startswith("model/")}
+    missing = sorted(k for k in own - theirs if not k.startswith("crf."))
+    if missing or theirs - own:
+        raise ValueError(f"initial checkpoint {path!r} does not fit this model: missing "
+                         f"{missing[:5]}, unexpected {sorted(theirs - own)[:5]}")
+    models.load_checkpoint(model, path, strict=False)
+    log(f"initialised from {path}")
+
+
 def model_config(cfg, dataset):
     """What rebuilds the network from a checkpoint (stored in it as JSON)."""
     return json.dumps({"num_classes": dataset.num_classes, "backbone": cfg.backbone,
                        "output_stride": cfg.output_stride, "head": cfg.head,
-                       "class_names": dataset.class_names})
+                       "crf_layer": _crf_config(cfg), "class_names": dataset.class_names})
 
 
 def load_model(path, device="cpu"):
@@ -183,7 +215,8 @@ def load_model(path, device="cpu"):
             raise ValueError(f"{path!r} is not a tinydeeplab training checkpoint (no config)")
         config = json.loads(str(f["extra/config"]))
     model = models.deeplab_v2(config["num_classes"], config["backbone"],
-                              config["output_stride"], head=config["head"])
+                              config["output_stride"], head=config["head"],
+                              crf_layer=config.get("crf_layer"))
     models.load_checkpoint(model, path)
     return model.to(device).eval(), config
 
