@@ -15,11 +15,12 @@ tnn = torch.nn
 class TorchBasic(tnn.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride, dilation, downsample):
+    def __init__(self, inplanes, planes, stride, dilation, downsample, dilation_after=None):
         super().__init__()
+        after = dilation if dilation_after is None else dilation_after
         self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False)
         self.bn1 = tnn.BatchNorm2d(planes)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
+        self.conv2 = tnn.Conv2d(planes, planes, 3, 1, after, after, bias=False)
         self.bn2 = tnn.BatchNorm2d(planes)
         self.downsample = downsample
 
@@ -31,7 +32,7 @@ class TorchBasic(tnn.Module):
 class TorchBottleneck(tnn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride, dilation, downsample):
+    def __init__(self, inplanes, planes, stride, dilation, downsample, dilation_after=None):
         super().__init__()
         self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = tnn.BatchNorm2d(planes)
@@ -76,7 +77,7 @@ class TorchResNet(tnn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             down = tnn.Sequential(tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride,
                                              bias=False), tnn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, previous, down)]
+        layers = [block(self.inplanes, planes, stride, previous, down, self.dilation)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, self.dilation, None) for _ in range(1, n)]
         return tnn.Sequential(*layers)

@@ -33,14 +33,20 @@ CONFIGS = {
 
 
 class BasicBlock(nn.Module):
+    """Two 3×3 convolutions.  In the first block of a stage whose stride became dilation,
+    conv1 (where the stride was) keeps the previous dilation and conv2 (after it) takes the
+    new one — so the dense network computes exactly the strided one at every 2nd pixel
+    (lesson 04 checks it).  torchvision has no dilated BasicBlock to follow here."""
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride, dilation, downsample, rng):
+    def __init__(self, inplanes, planes, stride, dilation, downsample, rng,
+                 dilation_after=None):
         super().__init__()
+        after = dilation if dilation_after is None else dilation_after
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False,
                                rng=rng)
         self.bn1 = nn.BatchNorm2d(planes, relu=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False, rng=rng)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, after, after, bias=False, rng=rng)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
@@ -52,7 +58,8 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride, dilation, downsample, rng):
+    def __init__(self, inplanes, planes, stride, dilation, downsample, rng,
+                 dilation_after=None):  # its only 3×3 is the strided one: nothing after it
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False, rng=rng)
         self.bn1 = nn.BatchNorm2d(planes, relu=True)
@@ -108,7 +115,8 @@ class ResNet(nn.Module):
                 nn.Conv2d(self._inplanes, planes * block.expansion, 1, stride, bias=False,
                           rng=rng),
                 nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self._inplanes, planes, stride, previous, downsample, rng)]
+        layers = [block(self._inplanes, planes, stride, previous, downsample, rng,
+                        self._dilation)]
         self._inplanes = planes * block.expansion
         layers += [block(self._inplanes, planes, 1, self._dilation, None, rng)
                    for _ in range(1, blocks)]
@@ -165,6 +173,7 @@ class DeepLabV2(nn.Module):
     def __init__(self, backbone, head, crf=None):
         super().__init__()
         self.backbone, self.head, self.crf = backbone, head, crf
+        self.unary_loss = False  # training with a CRF: also return the logits before it
 
     def forward(self, x, image=None):
         """x: (N, 3, H, W) mean-subtracted images.  ``image`` (N, H, W, 3) RGB 0..255 is only
@@ -185,7 +194,8 @@ class DeepLabV2(nn.Module):
 
             rgb = to_device(x.data, "cpu").transpose(0, 2, 3, 1) + MEAN_RGB
             image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        return self.crf(F.interpolate(logits, x.shape[2:]), image)
+        refined = self.crf(F.interpolate(logits, x.shape[2:]), image)
+        return [logits, refined] if self.training and self.unary_loss else refined
 
 
 def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,

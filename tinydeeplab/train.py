@@ -54,6 +54,8 @@ class TrainConfig:
     init: str = None  # start from this checkpoint's weights (fine-tuning), e.g. a finished run
     crf_layer: int = 0  # > 0: end the network with a trainable CRF of this many iterations
     crf_lr_mult: float = 1.0  # the CRF layer's compatibility weights (no weight decay)
+    crf_unary_loss: bool = False  # with crf_layer: also the loss of the logits before the CRF
+    crf_compat: str = "potts"  # or "matrix": a learned C×C compatibility per kernel
 
 
 def learning_rate(cfg, iteration):
@@ -90,7 +92,14 @@ def downsample_labels(labels, size):
 
 
 def segmentation_loss(logits, labels):
-    """Cross-entropy at the logits' resolution, void (255) ignored."""
+    """Cross-entropy at the logits' resolution, void (255) ignored.  A list of logits (the
+    scales of ``models.MSC``, or a CRF model's unary and refined logits) gets the sum of their
+    losses, each at its own resolution."""
+    if isinstance(logits, (list, tuple)):
+        total = segmentation_loss(logits[0], labels)
+        for more in logits[1:]:
+            total = total + segmentation_loss(more, labels)
+        return total
     target = downsample_labels(labels, logits.shape[2:])
     return F.cross_entropy(logits, to_device(target, logits.device))
 
@@ -121,6 +130,7 @@ def train(cfg, log=print, progress=True):
                               head=cfg.head, seed=cfg.seed, crf_layer=_crf_config(cfg))
     if cfg.init and not cfg.resume:
         _initialise(model, cfg.init, log)
+    model.unary_loss = bool(cfg.crf_unary_loss)
     if cfg.freeze_bn:
         model.backbone.freeze_batch_norm()
     opt = SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
@@ -179,7 +189,9 @@ def _crf_config(cfg):
     if int(cfg.crf_layer) != cfg.crf_layer or cfg.crf_layer < 0:
         raise ValueError(f"crf_layer must be a non-negative number of iterations, got "
                          f"{cfg.crf_layer!r}")
-    return {"iterations": int(cfg.crf_layer)} if cfg.crf_layer else None
+    if not cfg.crf_layer:
+        return None
+    return {"iterations": int(cfg.crf_layer), "compat": cfg.crf_compat}
 
 
 def _initialise(model, path, log):

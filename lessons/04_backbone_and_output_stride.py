@@ -1,0 +1,109 @@
+"""Lesson 4 — The backbone and its output stride: from 1/32 to 1/8 resolution with holes.
+
+You will learn:
+  * how a ResNet shrinks a 321×321 image stage by stage down to 1/32 (11×11 features);
+  * how DeepLab v2 removes the stride of the last one or two stages and dilates every later
+    convolution by the stride it removed (output stride 16 or 8), with the *same* weights;
+  * why that is exact: the output-stride-8 map, read every 4th pixel, *is* the
+    output-stride-32 map (the "algorithme à trous") — the extra positions are new, denser
+    responses, not interpolation;
+  * what it costs: compute and memory grow with the number of output positions.
+
+Run:  python lessons/04_backbone_and_output_stride.py   (TDL_FAST=1 for a smaller, quicker run)
+"""
+# %% Setup
+import os
+import time
+
+import numpy as np
+
+from tinydeeplab import Tensor, models, nn, no_grad
+
+FAST = os.environ.get("TDL_FAST") == "1"
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+os.makedirs(OUT, exist_ok=True)
+rng = np.random.default_rng(0)
+BACKBONE, SIZE = ("tiny", 129) if FAST else ("resnet50", 321)
+
+# %% 1. Stage by stage
+# conv1 (stride 2) and the max-pool (stride 2) take 1/4; layer2, layer3 and layer4 each halve
+# again: 1/8, 1/16, 1/32.  Output stride 16 gives layer4's stride away (dilation 2 from there
+# on); output stride 8 also layer3's (dilation 2 in layer3, 4 in layer4).
+x = Tensor(rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32))
+nets = {os_: models.ResNet(BACKBONE, output_stride=os_, seed=0).eval() for os_ in (32, 16, 8)}
+sizes = {}
+with no_grad():
+    for os_, net in nets.items():
+        h = net.maxpool(net.bn1(net.conv1(x)))
+        sizes[os_] = [("stem", h.shape[2])]
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            h = getattr(net, name)(h)
+            dil = getattr(net, name)[0].conv1.dilation if hasattr(
+                getattr(net, name)[0].conv1, "dilation") else "?"
+            sizes[os_].append((f"{name} (dilation in {dil})", h.shape[2]))
+for os_, rows in sizes.items():
+    print(f"output stride {os_:2d}: " + ", ".join(f"{n} {s}×{s}" for n, s in rows))
+
+# %% 2. Same weights, three networks
+# No parameter changes shape: a stride is not a parameter, neither is a dilation.  So the weights
+# of the 1/32 network load into the 1/8 one as they are (this is how DeepLab starts from an
+# ImageNet ResNet).
+state = nets[32].state_dict()
+for os_ in (16, 8):
+    nets[os_].load_state_dict(state)
+with no_grad():
+    feats = {os_: net(x).numpy() for os_, net in nets.items()}
+for os_, f in feats.items():
+    print(f"output stride {os_:2d}: features {f.shape}")
+
+# %% 3. The algorithme à trous: every 4th pixel of the 1/8 map is the 1/32 map
+# A stride-2 convolution computes every other position of the stride-1 one.  Keep all positions
+# instead, and a following kernel must skip every other position to read the same pixels:
+# dilation 2.  Positions 0, 4, 8, ... of the output-stride-8 features are therefore exactly the
+# output-stride-32 features; the rest are responses the 1/32 network never computed.
+n32 = feats[32].shape[2]
+sub8 = feats[8][:, :, ::4, ::4][:, :, :n32, :n32]
+sub16 = feats[16][:, :, ::2, ::2][:, :, :n32, :n32]
+err8 = np.abs(sub8 - feats[32]).max() / np.abs(feats[32]).max()
+err16 = np.abs(sub16 - feats[32]).max() / np.abs(feats[32]).max()
+print(f"relative max difference: OS 8 every 4th pixel vs OS 32 {err8:.1e}, "
+      f"OS 16 every 2nd vs OS 32 {err16:.1e}")
+
+# %% 4. The cost
+# Layers after a removed stride run on 4× (then 16×) more positions.  Time one forward pass of
+# each and count output positions.
+times = {}
+with no_grad():
+    for os_, net in nets.items():
+        net(x)  # warm up
+        t0 = time.perf_counter()
+        net(x)
+        times[os_] = time.perf_counter() - t0
+for os_ in (32, 16, 8):
+    print(f"output stride {os_:2d}: {feats[os_].shape[2] ** 2:5d} output positions, forward "
+          f"{times[os_] * 1e3:7.1f} ms ({times[os_] / times[32]:.1f}× the OS-32 time)")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+channel = int(np.argmax(feats[8][0].std(axis=(1, 2))))
+fig, ax = plt.subplots(1, 4, figsize=(13, 3.2))
+for a, os_ in zip(ax, (32, 16, 8)):
+    a.imshow(feats[os_][0, channel], cmap="magma")
+    a.set_title(f"output stride {os_}: {feats[os_].shape[2]}×{feats[os_].shape[3]}", fontsize=9)
+    a.axis("off")
+ax[3].bar([str(o) for o in (32, 16, 8)], [times[o] * 1e3 for o in (32, 16, 8)])
+ax[3].set_xlabel("output stride")
+ax[3].set_ylabel("forward ms")
+ax[3].set_title(f"{BACKBONE}, {SIZE}×{SIZE} input", fontsize=9)
+fig.savefig(os.path.join(OUT, "04_output_stride.png"), dpi=90, bbox_inches="tight")
+plt.close(fig)
+
+# %% Check
+assert [s for _, s in sizes[32]][-1] == -(-SIZE // 32)  # ⌈321 / 32⌉ = 11
+assert feats[8].shape[2] == -(-SIZE // 8) and feats[16].shape[2] == -(-SIZE // 16)
+assert err8 < 1e-4 and err16 < 1e-4, "the dense map must contain the sparse one"
+assert isinstance(nets[8].layer4[0].conv1, nn.Conv2d)
+print("Check passed.")
