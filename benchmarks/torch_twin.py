@@ -77,7 +77,7 @@ class TorchResNet(tnn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             down = tnn.Sequential(tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride,
                                              bias=False), tnn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, previous, down, self.dilation)]
+        layers = [block(self.inplanes, planes, stride, previous, down)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, self.dilation, None) for _ in range(1, n)]
         return tnn.Sequential(*layers)

@@ -23,7 +23,7 @@ FAST = os.environ.get("TDL_FAST") == "1"
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(OUT, exist_ok=True)
 rng = np.random.default_rng(0)
-BACKBONE, SIZE = ("tiny", 129) if FAST else ("resnet50", 321)
+BACKBONE, SIZE = "resnet50", (129 if FAST else 321)
 
 # %% 1. Stage by stage
 # conv1 (stride 2) and the max-pool (stride 2) take 1/4; layer2, layer3 and layer4 each halve
@@ -61,6 +61,10 @@ for os_, f in feats.items():
 # instead, and a following kernel must skip every other position to read the same pixels:
 # dilation 2.  Positions 0, 4, 8, ... of the output-stride-8 features are therefore exactly the
 # output-stride-32 features; the rest are responses the 1/32 network never computed.
+# (Exact for ResNet-50/101, whose only 3×3 convolution in a block carries the stride.  In a
+# BasicBlock — ResNet-18/34 and our "tiny" — the second 3×3 also follows the removed stride;
+# like mmsegmentation we keep the previous dilation there, which is close to but not exactly the
+# strided network: see models.BasicBlock for the measured trade-off.)
 n32 = feats[32].shape[2]
 sub8 = feats[8][:, :, ::4, ::4][:, :, :n32, :n32]
 sub16 = feats[16][:, :, ::2, ::2][:, :, :n32, :n32]

@@ -1,0 +1,164 @@
+"""Lesson 8 — The fully connected CRF: mean field, iteration by iteration, on a real photograph.
+
+You will learn:
+  * what DeepLab v2's last stage does: mean-field inference in a CRF where every pixel is
+    connected to every other through a spatial and a bilateral (position + colour) Gaussian
+    kernel (Krähenbühl & Koltun 2011), each iteration one lattice filter per kernel (lesson 7);
+  * how small wrong regions in a coarse, blurry prediction smooth away over iterations 0…10
+    while the boundaries snap to the image edges;
+  * what each parameter does (weights and widths of both kernels);
+  * why a post-processing CRF makes the pipeline not end-to-end — and what training through
+    it (``crf.CRFLayer``, the CRF as a layer) changes.
+
+Run:  python lessons/08_fully_connected_crf.py   (TDL_FAST=1 for a smaller, quicker run)
+"""
+# %% Setup
+import json
+import os
+import pathlib
+
+import numpy as np
+
+import tinydeeplab.functional as F
+from tinydeeplab import Tensor, crf, data, gradcheck
+
+FAST = os.environ.get("TDL_FAST") == "1"
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+os.makedirs(OUT, exist_ok=True)
+rng = np.random.default_rng(0)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+VOC_MINI = ROOT.parent / "shared" / "data" / "voc_mini"
+
+# %% 1. A photograph and a coarse, noisy prediction of it
+# The aeroplane photograph of VOC (2007_000032) when the reference data is present; otherwise a
+# synthetic scene.  The "network" is simulated the way DeepLab's output looks: the truth seen at
+# 1/8 resolution (soft class coverage of each 8×8 cell), with a few small wrong regions and
+# noise added, upsampled bilinearly — blurry boundaries and spurious blobs.
+if (VOC_MINI / "JPEGImages" / "2007_000032.jpg").exists():
+    image = data.read_image(str(VOC_MINI / "JPEGImages" / "2007_000032.jpg"))
+    label = data.read_mask(str(VOC_MINI / "SegmentationClass" / "2007_000032.png"))
+    source = "VOC 2007_000032 (aeroplanes)"
+else:
+    image, label = data.synthetic_sample(200, np.random.default_rng(8))
+    source = f"a synthetic scene ({VOC_MINI} is not on this machine)"
+if FAST:
+    image, label = image[::2, ::2].copy(), label[::2, ::2].copy()
+H, W = label.shape
+classes = [c for c in np.unique(label) if c != 255]
+C = max(classes) + 1
+print(f"photograph: {source}, {W}×{H}, classes present {classes}")
+
+
+def coarse_prediction(label, seed):
+    g = np.random.default_rng(seed)
+    h, w = -(-H // 8), -(-W // 8)
+    padded = np.full((h * 8, w * 8), 255, np.uint8)
+    padded[:H, :W] = label
+    cells = padded.reshape(h, 8, w, 8).transpose(0, 2, 1, 3).reshape(h, w, 64)
+    cover = np.stack([(cells == c).mean(-1) for c in range(C)])  # (C, h, w)
+    known = cover.sum(0, keepdims=True)
+    cover = np.where(known > 0, cover / np.maximum(known, 1e-9), 1.0 / C)
+    logits = 6.0 * cover + g.normal(0, 0.8, cover.shape)
+    for _ in range(6):  # small wrong regions: a wrong class wins in a 1-2 cell blob
+        i, j, c = g.integers(0, h), g.integers(0, w), g.choice(classes)
+        logits[c, i:i + g.integers(1, 3), j:j + g.integers(1, 3)] += 8.0
+    up = F.interpolate(Tensor(logits[None].astype(np.float32)), (H, W)).numpy()[0]
+    return F.softmax(Tensor(up[None]), axis=1).numpy()[0]
+
+
+probs = coarse_prediction(label, seed=1)
+valid = label != 255
+
+
+def accuracy(q):
+    return float((q.argmax(0)[valid] == label[valid]).mean())
+
+
+# %% 2. Mean field, iteration by iteration (DeepLab v2's parameters)
+# Q⁰ = softmax(unary); each iteration: filter Q with both kernels (normalised), add
+# w_pos · k_pos Q + w_bi · k_bi Q to the log-potential of each label (Potts), normalise.
+iterations = list(range(11))
+steps = {t: crf.dense_crf(image, probs, iterations=t) if t else probs for t in iterations}
+acc = {t: accuracy(q) for t, q in steps.items()}
+print("pixel accuracy by iteration:", {t: round(a, 4) for t, a in acc.items()})
+
+# %% 3. What each parameter does
+# bi_w: how strongly pixels of similar colour and position agree; bi_xy_std: how far apart
+# (pixels) they may be; bi_rgb_std: how similar their colours must be; pos_w / pos_xy_std: a
+# colour-blind local smoothness that cleans isolated pixels.
+base = dict(iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3)
+variations = {"DeepLab defaults": {}, "bi_w 1": {"bi_w": 1}, "bi_w 10": {"bi_w": 10},
+              "bi_xy_std 10": {"bi_xy_std": 10}, "bi_xy_std 150": {"bi_xy_std": 150},
+              "bi_rgb_std 1": {"bi_rgb_std": 1}, "bi_rgb_std 13": {"bi_rgb_std": 13},
+              "no bilateral": {"bi_w": 0.0}, "pos_w 10": {"pos_w": 10}}
+effects = {}
+for name, change in variations.items():
+    effects[name] = accuracy(crf.dense_crf(image, probs, **{**base, **change}))
+    print(f"  {name:>16s}: pixel accuracy {effects[name]:.4f}")
+
+# %% 4. Not end-to-end — and the CRF as a layer
+# DeepLab v2 trains the network alone, then runs the CRF after it with weights found by grid
+# search: the network never learns what the CRF will fix.  Unrolling the mean-field iterations
+# as layers makes the CRF differentiable (Zheng et al. 2015, "CRF as RNN"): its backward is the
+# *reversed* lattice filter (the transpose of splat-blur-slice), so gradients reach the network
+# and the Potts weights.  crf.CRFLayer is that layer; its forward equals dense_crf:
+logits = np.log(np.clip(probs, 1e-6, 1))[None]
+layer = crf.CRFLayer(iterations=5)
+out = layer(Tensor(logits.astype(np.float32)), image[None]).numpy()[0]
+same = np.abs(F.softmax(Tensor(out[None]), axis=1).numpy()[0]
+              - crf.dense_crf(image, probs, iterations=5)).max()
+print(f"CRFLayer forward vs dense_crf: max |ΔQ| {same:.1e}")
+# and its gradient is right (finite differences on a small float64 crop, logits and weights)
+small = image[:9, :11].copy()
+x = Tensor(rng.standard_normal((1, 3, 9, 11)), requires_grad=True)
+pos_w, bi_w = Tensor(np.array(3.0), requires_grad=True), Tensor(np.array(4.0), requires_grad=True)
+probe = crf.CRFLayer(iterations=3, bi_xy_std=5, bi_rgb_std=20)
+
+
+def through_layer(x, pos_w, bi_w):
+    probe.pos_w, probe.bi_w = pos_w, bi_w
+    return probe(x, small[None])
+
+
+grad_ok = gradcheck(through_layer, [x, pos_w, bi_w])
+print("gradcheck through the layer:", grad_ok)
+# Training with it (benchmarks/crf_layer.py runs the full comparison; the figures are in
+# benchmarks/RESULTS.md):
+results = ROOT / "benchmarks" / "crf_layer_results.json"
+if results.exists():
+    r = json.loads(results.read_text())
+    print(f"fine-tuning {r['iterations']} iterations on the synthetic set: plain + post-hoc CRF "
+          f"val mIoU {r['posthoc']:.3f}; with the CRF layer {r['layer']:.3f} "
+          f"({r['seconds_per_step_layer']:.2f} s/step vs {r['seconds_per_step_plain']:.2f})")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+cmap = data.voc_colormap()
+shown = [0, 1, 2, 5, 10]
+fig, ax = plt.subplots(2, 4, figsize=(14, 6.2))
+ax[0, 0].imshow(image)
+ax[0, 0].set_title(source, fontsize=8)
+ax[0, 1].imshow(cmap[label])
+ax[0, 1].set_title("ground truth", fontsize=9)
+for a, t in zip(list(ax[0, 2:]) + list(ax[1, :3]), shown):
+    a.imshow(cmap[steps[t].argmax(0)])
+    a.set_title(f"iteration {t}: accuracy {acc[t]:.3f}" if t else
+                f"unary (coarse + blobs): {acc[0]:.3f}", fontsize=9)
+for a in ax.ravel()[:7]:
+    a.axis("off")
+names = list(effects)
+ax[1, 3].barh(names, [effects[n] for n in names])
+ax[1, 3].set_xlim(min(effects.values()) - 0.01, max(effects.values()) + 0.005)
+ax[1, 3].tick_params(labelsize=7)
+ax[1, 3].set_title("pixel accuracy after 10 iterations", fontsize=9)
+fig.savefig(os.path.join(OUT, "08_crf_iterations.png"), dpi=90, bbox_inches="tight")
+plt.close(fig)
+
+# %% Check
+assert acc[10] > acc[0] + 0.01, "mean field must clean up the coarse prediction"
+assert effects["DeepLab defaults"] > effects["no bilateral"], "the bilateral kernel matters"
+assert same < 1e-5 and grad_ok
+print("Check passed.")
