@@ -117,10 +117,14 @@ def test_train_with_crf_layer_from_the_command_line(tmp_path):
     ft = tmp_path / "ft"
     main(["train", "--data", root, "--out", str(ft), "--crop", "49", "--iterations", "3",
           "--batch-size", "2", "--workers", "1", "--init", str(base / "checkpoint.npz"),
-          "--crf-layer", "2", "--crf-lr-mult", "10"])
+          "--crf-layer", "2", "--crf-lr-mult", "10", "--crf-compat", "matrix",
+          "--crf-unary-loss", "--crf-scale", "--crf-test-iterations", "3"])
     model, config = load_model(str(ft / "checkpoint.npz"))
-    assert config["crf_layer"] == {"iterations": 2} and model.crf is not None
-    assert float(model.crf.pos_w.data) != 3.0  # the weights were trained
+    assert config["crf_layer"] == {"iterations": 2, "test_iterations": 3, "compat": "matrix",
+                                   "learn_scale": True}
+    assert model.crf is not None and model.crf.pos_w.shape == (5, 5)
+    assert not np.allclose(model.crf.pos_w.data, 3 * np.eye(5))  # the weights were trained
+    assert float(model.crf.scale.data) != 1.0
     lines = open(ft / "log.jsonl").read().splitlines()
     assert len(lines) == 3 and np.isfinite(json.loads(lines[-1])["loss"])
     main(["eval", "--data", root, "--checkpoint", str(ft / "checkpoint.npz"), "--json",

@@ -27,7 +27,9 @@ def _train(args):
         step_size=args.step_size, freeze_bn=args.freeze_bn, seed=args.seed,
         workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device,
         resume=args.resume, init=args.init, crf_layer=args.crf_layer,
-        crf_lr_mult=args.crf_lr_mult)
+        crf_lr_mult=args.crf_lr_mult, crf_compat=args.crf_compat,
+        crf_unary_loss=args.crf_unary_loss, crf_scale=args.crf_scale,
+        crf_test_iterations=args.crf_test_iterations)
     _, history = train(cfg)
     if history:
         plot_curves(_read_log(os.path.join(args.out, "log.jsonl")),
@@ -199,6 +201,14 @@ def build_parser():
                         "(DeepLab's kernels; Potts weights learned), trained end to end")
     p.add_argument("--crf-lr-mult", type=float, default=1.0,
                    help="learning-rate multiplier of the CRF layer's weights")
+    p.add_argument("--crf-compat", default="potts", choices=["potts", "matrix"],
+                   help="the CRF layer learns two Potts weights, or a C×C matrix per kernel")
+    p.add_argument("--crf-unary-loss", action="store_true",
+                   help="also train the logits before the CRF layer (loss at 1/8)")
+    p.add_argument("--crf-scale", action="store_true",
+                   help="learn a temperature of the CRF layer's output")
+    p.add_argument("--crf-test-iterations", type=int, metavar="T",
+                   help="the CRF layer's iterations at test time (default: --crf-layer)")
     p.add_argument("--workers", type=int, default=2, help="data loading threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

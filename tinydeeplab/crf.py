@@ -356,7 +356,7 @@ def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_
 #     ∂L/∂W_k += Q_{t−1}ᵀ G_k       (for Potts: Σ Q_{t−1} ⊙ G_k, the trace of that)
 #     ∂L/∂Q    = Σ_k G_k W_kᵀ
 #     g        = Q_{t−1} ⊙ (∂L/∂Q − Σ_c ∂L/∂Q ⊙ Q_{t−1})    (softmax backward: ∂L/∂A_{t−1})
-# and finally ∂L/∂U += g (through Q_0).  ⟨g, F(Q) W⟩ = ⟨F ᵀ(g), Q W⟩ is why no message has to
+# and finally ∂L/∂U += g (through Q_0).  ⟨g, F(Q) W⟩ = ⟨Fᵀ(g), Q W⟩ is why no message has to
 # be stored: the backward keeps only Q_0..Q_{T−1} and filters once per kernel per iteration,
 # like the forward.  D_k depends on the image and the kernel widths alone, not on U or W, so
 # it is a constant diagonal scaling here and F_k stays linear; the widths are fixed (moving
@@ -377,19 +377,17 @@ class _Kernel:
 
     def __init__(self, features, device):
         self.lattice = PermutohedralLattice(features, device)
-        xp = getattr(self.lattice._impl, "xp", np)  # the CUDA lattice's array module
-        self.norm32 = None
-        ones = xp.ones(self.lattice.N, dtype=xp.float64)
-        self.norm64 = 1.0 / xp.sqrt(self.lattice.filter(ones) + 1e-20)
+        self.xp = getattr(self.lattice._impl, "xp", np)  # the CUDA lattice's array module
+        self._norms = {}
 
     def norm(self, dtype):
-        if dtype == np.float64:
-            return self.norm64
-        if self.norm32 is None:  # densecrf's float32 normalisation
-            xp = array_module(self.norm64)
-            n = self.lattice.filter(xp.ones(self.lattice.N, dtype=xp.float32))
-            self.norm32 = (1.0 / xp.sqrt(n + 1e-20)).astype(xp.float32)
-        return self.norm32
+        """n = 1/√(K·1), computed in ``dtype`` (float32: as densecrf), once per dtype."""
+        key = np.dtype(dtype).name
+        if key not in self._norms:
+            ones = self.xp.ones(self.lattice.N, dtype=dtype)
+            self._norms[key] = (1.0 / self.xp.sqrt(self.lattice.filter(ones) + 1e-20)
+                                ).astype(dtype)
+        return self._norms[key]
 
     def apply(self, x, reverse=False, scale=None, out=None):
         """(scale ·) F(x) (or Fᵀ with reverse), added to ``out`` when given."""
@@ -472,15 +470,22 @@ class CRFLayer(Module):
     bilateral widths ``bi_xy_std`` / ``bi_rgb_std``), symmetric normalisation.  ``compat``:
     ``"potts"`` learns the two weights ``pos_w`` and ``bi_w`` (initialised to the given
     values); ``"matrix"`` learns a full C×C compatibility per kernel (initialised to
-    ``weight · I``, which is Potts; give ``num_classes``).  Widths are fixed.  Softmax of the
+    ``weight · I``, which is Potts; give ``num_classes``).  Widths are fixed.  ``learn_scale``
+    multiplies the output logits by a learned scalar (1 at first): the loss can then calibrate
+    the confidence without shrinking the pairwise weights; the labelling does not change.
+    ``test_iterations``: mean-field iterations in eval mode (default: ``iterations``) — as
+    Zheng et al. (2015), train unrolled for 5 and run 10 at test time.  Softmax of the
     output equals ``dense_crf(image, softmax(logits), iterations, ...)`` for Potts weights.
     """
 
     def __init__(self, iterations=5, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=67.0,
-                 bi_rgb_std=3.0, compat="potts", num_classes=None, device=None):
+                 bi_rgb_std=3.0, compat="potts", num_classes=None, learn_scale=False,
+                 test_iterations=None, device=None):
         super().__init__()
-        if int(iterations) != iterations or iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {iterations}")
+        test_iterations = iterations if test_iterations is None else test_iterations
+        for name, v in (("iterations", iterations), ("test_iterations", test_iterations)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
         for name, v in (("pos_xy_std", pos_xy_std), ("bi_xy_std", bi_xy_std),
                         ("bi_rgb_std", bi_rgb_std)):
             if not v > 0:
@@ -496,8 +501,12 @@ class CRFLayer(Module):
             self.bi_w = Parameter(bi_w * eye)
         else:
             raise ValueError(f"compat must be 'potts' or 'matrix', got {compat!r}")
-        self.iterations, self.compat = int(iterations), compat
+        self.iterations, self.test_iterations = int(iterations), int(test_iterations)
+        self.compat = compat
         self.pos_xy_std, self.bi_xy_std, self.bi_rgb_std = pos_xy_std, bi_xy_std, bi_rgb_std
+        self.learn_scale = bool(learn_scale)
+        if self.learn_scale:  # a temperature on the output: calibration without weakening
+            self.scale = Parameter(np.array(1.0, dtype=np.float32))  # the CRF (argmax as is)
         self.device = device
         self._spatial = {}  # the spatial lattice depends only on the image size: built once
 
@@ -528,10 +537,13 @@ class CRFLayer(Module):
                              f"{self.pos_w.shape[0]} labels, the logits have {C}")
         device = resolve_device(self.device, logits.data)
         kernels = [self.kernels(images[b], device) for b in range(B)]
-        return _MeanField.apply(logits, self.pos_w, self.bi_w, kernels=kernels,
-                                iterations=self.iterations, cuda=device == "cuda")
+        iterations = self.iterations if self.training else self.test_iterations
+        out = _MeanField.apply(logits, self.pos_w, self.bi_w, kernels=kernels,
+                               iterations=iterations, cuda=device == "cuda")
+        return out * self.scale if self.learn_scale else out
 
     def extra_repr(self):
-        return (f"iterations={self.iterations}, compat={self.compat!r}, "
+        return (f"iterations={self.iterations}, test_iterations={self.test_iterations}, "
+                f"compat={self.compat!r}, "
                 f"pos_xy_std={self.pos_xy_std}, bi_xy_std={self.bi_xy_std}, "
                 f"bi_rgb_std={self.bi_rgb_std}")

@@ -56,6 +56,8 @@ class TrainConfig:
     crf_lr_mult: float = 1.0  # the CRF layer's compatibility weights (no weight decay)
     crf_unary_loss: bool = False  # with crf_layer: also the loss of the logits before the CRF
     crf_compat: str = "potts"  # or "matrix": a learned C×C compatibility per kernel
+    crf_scale: bool = False  # with crf_layer: learn a scale (temperature) of its output
+    crf_test_iterations: int = None  # the CRF layer's iterations at test time (None: crf_layer)
 
 
 def learning_rate(cfg, iteration):
@@ -191,7 +193,9 @@ def _crf_config(cfg):
                          f"{cfg.crf_layer!r}")
     if not cfg.crf_layer:
         return None
-    return {"iterations": int(cfg.crf_layer), "compat": cfg.crf_compat}
+    test = cfg.crf_layer if cfg.crf_test_iterations is None else cfg.crf_test_iterations
+    return {"iterations": int(cfg.crf_layer), "test_iterations": int(test),
+            "compat": cfg.crf_compat, "learn_scale": bool(cfg.crf_scale)}
 
 
 def _initialise(model, path, log):

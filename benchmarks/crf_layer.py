@@ -1,0 +1,121 @@
+"""The CRF as a trainable layer against post-hoc CRF, on the demo's synthetic set.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/crf_layer.py [--base CKPT]
+
+1. A base network: the demo's (tiny DeepLab v2, 4000 iterations; trained here unless --base
+   names a checkpoint of it, e.g. ~/.cache/tinydeeplab/demo/run/checkpoint.npz).
+2. Two fine-tunings from it with the same data order, learning rate and number of iterations,
+   batch norm frozen (as DeepLab fine-tunes; otherwise the running statistics of the last few
+   batches decide the scores more than anything else):
+   "plain" (the usual loss at 1/8 resolution) and "layer" (the network ends with
+   ``crf.CRFLayer``: 5 mean-field iterations, a learned 5×5 compatibility per kernel and a
+   learned output scale; loss on its refined logits plus the loss of the unary logits).
+3. Validation mIoU: plain without and with DeepLab's post-hoc CRF (10 iterations), the layer
+   model as trained (its own CRF), with 10 iterations at test (as Zheng et al. 2015) — and,
+   for information, with the post-hoc CRF on top.  Repeated for several seeds.
+Writes benchmarks/crf_layer_results.json (lesson 08 prints it) and prints a table.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fine_tune(root, base, out_dir, iterations, lr, crf_iterations, crf_lr_mult, compat, scale,
+              seed):
+    from tinydeeplab.demo import DEFAULTS
+    from tinydeeplab.train import TrainConfig, train
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = TrainConfig(root, out_dir, crop=DEFAULTS["crop"], scale=(0.75, 1.25),
+                      batch_size=DEFAULTS["batch_size"], iterations=iterations, lr=lr,
+                      init=base, crf_layer=crf_iterations, crf_lr_mult=crf_lr_mult,
+                      crf_unary_loss=crf_iterations > 0, crf_compat=compat,
+                      crf_scale=scale, freeze_bn=True, checkpoint_every=10**6, seed=seed)
+    t0 = time.perf_counter()
+    model, _ = train(cfg, log=lambda s: None, progress=True)
+    return model, (time.perf_counter() - t0) / iterations
+
+
+def run(base=None, iterations=300, lr=0.0005, crf_iterations=5, crf_lr_mult=40.0,
+        compat="matrix", scale=True, seeds=(1, 2, 3), out=os.path.join(HERE, "out", "crf_layer")):
+    from tinydeeplab import demo
+    from tinydeeplab.data import VOCSegmentation
+    from tinydeeplab.evaluate import evaluate
+
+    os.makedirs(out, exist_ok=True)
+    root = demo._dataset(os.path.join(demo.cache_dir(), "data"), demo.DEFAULTS, 0, print)
+    if base is None:
+        print("training the base network (the demo's, 4000 iterations)")
+        summary = demo.run(out_dir=os.path.join(out, "demo"), progress=True)
+        base = os.path.join(out, "demo", "run", "checkpoint.npz")
+        print(f"base: val mIoU {summary['miou']:.4f}, with CRF {summary['miou_crf']:.4f}")
+    val = VOCSegmentation(root, "val")
+    runs = []
+    for seed in seeds:  # the seed sets the order and augmentation of the training batches
+        plain, t_plain = fine_tune(root, base, os.path.join(out, f"plain_{seed}"), iterations,
+                                   lr, 0, crf_lr_mult, compat, scale, seed)
+        layer, t_layer = fine_tune(root, base, os.path.join(out, f"layer_{seed}"), iterations,
+                                   lr, crf_iterations, crf_lr_mult, compat, scale, seed)
+        s_plain = evaluate(plain, val, crf=True, crf_params=demo.CRF_PARAMS)
+        s_layer = evaluate(layer, val, crf=True, crf_params=demo.CRF_PARAMS)
+        layer.crf.test_iterations = 10  # Zheng et al.: train unrolled for 5, test with 10
+        s_layer10 = evaluate(layer, val)
+        runs.append({
+            "seed": seed, "plain": s_plain["plain"]["miou"], "posthoc": s_plain["crf"]["miou"],
+            "layer": s_layer["plain"]["miou"], "layer_test10": s_layer10["plain"]["miou"],
+            "layer_posthoc": s_layer["crf"]["miou"],
+            "learned_pos_w": layer.crf.pos_w.data.tolist(),
+            "learned_bi_w": layer.crf.bi_w.data.tolist(),
+            "learned_scale": float(layer.crf.scale.data) if scale else None,
+            "seconds_per_step_plain": t_plain, "seconds_per_step_layer": t_layer})
+        print(f"seed {seed}: plain {runs[-1]['plain']:.4f}, + post-hoc CRF "
+              f"{runs[-1]['posthoc']:.4f}; CRF layer {runs[-1]['layer']:.4f} (10 iterations at "
+              f"test {runs[-1]['layer_test10']:.4f})")
+    keys = ("plain", "posthoc", "layer", "layer_test10", "layer_posthoc",
+            "seconds_per_step_plain", "seconds_per_step_layer")
+    result = {"iterations": iterations, "lr": lr, "crf_iterations": crf_iterations,
+              "crf_lr_mult": crf_lr_mult, "compat": compat, "learn_scale": scale,
+              "base": os.path.abspath(base), "runs": runs,
+              **{k: float(np.mean([r[k] for r in runs])) for k in keys}}
+    path = os.path.join(HERE, "crf_layer_results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"\nfine-tuning {iterations} iterations (lr {lr}, batch norm frozen), val mIoU on "
+          f"{len(val)} images, mean of seeds {list(seeds)}:")
+    print(f"  plain                                {result['plain']:.4f}")
+    print(f"  plain + post-hoc CRF (10 iterations) {result['posthoc']:.4f}")
+    print(f"  CRF layer ({crf_iterations} iterations, {compat}"
+          f"{', learned scale' if scale else ''})  {result['layer']:.4f}")
+    print(f"  CRF layer, 10 iterations at test     {result['layer_test10']:.4f}")
+    print(f"  CRF layer + post-hoc CRF             {result['layer_posthoc']:.4f}")
+    print(f"  time per step: plain {result['seconds_per_step_plain']:.3f} s, with the CRF "
+          f"layer {result['seconds_per_step_layer']:.3f} s")
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", help="checkpoint of the demo network (else it is trained here)")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--lr", type=float, default=0.0005)
+    p.add_argument("--crf-iterations", type=int, default=5)
+    p.add_argument("--crf-lr-mult", type=float, default=40.0)
+    p.add_argument("--compat", default="matrix", choices=["potts", "matrix"])
+    p.add_argument("--no-scale", dest="scale", action="store_false",
+                   help="do not learn a temperature of the layer's output")
+    p.add_argument("--seeds", default="1,2,3", help="fine-tuning seeds, comma-separated")
+    args = p.parse_args(argv)
+    run(args.base, args.iterations, args.lr, args.crf_iterations, args.crf_lr_mult, args.compat,
+        args.scale, tuple(int(s) for s in args.seeds.split(",")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
