@@ -36,7 +36,7 @@ VOC_MINI = ROOT.parent / "shared" / "data" / "voc_mini"
 # noise added, upsampled bilinearly — blurry boundaries and spurious blobs.
 if (VOC_MINI / "JPEGImages" / "2007_000032.jpg").exists():
     image = data.read_image(str(VOC_MINI / "JPEGImages" / "2007_000032.jpg"))
-    label = data.read_mask(str(VOC_MINI / "SegmentationClass" / "2007_000032.png"))
+    label = data.read_mask(str(VOC_MINI / "SegmentationClass" / "2007_000032.png"), 21)
     source = "VOC 2007_000032 (aeroplanes)"
 else:
     image, label = data.synthetic_sample(200, np.random.default_rng(8))
@@ -59,7 +59,7 @@ def coarse_prediction(label, seed):
     known = cover.sum(0, keepdims=True)
     cover = np.where(known > 0, cover / np.maximum(known, 1e-9), 1.0 / C)
     logits = 6.0 * cover + g.normal(0, 0.8, cover.shape)
-    for _ in range(6):  # small wrong regions: a wrong class wins in a 1-2 cell blob
+    for _ in range(12):  # small wrong regions: a wrong class wins in a 1-2 cell blob
         i, j, c = g.integers(0, h), g.integers(0, w), g.choice(classes)
         logits[c, i:i + g.integers(1, 3), j:j + g.integers(1, 3)] += 8.0
     up = F.interpolate(Tensor(logits[None].astype(np.float32)), (H, W)).numpy()[0]
@@ -70,8 +70,13 @@ probs = coarse_prediction(label, seed=1)
 valid = label != 255
 
 
-def accuracy(q):
-    return float((q.argmax(0)[valid] == label[valid]).mean())
+def miou(q):
+    """Mean IoU over the classes present (small wrong blobs weigh on small objects)."""
+    pred, ious = q.argmax(0)[valid], []
+    for c in classes:
+        inter = ((pred == c) & (label[valid] == c)).sum()
+        ious.append(inter / ((pred == c) | (label[valid] == c)).sum())
+    return float(np.mean(ious))
 
 
 # %% 2. Mean field, iteration by iteration (DeepLab v2's parameters)
@@ -79,8 +84,8 @@ def accuracy(q):
 # w_pos · k_pos Q + w_bi · k_bi Q to the log-potential of each label (Potts), normalise.
 iterations = list(range(11))
 steps = {t: crf.dense_crf(image, probs, iterations=t) if t else probs for t in iterations}
-acc = {t: accuracy(q) for t, q in steps.items()}
-print("pixel accuracy by iteration:", {t: round(a, 4) for t, a in acc.items()})
+acc = {t: miou(q) for t, q in steps.items()}
+print("mIoU by iteration:", {t: round(a, 4) for t, a in acc.items()})
 
 # %% 3. What each parameter does
 # bi_w: how strongly pixels of similar colour and position agree; bi_xy_std: how far apart
@@ -93,8 +98,8 @@ variations = {"DeepLab defaults": {}, "bi_w 1": {"bi_w": 1}, "bi_w 10": {"bi_w":
               "no bilateral": {"bi_w": 0.0}, "pos_w 10": {"pos_w": 10}}
 effects = {}
 for name, change in variations.items():
-    effects[name] = accuracy(crf.dense_crf(image, probs, **{**base, **change}))
-    print(f"  {name:>16s}: pixel accuracy {effects[name]:.4f}")
+    effects[name] = miou(crf.dense_crf(image, probs, **{**base, **change}))
+    print(f"  {name:>16s}: mIoU {effects[name]:.4f}")
 
 # %% 4. Not end-to-end — and the CRF as a layer
 # DeepLab v2 trains the network alone, then runs the CRF after it with weights found by grid
@@ -151,7 +156,7 @@ ax[0, 1].imshow(cmap[label])
 ax[0, 1].set_title("ground truth", fontsize=9)
 for a, t in zip(list(ax[0, 2:]) + list(ax[1, :3]), shown):
     a.imshow(cmap[steps[t].argmax(0)])
-    a.set_title(f"iteration {t}: accuracy {acc[t]:.3f}" if t else
+    a.set_title(f"iteration {t}: mIoU {acc[t]:.3f}" if t else
                 f"unary (coarse + blobs): {acc[0]:.3f}", fontsize=9)
 for a in ax.ravel()[:7]:
     a.axis("off")
@@ -159,12 +164,13 @@ names = list(effects)
 ax[1, 3].barh(names, [effects[n] for n in names])
 ax[1, 3].set_xlim(min(effects.values()) - 0.01, max(effects.values()) + 0.005)
 ax[1, 3].tick_params(labelsize=7)
-ax[1, 3].set_title("pixel accuracy after 10 iterations", fontsize=9)
+ax[1, 3].set_title("mIoU after 10 iterations", fontsize=9)
+fig.tight_layout()
 fig.savefig(os.path.join(OUT, "08_crf_iterations.png"), dpi=90, bbox_inches="tight")
 plt.close(fig)
 
 # %% Check
 assert acc[10] > acc[0] + 0.01, "mean field must clean up the coarse prediction"
 assert effects["DeepLab defaults"] > effects["no bilateral"], "the bilateral kernel matters"
-assert same < 1e-5 and grad_ok
+assert same < 1e-4 and grad_ok
 print("Check passed.")

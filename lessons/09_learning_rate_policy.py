@@ -25,8 +25,8 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(OUT, exist_ok=True)
 
 # %% 1. The two schedules
-iterations = 30 if FAST else 600
-base = 0.02
+iterations = 60 if FAST else 600
+base = 0.01
 poly = TrainConfig("", "", iterations=iterations, lr=base, lr_policy="poly", power=0.9)
 step = TrainConfig("", "", iterations=iterations, lr=base, lr_policy="step",
                    step_size=iterations // 3, gamma=0.1)
