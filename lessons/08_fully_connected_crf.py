@@ -136,10 +136,10 @@ if results.exists():
     r = json.loads(results.read_text())
     print(f"fine-tuning {r['iterations']} iterations, mIoU (mean of {len(r['runs'])} seeds), "
           "validation / held-out:")
-    for label, k in (("plain + post-hoc CRF", "posthoc"),
+    for what, k in (("plain + post-hoc CRF", "posthoc"),
                      ("through the CRF layer, 10 iterations at test", "layer_test10"),
                      ("through the CRF layer, then post-hoc CRF too", "layer_posthoc")):
-        print(f"  {label:46s} {r[k]:.3f} / {r['heldout_' + k]:.3f}")
+        print(f"  {what:46s} {r[k]:.3f} / {r['heldout_' + k]:.3f}")
     print(f"  {r['seconds_per_step_layer']:.2f} s per training step against "
           f"{r['seconds_per_step_plain']:.2f} s")
 else:
