@@ -141,9 +141,11 @@ def main(argv=None):
     p.add_argument("--no-scale", dest="scale", action="store_false",
                    help="do not learn a temperature of the layer's output")
     p.add_argument("--seeds", default="1,2,3,4,5", help="fine-tuning seeds, comma-separated")
+    p.add_argument("--out", default=os.path.join(HERE, "out", "crf_layer"),
+                   help="folder for the fine-tuned models")
     args = p.parse_args(argv)
     run(args.base, args.iterations, args.lr, args.crf_iterations, args.crf_lr_mult, args.compat,
-        args.scale, tuple(int(s) for s in args.seeds.split(",")))
+        args.scale, tuple(int(s) for s in args.seeds.split(",")), args.out)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ tnn = torch.nn
 class TorchBasic(tnn.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride, dilation, downsample, dilation_after=None):
+    def __init__(self, inplanes, planes, stride, dilation, downsample):
         super().__init__()
-        after = dilation if dilation_after is None else dilation_after
         self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False)
         self.bn1 = tnn.BatchNorm2d(planes)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, 1, after, after, bias=False)
+        self.conv2 = tnn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
         self.bn2 = tnn.BatchNorm2d(planes)
         self.downsample = downsample
 
@@ -32,7 +31,7 @@ class TorchBasic(tnn.Module):
 class TorchBottleneck(tnn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride, dilation, downsample, dilation_after=None):
+    def __init__(self, inplanes, planes, stride, dilation, downsample):
         super().__init__()
         self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = tnn.BatchNorm2d(planes)

@@ -130,18 +130,18 @@ def train(cfg, log=print, progress=True):
     dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
     model = models.deeplab_v2(dataset.num_classes, cfg.backbone, cfg.output_stride,
                               head=cfg.head, seed=cfg.seed, crf_layer=_crf_config(cfg))
-    if cfg.init and not cfg.resume:
+    ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
+    if os.path.exists(ckpt) and not cfg.resume:
+        raise FileExistsError(f"{ckpt} exists: resume it (--resume) or choose another output "
+                              "folder")
+    if cfg.init and not os.path.exists(ckpt):  # a resumed run has its own weights already
         _initialise(model, cfg.init, log)
     model.unary_loss = bool(cfg.crf_unary_loss)
     if cfg.freeze_bn:
         model.backbone.freeze_batch_norm()
     opt = SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
               weight_decay=cfg.weight_decay)
-    ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
     start = 0
-    if os.path.exists(ckpt) and not cfg.resume:
-        raise FileExistsError(f"{ckpt} exists: resume it (--resume) or choose another output "
-                              "folder")
     if os.path.exists(ckpt):
         extra = models.load_checkpoint(model, ckpt)
         _restore_velocity(opt, model, extra)
