@@ -318,7 +318,8 @@ class LatticeCPU:
         tmp[0] = 0
         T = numba.get_num_threads()
         # scatter into per-thread copies when the copies are small next to the points' work
-        if T * self.M < 0.25 * self.N * (self.d + 1) and T * self.M * c * 4 <= 256 << 20:
+        copies_bytes = T * self.M * c * np.dtype(dt).itemsize
+        if T * self.M < 0.25 * self.N * (self.d + 1) and copies_bytes <= 256 << 20:
             private = np.empty((T, self.M + 1, c), dtype=dt)
             _splat_scatter_cpu(values, pre, self.bary, self.offsets, private, buf)
         else:

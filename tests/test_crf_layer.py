@@ -162,3 +162,16 @@ def test_images_outside_0_255_are_refused():
     layer = crf.CRFLayer()
     with pytest.raises(ValueError, match="0..255"):
         layer(Tensor(np.zeros((1, 2, 4, 4), np.float32)), np.full((1, 4, 4, 3), 300.0))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_float64_filter_cuda_equals_cpu(reverse):
+    """The float64 path the gradchecks use, on both devices (CUDA: simulator without a GPU)."""
+    rng = np.random.default_rng(6)
+    f = (rng.random((40, 5)) * 3).astype(np.float32)
+    v = rng.standard_normal((40, 3))
+    cpu = crf.PermutohedralLattice(f, "cpu").filter(v, reverse)
+    cuda = crf.PermutohedralLattice(on_device(f, "cuda"), "cuda").filter(on_device(v, "cuda"),
+                                                                         reverse)
+    assert cpu.dtype == np.float64 and to_numpy(cuda).dtype == np.float64
+    np.testing.assert_allclose(to_numpy(cuda), cpu, rtol=1e-12, atol=1e-12)

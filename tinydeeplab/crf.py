@@ -16,7 +16,7 @@ D = K·1), and a Potts compatibility of weight w contributes  +w · k̃ Q  to th
 """
 import numpy as np
 
-from .autograd import Function, Tensor
+from .autograd import Function, Tensor, is_grad_enabled
 from .backend import array_module, cuda_simulator, has_cuda, is_cupy_array, to_device
 from .kernels import permutohedral as _lattice
 from .kernels.softmax import softmax_rows
@@ -239,17 +239,12 @@ class DenseCRF2D(DenseCRF):
         super().__init__(int(W) * int(H), C, device)
         self.W, self.H = int(W), int(H)
 
-    def _positions(self, sx, sy):
-        # float32 as densecrf: x / sx with x and sx floats
-        y, x = np.mgrid[0:self.H, 0:self.W].astype(np.float32)
-        return [x.ravel() / np.float32(sx), y.ravel() / np.float32(sy)]
-
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL,  # noqa: N802
                             normalization=NORMALIZE_SYMMETRIC):
         """Smoothness kernel on positions: exp(−|p_i − p_j|² / 2 sxy²)."""
         sx, sy = _pair(sxy, "sxy")
-        self.addPairwiseEnergy(np.stack(self._positions(sx, sy)), compat, kernel,
-                               normalization)
+        positions = _pixel_features(self.H, self.W, (sx, sy))
+        self.addPairwiseEnergy(np.stack(positions), compat, kernel, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,  # noqa: N802
                              normalization=NORMALIZE_SYMMETRIC):
@@ -260,10 +255,19 @@ class DenseCRF2D(DenseCRF):
             raise ValueError(f"srgb must be a positive number or an (r, g, b) triple, got "
                              f"{srgb!r}")
         image = to_device(_check_image(rgbim, self.H, self.W), "cpu")
-        colours = image.reshape(-1, 3).astype(np.float32)
-        features = self._positions(sx, sy) + [colours[:, c] / np.float32(srgb[c])
-                                              for c in range(3)]
+        features = _pixel_features(self.H, self.W, (sx, sy), image, srgb)
         self.addPairwiseEnergy(np.stack(features), compat, kernel, normalization)
+
+
+def _pixel_features(H, W, sxy, image=None, srgb=None):
+    """Feature columns of an H×W image, float32 as densecrf: x / sx, y / sy and, with an image,
+    r / s_r, g / s_g, b / s_b."""
+    y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+    columns = [x.ravel() / np.float32(sxy[0]), y.ravel() / np.float32(sxy[1])]
+    if image is not None:
+        colours = np.asarray(image, dtype=np.float32).reshape(-1, 3)
+        columns += [colours[:, c] / np.float32(srgb[c]) for c in range(3)]
+    return columns
 
 
 def _check_image(image, H, W):
@@ -361,17 +365,6 @@ def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_
 # like the forward.  D_k depends on the image and the kernel widths alone, not on U or W, so
 # it is a constant diagonal scaling here and F_k stays linear; the widths are fixed (moving
 # them would move the lattice itself, which has no useful derivative).
-def _scaled_features(image, sxy, srgb=None):
-    """(N, 2) positions / sxy, or (N, 5) positions / sxy and colours / srgb, float32."""
-    H, W = image.shape[:2]
-    y, x = np.mgrid[0:H, 0:W].astype(np.float32)
-    cols = [x.ravel() / np.float32(sxy), y.ravel() / np.float32(sxy)]
-    if srgb is not None:
-        colours = np.asarray(image, dtype=np.float32).reshape(-1, 3)
-        cols += [colours[:, c] / np.float32(srgb) for c in range(3)]
-    return np.ascontiguousarray(np.stack(cols, axis=1))
-
-
 class _Kernel:
     """One normalised Gaussian kernel F(x) = n ⊙ K(n ⊙ x) on a built lattice."""
 
@@ -405,6 +398,7 @@ class _MeanField(Function):
         B, C, H, W = logits.shape
         out = xp.empty_like(logits)
         mats = [_as_matrix(w, C) for w in weights]
+        keep = is_grad_enabled() and any(ctx.needs_input_grad)  # else no backward will come
         ctx.saved = []
         for b in range(B):
             U = xp.ascontiguousarray(logits[b].reshape(C, H * W).T)  # (N, C)
@@ -419,9 +413,11 @@ class _MeanField(Function):
                         A += kernel.apply(Q) @ m
                 if t + 1 < iterations:
                     Q = softmax_rows(A, xp.empty_like(A), cuda)
-                    history.append(Q)
+                    if keep:
+                        history.append(Q)
             out[b] = A.T.reshape(C, H, W)
-            ctx.saved.append(history)
+            if keep:
+                ctx.saved.append(history)
         ctx.kernels, ctx.weights, ctx.mats, ctx.cuda = kernels, weights, mats, cuda
         return out
 
@@ -515,8 +511,10 @@ class CRFLayer(Module):
         H, W = image.shape[:2]
         key = (H, W, device)
         if key not in self._spatial:
-            self._spatial = {key: _Kernel(_scaled_features(image, self.pos_xy_std), device)}
-        bilateral = _Kernel(_scaled_features(image, self.bi_xy_std, self.bi_rgb_std), device)
+            positions = _pixel_features(H, W, (self.pos_xy_std,) * 2)
+            self._spatial = {key: _Kernel(np.stack(positions, axis=1), device)}
+        bilateral = _pixel_features(H, W, (self.bi_xy_std,) * 2, image, (self.bi_rgb_std,) * 3)
+        bilateral = _Kernel(np.stack(bilateral, axis=1), device)
         return [self._spatial[key], bilateral]
 
     def forward(self, logits, images):

@@ -20,6 +20,7 @@ from . import functional as F
 from . import nn
 from .autograd import Tensor
 from .backend import to_device
+from .data import MEAN_RGB
 from .ops import maximum
 
 # name -> (block, blocks per stage, stage widths, stem width)
@@ -188,8 +189,6 @@ class DeepLabV2(nn.Module):
         if self.crf is None:
             return logits
         if image is None:
-            from .data import MEAN_RGB
-
             rgb = to_device(x.data, "cpu").transpose(0, 2, 3, 1) + MEAN_RGB
             image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
         refined = self.crf(F.interpolate(logits, x.shape[2:]), image)
