@@ -23,9 +23,10 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _parallel_lock = threading.RLock()
 
 
-def parallel_njit(fn):
-    """``numba.njit(parallel=True, cache=True)(fn)``, callable from any Python thread."""
-    compiled = numba.njit(parallel=True, cache=True)(fn)
+def parallel_njit(fn, **options):
+    """``numba.njit(parallel=True, cache=True, **options)(fn)``, callable from any Python
+    thread."""
+    compiled = numba.njit(parallel=True, cache=True, **options)(fn)
 
     @functools.wraps(fn)
     def call(*args):

@@ -29,6 +29,7 @@ The arithmetic of steps 1-3 is float32 in the order of Krähenbühl's densecrf a
 builds it on x86 (its SSE path: ties round to even), so that points land in the same simplices.
 """
 import math
+import threading
 
 import numba
 import numpy as np
@@ -138,10 +139,15 @@ def _lookup(table, vertex_keys, key):
 
 
 def _insert_all(keys, table, vertex_keys, offsets):
-    # keys (K, d): give each distinct key a vertex index, in order of first appearance
-    mask = np.uint64(table.shape[0] - 1)
+    # keys (K, d): give each distinct key a vertex index, in order of first appearance.
+    # Returns (M, table).  The table starts small and doubles whenever it is half full: a table
+    # sized for the worst case (every point its own d+1 vertices) would be 10-20× too large
+    # and every probe a cache miss.
     M = 0
     for e in range(keys.shape[0]):
+        if 2 * (M + 1) > table.shape[0]:
+            table = _grow(table, vertex_keys, M)
+        mask = np.uint64(table.shape[0] - 1)
         key = keys[e]
         slot = _hash(key) & mask
         while True:
@@ -161,7 +167,19 @@ def _insert_all(keys, table, vertex_keys, offsets):
                 offsets[e] = v
                 break
             slot = (slot + np.uint64(1)) & mask
-    return M
+    return M, table
+
+
+def _grow(table, vertex_keys, M):
+    # a table twice the size holding vertices 0..M-1 (no duplicates, so no key comparisons)
+    bigger = np.full(2 * table.shape[0], EMPTY, dtype=table.dtype)
+    mask = np.uint64(bigger.shape[0] - 1)
+    for v in range(M):
+        slot = _hash(vertex_keys[v]) & mask
+        while bigger[slot] != EMPTY:
+            slot = (slot + np.uint64(1)) & mask
+        bigger[slot] = v
+    return bigger
 
 
 def _blur_neighbours(table, vertex_keys, M, neighbours):
@@ -265,6 +283,7 @@ _round_half_even = njit(inline="always", cache=True)(_round_half_even)
 _hash = njit(inline="always", cache=True)(_hash)
 _lookup = njit(cache=True)(_lookup)
 _simplices_cpu = parallel_njit(_simplices)
+_grow = njit(cache=True)(_grow)
 _insert_all_cpu = njit(cache=True)(_insert_all)
 _blur_neighbours_cpu = parallel_njit(_blur_neighbours)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
@@ -285,10 +304,11 @@ class LatticeCPU:
         self.bary = np.empty((N, d + 1), dtype=np.float32)
         _simplices_cpu(features, elevation_scale(d), canonical_simplex(d), keys, self.bary)
         K = N * (d + 1)
-        table = np.full(1 << max(4, int(np.ceil(np.log2(2 * K)))), EMPTY, dtype=np.int32)
+        table = np.full(1 << max(4, int(np.ceil(np.log2(N)))), EMPTY, dtype=np.int32)
         vertex_keys = np.empty((K, d), dtype=np.int32)
         self.offsets = np.empty(K, dtype=np.int32)
-        self.M = M = _insert_all_cpu(keys.reshape(K, d), table, vertex_keys, self.offsets)
+        M, table = _insert_all_cpu(keys.reshape(K, d), table, vertex_keys, self.offsets)
+        self.M = M
         self.vertex_keys = vertex_keys[:M]
         self.neighbours = np.empty((d + 1, M, 2), dtype=np.int32)
         _blur_neighbours_cpu(table, vertex_keys, M, self.neighbours)
@@ -297,6 +317,8 @@ class LatticeCPU:
         _group_by_vertex_cpu(self.offsets, M, self.starts, self.members)
         self.starts = self.starts[: M + 1]
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
+        self._work = {}
+        self._lock = threading.Lock()
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None):
         """values (N, c) float32 -> (N, c) float32: splat, blur along d+1 directions, slice.
@@ -308,28 +330,41 @@ class LatticeCPU:
         """
         dt = np.float64 if values.dtype == np.float64 else np.float32
         values = np.ascontiguousarray(values, dtype=dt)
-        c = values.shape[1]
         ones = None if pre is not None and post is not None else np.ones(self.N, dt)
         pre = ones if pre is None else np.ascontiguousarray(pre, dtype=dt)
         post = ((ones if post is None else post) * self.alpha).astype(dt)
-        buf = np.empty((self.M + 1, c), dtype=dt)
-        tmp = np.empty_like(buf)
-        buf[0] = 0
-        tmp[0] = 0
-        T = numba.get_num_threads()
-        # scatter into per-thread copies when the copies are small next to the points' work
-        copies_bytes = T * self.M * c * np.dtype(dt).itemsize
-        if T * self.M < 0.25 * self.N * (self.d + 1) and copies_bytes <= 256 << 20:
-            private = np.empty((T, self.M + 1, c), dtype=dt)
-            _splat_scatter_cpu(values, pre, self.bary, self.offsets, private, buf)
-        else:
-            _splat_gather_cpu(values, pre, self.bary, self.starts, self.members, buf)
-        directions = range(self.d, -1, -1) if reverse else range(self.d + 1)
-        for j in directions:
-            _blur_direction_cpu(buf, tmp, self.neighbours, j)
-            buf, tmp = tmp, buf
         accumulate = out is not None
         if out is None:
-            out = np.empty((self.N, c), dtype=dt)
-        _slice_cpu(buf, self.bary, self.offsets, post, accumulate, out)
+            out = np.empty(values.shape, dtype=dt)
+        with self._lock:
+            buf, tmp, private = self._work_buffers(values.shape[1], dt)
+            if private is not None:
+                _splat_scatter_cpu(values, pre, self.bary, self.offsets, private, buf)
+            else:
+                _splat_gather_cpu(values, pre, self.bary, self.starts, self.members, buf)
+            directions = range(self.d, -1, -1) if reverse else range(self.d + 1)
+            for j in directions:
+                _blur_direction_cpu(buf, tmp, self.neighbours, j)
+                buf, tmp = tmp, buf
+            _slice_cpu(buf, self.bary, self.offsets, post, accumulate, out)
         return out
+
+    def _work_buffers(self, c, dt):
+        """The vertex buffers for c channels of dtype dt, allocated on first use and kept: the
+        CRF filters with the same lattice every iteration, and fresh tens of megabytes each
+        time cost more in page faults than the blur itself.  (So filter one lattice from one
+        thread at a time — ``_lock`` sees to that.)"""
+        key = (c, np.dtype(dt).str)
+        if key not in self._work:
+            buf = np.empty((self.M + 1, c), dtype=dt)
+            tmp = np.empty_like(buf)
+            buf[0] = 0  # row 0: the "missing neighbour" zero row
+            tmp[0] = 0
+            # scatter into per-thread copies when the copies are small next to the points' work
+            T = numba.get_num_threads()
+            copies_bytes = T * self.M * c * np.dtype(dt).itemsize
+            private = None
+            if T * self.M < 0.25 * self.N * (self.d + 1) and copies_bytes <= 256 << 20:
+                private = np.empty((T, self.M + 1, c), dtype=dt)
+            self._work[key] = (buf, tmp, private)
+        return self._work[key]

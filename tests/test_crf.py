@@ -72,6 +72,47 @@ def test_reverse_filter_is_the_transpose():
     assert lhs == pytest.approx(rhs, rel=1e-5)
 
 
+def test_filter_reuses_its_buffers_and_keeps_results_apart():
+    """The lattice keeps its vertex buffers between calls: a second filter of other values
+    (and other channel counts, and float64) must not leak into results already returned."""
+    rng = np.random.default_rng(2)
+    f = (rng.random((301, 5)) * 2).astype(np.float32)
+    lattice = crf.PermutohedralLattice(f)
+    u, w = rng.random((301, 3)).astype(np.float32), rng.random((301, 3)).astype(np.float32)
+    first = lattice.filter(u)
+    kept = first.copy()
+    lattice.filter(w)
+    lattice.filter(w[:, :2])
+    lattice.filter(w.astype(np.float64))
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(lattice.filter(u), kept)
+
+
+def test_hash_table_growth_keeps_every_vertex():
+    """The vertex table starts small and doubles: the vertex count and the filter must not
+    depend on it (many vertices per point: spread-out features)."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(3)
+    f = (rng.random((997, 3)) * 40).astype(np.float32)  # ~4 distinct vertices per point
+    lattice = P.LatticeCPU(f)
+    keys = np.empty((997, 4, 3), np.int32)
+    bary = np.empty((997, 4), np.float32)
+    P._simplices_cpu(f, P.elevation_scale(3), P.canonical_simplex(3), keys, bary)
+    assert lattice.M == len({tuple(k) for k in keys.reshape(-1, 3)})
+    assert lattice.M > 997  # the table (1024 slots at first) had to grow twice
+    # every vertex's blur neighbours, looked up in the grown table, as a dict finds them
+    index = {tuple(k): i for i, k in enumerate(lattice.vertex_keys)}
+    for v, key in enumerate(lattice.vertex_keys[:300]):
+        for j in range(4):
+            step = np.full(3, -1)
+            if j < 3:
+                step[j] = 3
+            for side, sign in ((0, 1), (1, -1)):
+                expected = index.get(tuple(key + sign * step), -1) + 1
+                assert lattice.neighbours[j, v, side] == expected
+
+
 # ---- against pydensecrf -----------------------------------------------------------------------
 dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the [test] extra) is the "
                                                          "reference CRF")

@@ -20,6 +20,7 @@ from .autograd import Function, Tensor, is_grad_enabled
 from .backend import array_module, cuda_simulator, has_cuda, is_cupy_array, to_device
 from .kernels import permutohedral as _lattice
 from .kernels.softmax import softmax_rows
+from .kernels.transpose import transpose
 from .nn import Module, Parameter
 
 # pydensecrf's enums, same values
@@ -125,16 +126,15 @@ class _Pairwise:
         else:
             self.norm = (1.0 / (norm + 1e-20)).astype(xp.float32)
         self.compat = _compatibility(compat, num_labels, xp)
+        ones = xp.ones(features.shape[0], dtype=xp.float32)
+        self.pre = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else ones
+        self.post = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else ones
 
     def add_message(self, Q, logits):
         """Add this kernel's contribution to the log-potentials: logits (N, C) += f(Q)."""
-        nt, norm, (kind, w) = self.normalization, self.norm, self.compat
-        pre = norm if nt in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else None
-        post = norm if nt in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else None
+        pre, post, (kind, w) = self.pre, self.post, self.compat
         if kind == "potts":  # +w · k̃Q: the weight rides along with the output scaling
-            xp = array_module(Q)
-            post = xp.full(Q.shape[0], w, xp.float32) if post is None else post * w
-            self.lattice._filter(Q, pre, post, out=logits)
+            self.lattice._filter(Q, pre, post * w, out=logits)
             return
         x = self.lattice._filter(Q, pre, post)
         # Signs as in densecrf (checked against pydensecrf): a Potts weight w rewards agreeing
@@ -211,8 +211,11 @@ class DenseCRF:
         if self.unary is None:
             raise ValueError("call setUnaryEnergy before inference")
         xp = array_module(self.unary)
-        neg_unary = xp.ascontiguousarray(-self.unary.T)  # (N, C): pixels in rows
         cuda = self.device == "cuda"
+        if cuda:
+            neg_unary = xp.ascontiguousarray(-self.unary.T)  # (N, C): pixels in rows
+        else:
+            neg_unary = transpose(self.unary, -1.0)
         Q = softmax_rows(neg_unary, xp.empty_like(neg_unary), cuda)
         logits = xp.empty_like(neg_unary)
         for _ in range(int(n_iterations)):
@@ -220,7 +223,7 @@ class DenseCRF:
             for p in self.pairwise:
                 p.add_message(Q, logits)
             softmax_rows(logits, Q, cuda)
-        return xp.ascontiguousarray(Q.T)
+        return xp.ascontiguousarray(Q.T) if cuda else transpose(Q)
 
 
 def _pair(value, name):
