@@ -15,6 +15,9 @@
    for information, with the post-hoc CRF on top — on the validation set (on which these
    settings were chosen) and on a held-out set of 150 images from another seed.  Repeated
    for several seeds; an earlier run's trained models are reused (runs are deterministic).
+4. A fair choice of test-time iterations: both arms are scored at each of SWEEP mean-field
+   iterations (the post-hoc CRF's, the layer's own), each arm's count is chosen on the
+   validation set (mean over seeds) and the held-out set reports the chosen ones.
 Writes benchmarks/crf_layer_results.json (lesson 08 prints it) and prints a table.
 """
 import argparse
@@ -43,6 +46,33 @@ def fine_tune(root, base, out_dir, iterations, lr, crf_iterations, crf_lr_mult, 
     t0 = time.perf_counter()
     model, _ = train(cfg, log=lambda s: None, progress=True)
     return model, (time.perf_counter() - t0) / iterations
+
+
+SWEEP = (5, 10, 15, 20, 30)  # test-time mean-field iterations tried for both arms
+
+
+def sweep_iterations(model, dataset, layer):
+    """mIoU at each test-time iteration count of SWEEP: the post-hoc CRF's (DeepLab's
+    parameters) on the plain model's probabilities, or the layer model's own CRF."""
+    from tinydeeplab import crf, demo
+    from tinydeeplab.evaluate import predict_probs
+    from tinydeeplab.metrics import ConfusionMatrix
+
+    C = dataset.num_classes
+    scores = {T: ConfusionMatrix(C) for T in SWEEP}
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        if layer:
+            for T in SWEEP:
+                model.crf.test_iterations = T
+                scores[T].update(predict_probs(model, image).argmax(0), label)
+        else:
+            probs = predict_probs(model, image)
+            params = {**demo.CRF_PARAMS}
+            for T in SWEEP:
+                params["iterations"] = T
+                scores[T].update(crf.dense_crf(image, probs, **params).argmax(0), label)
+    return {T: m.scores()["miou"] for T, m in scores.items()}
 
 
 def run(base=None, iterations=300, lr=0.0005, crf_iterations=5, crf_lr_mult=40.0,
@@ -102,6 +132,9 @@ def run(base=None, iterations=300, lr=0.0005, crf_iterations=5, crf_lr_mult=40.0
                            f"{name}layer": s_layer["plain"]["miou"],
                            f"{name}layer_test10": s_layer10["plain"]["miou"],
                            f"{name}layer_posthoc": s_layer["crf"]["miou"]})
+            for arm, model, is_layer in (("posthoc", plain, False), ("layer", layer, True)):
+                for T, miou in sweep_iterations(model, ds, is_layer).items():
+                    record[f"{name}{arm}_T{T}"] = miou
         record.update({
             "learned_pos_w": layer.crf.pos_w.data.tolist(),
             "learned_bi_w": layer.crf.bi_w.data.tolist(),
@@ -113,8 +146,17 @@ def run(base=None, iterations=300, lr=0.0005, crf_iterations=5, crf_lr_mult=40.0
               f"{record['heldout_layer_test10']:.4f}   (val / held-out)")
     keys = [f"{pre}{k}" for pre in ("", "heldout_") for k in
             ("plain", "posthoc", "layer", "layer_test10", "layer_posthoc")]
+    keys += [f"{pre}{arm}_T{T}" for pre in ("", "heldout_") for arm in ("posthoc", "layer")
+             for T in SWEEP]
     keys += ["seconds_per_step_plain", "seconds_per_step_layer"]
     result = {**config, "runs": runs, **{k: float(np.mean([r[k] for r in runs])) for k in keys}}
+    # each arm's test-time iterations chosen on validation (mean over seeds), then held-out
+    for arm in ("posthoc", "layer"):
+        best = max(SWEEP, key=lambda T: result[f"{arm}_T{T}"])
+        result[f"{arm}_chosen_T"] = best
+        result[f"{arm}_chosen"] = result[f"{arm}_T{best}"]
+        result[f"heldout_{arm}_chosen"] = result[f"heldout_{arm}_T{best}"]
+        result[f"heldout_{arm}_chosen_by_seed"] = [r[f"heldout_{arm}_T{best}"] for r in runs]
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -125,6 +167,10 @@ def run(base=None, iterations=300, lr=0.0005, crf_iterations=5, crf_lr_mult=40.0
                      ("CRF layer, 10 iterations at test", "layer_test10"),
                      ("CRF layer + post-hoc CRF", "layer_posthoc")):
         print(f"  {label:40s} {result[k]:.4f}        {result['heldout_' + k]:.4f}")
+    print(f"  test-time iterations chosen on validation from {list(SWEEP)}:")
+    for label, arm in (("plain + post-hoc CRF", "posthoc"), ("CRF layer", "layer")):
+        print(f"  {label + ' (' + str(result[arm + '_chosen_T']) + ' iterations)':40s} "
+              f"{result[arm + '_chosen']:.4f}        {result['heldout_' + arm + '_chosen']:.4f}")
     print(f"  time per step: plain {result['seconds_per_step_plain']:.3f} s, with the CRF "
           f"layer {result['seconds_per_step_layer']:.3f} s")
     return result

@@ -130,7 +130,7 @@ print("gradcheck through the layer:", grad_ok)
 # Training through it: benchmarks/crf_layer.py fine-tunes the demo's network for 300 iterations
 # twice from the same start — plainly, then through a CRF layer (learned 5×5 compatibilities
 # and output scale) — and compares with DeepLab's post-hoc CRF, on the validation set and on
-# a held-out set.  Its recorded figures (so far: on par, not better — see RESULTS.md):
+# a held-out set.  Its recorded figures (see RESULTS.md):
 results = ROOT / "benchmarks" / "crf_layer_results.json"
 if results.exists():
     r = json.loads(results.read_text())
@@ -140,6 +140,11 @@ if results.exists():
                      ("through the CRF layer, 10 iterations at test", "layer_test10"),
                      ("through the CRF layer, then post-hoc CRF too", "layer_posthoc")):
         print(f"  {what:46s} {r[k]:.3f} / {r['heldout_' + k]:.3f}")
+    if "posthoc_chosen_T" in r:  # each arm's test-time iterations chosen on validation
+        print("  each arm's test-time iterations chosen on validation:")
+        for what, arm in (("plain + post-hoc CRF", "posthoc"), ("through the CRF layer", "layer")):
+            row = f"{what}, {r[arm + '_chosen_T']} iterations"
+            print(f"  {row:46s} {r[arm + '_chosen']:.3f} / {r['heldout_' + arm + '_chosen']:.3f}")
     print(f"  {r['seconds_per_step_layer']:.2f} s per training step against "
           f"{r['seconds_per_step_plain']:.2f} s")
 else:
