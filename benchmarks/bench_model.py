@@ -90,8 +90,9 @@ def peak_memory(framework, name, batch, size, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rise_mb"]
 
 
-def run(threads=None, repeat=3, out=sys.stdout):
+def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES)):
     from tinydeeplab import nn
+    from tinydeeplab.kernels import batch_norm as bn_k
     from tinydeeplab.benchmarks.bench_conv import blas_info, median_times_in_blocks
 
     threads = threads or os.cpu_count()
@@ -101,6 +102,8 @@ def run(threads=None, repeat=3, out=sys.stdout):
           "peak MB torch | memory ratio |", file=out)
     print("|---|---|---|---|---|---|---|---|", file=out)
     for label, (name, batch, size) in CASES.items():
+        if label not in models:
+            continue
         ours, step_ours, step_torch = _step_functions(name, batch, size, threads)
         t_ours, t_torch = median_times_in_blocks([step_ours, step_torch], repeat)
         m_ours = peak_memory("ours", name, batch, size, threads)
@@ -119,7 +122,19 @@ def run(threads=None, repeat=3, out=sys.stdout):
                                                           with_fusion(False)], repeat)
             nn.FUSE_BN_RELU = True
             print(f"\nbatch norm + ReLU fused vs separate (ours, {label} step): "
-                  f"{t_fused:.3f} s vs {t_separate:.3f} s\n", file=out)
+                  f"{t_fused:.3f} s vs {t_separate:.3f} s", file=out)
+
+            def with_bn(variant):  # the batch norm kernels: row loops vs flat planes
+                def step():
+                    bn_k.DEFAULT["cpu"] = variant
+                    step_ours()
+                return step
+
+            default = bn_k.DEFAULT["cpu"]
+            t_v1, t_v2 = median_times_in_blocks([with_bn("cpu_v1"), with_bn("cpu_v2")], repeat)
+            bn_k.DEFAULT["cpu"] = default
+            print(f"batch norm kernels cpu_v1 vs cpu_v2 (ours, {label} step): "
+                  f"{t_v1:.3f} s vs {t_v2:.3f} s\n", file=out)
 
 
 def main(argv=None):
@@ -130,8 +145,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--models", default=",".join(CASES),
+                        help=f"comma-separated, from {list(CASES)}")
     args = parser.parse_args(argv)
-    run(args.threads, args.repeat)
+    models = tuple(args.models.split(","))
+    unknown = set(models) - set(CASES)
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {list(CASES)}")
+    run(args.threads, args.repeat, models=models)
 
 
 if __name__ == "__main__":
