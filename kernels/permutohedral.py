@@ -233,13 +233,15 @@ def _splat_gather(values, pre, bary, starts, members, buf):
 
 
 def _splat_scatter(values, pre, bary, offsets, private, buf):
-    # The same sum in point order: thread t scatters a contiguous block of points into its
-    # own copy private[t] of the vertex buffer (reading values sequentially), then the copies
-    # are added.  Faster when there are few vertices per point (wide kernels).
-    T, M1, c = private.shape
+    # The same sum in point order: thread t scatters a contiguous block of points into a
+    # buffer of its own (thread 0 into buf itself, thread t ≥ 1 into private[t − 1]), reading
+    # values sequentially; then the private copies are added into buf.  Faster when there are
+    # few vertices per point (wide kernels).
+    T = private.shape[0] + 1
+    M1, c = buf.shape
     N, d1 = bary.shape
     for t in prange(T):
-        p = private[t]
+        p = buf if t == 0 else private[t - 1]
         p[:] = 0
         for n in range(t * N // T, (t + 1) * N // T):
             s = pre[n]
@@ -249,11 +251,9 @@ def _splat_scatter(values, pre, bary, offsets, private, buf):
                 for k in range(c):
                     p[row, k] += w * values[n, k]
     for v in prange(1, M1):
-        for k in range(c):
-            acc = private[0, v, k]
-            for t in range(1, T):
-                acc += private[t, v, k]
-            buf[v, k] = acc
+        for t in range(T - 1):
+            for k in range(c):
+                buf[v, k] += private[t, v, k]
 
 
 def _blur_direction(buf, out, neighbours, j):
@@ -365,6 +365,6 @@ class LatticeCPU:
             copies_bytes = T * self.M * c * np.dtype(dt).itemsize
             private = None
             if T * self.M < 0.25 * self.N * (self.d + 1) and copies_bytes <= 256 << 20:
-                private = np.empty((T, self.M + 1, c), dtype=dt)
+                private = np.empty((T - 1, self.M + 1, c), dtype=dt)  # thread 0 uses buf
             self._work[key] = (buf, tmp, private)
         return self._work[key]

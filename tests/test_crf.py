@@ -113,6 +113,24 @@ def test_hash_table_growth_keeps_every_vertex():
                 assert lattice.neighbours[j, v, side] == expected
 
 
+@pytest.mark.parametrize("copies", [0, 1, 2])
+def test_splat_by_scatter_equals_splat_by_gather(copies):
+    """The two splat kernels (per-thread copies in point order; per-vertex gather) give the
+    same vertex sums, for 1, 2 and 3 threads' worth of blocks."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(4)
+    f = (rng.random((2001, 5)) * [20, 20, 2, 2, 2]).astype(np.float32)
+    v, pre = rng.random((2001, 3)).astype(np.float32), rng.random(2001).astype(np.float32)
+    lattice = P.LatticeCPU(f)
+    gathered = np.zeros((lattice.M + 1, 3), np.float32)
+    P._splat_gather_cpu(v, pre, lattice.bary, lattice.starts, lattice.members, gathered)
+    scattered = np.full_like(gathered, np.nan)
+    private = np.full((copies, lattice.M + 1, 3), np.nan, np.float32)
+    P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, private, scattered)
+    np.testing.assert_allclose(scattered[1:], gathered[1:], rtol=1e-5, atol=1e-6)
+
+
 # ---- against pydensecrf -----------------------------------------------------------------------
 dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the [test] extra) is the "
                                                          "reference CRF")
