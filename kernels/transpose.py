@@ -26,9 +26,8 @@ def _transpose(a, scale, out):
 _transpose_cpu = parallel_njit(_transpose)
 
 
-def transpose(a, scale=1.0, out=None):
+def transpose(a, scale=1.0):
     """scale · aᵀ as a new C-contiguous array (NumPy arrays, CPU)."""
-    if out is None:
-        out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
+    out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
     _transpose_cpu(a, a.dtype.type(scale), out)
     return out
