@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 
+import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
 
@@ -65,7 +66,9 @@ def blas_info():
     rows = [f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, "
             f"{i['num_threads']} threads)" for i in threadpool_info()
             if i["user_api"] == "blas"]
-    return "; ".join(rows) or "unknown"
+    from tinydeeplab import _threads
+
+    return ("; ".join(rows) or "unknown") + "\n# threads: " + _threads.describe()
 
 
 def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):

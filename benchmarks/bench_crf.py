@@ -15,6 +15,7 @@ import sys
 import time
 import tracemalloc
 
+import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
 PARAMS = {
@@ -96,6 +97,9 @@ def run(device="cpu", repeat=3, out=sys.stdout):
     C, H, W = probs.shape
     print(f"# dense CRF, {W}×{H} image, {C} labels, 10 iterations, device={device}, "
           f"{numba.get_num_threads()} Numba threads (pydensecrf: 1 thread, CPU)", file=out)
+    from tinydeeplab import _threads
+
+    print(f"# threads: {_threads.describe()}", file=out)
     print("| parameters | pydensecrf s | ours s | speed-up | lattice vertices (pos, bi) | "
           "peak MB ours | max abs ΔQ | MAP agreement |", file=out)
     print("|---|---|---|---|---|---|---|---|", file=out)

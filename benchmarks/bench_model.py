@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
 CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321)}

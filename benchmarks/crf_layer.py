@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 
+import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -3,13 +3,12 @@
 One op per module; each states its index math once in its docstring and implements it for the
 CPU (Numba) and for CUDA (numba.cuda).  No autograd here: arrays in, arrays out.
 
-CPU kernels are compiled with ``parallel_njit`` below.  It selects Numba's ``workqueue``
-threading layer (unless the user chose one with NUMBA_THREADING_LAYER): the OpenMP layer's
-workers busy-wait after every parallel loop, and since our kernels alternate Numba loops with
-BLAS calls (im2col -> GEMM -> col2im), spinning workers stole the cores BLAS needed — 2x slower
-convolutions on 2 cores, worse when PyTorch's OpenMP runtime was loaded first.  ``workqueue``
-does not allow two threads to run parallel kernels at the same time, so calls are serialised by
-a lock (each call uses every core anyway).
+CPU kernels are compiled with ``parallel_njit`` below.  Which Numba threading layer runs them is
+chosen in ``tinydeeplab._threads`` (GNU OpenMP with a short spin when OpenBLAS's workers sleep
+after each GEMM, ``workqueue`` otherwise): our kernels alternate Numba loops with BLAS calls
+(im2col -> GEMM -> col2im), and on few cores two thread pools that busy-wait steal each other's
+cores.  Calls from several Python threads are serialised by a lock (each call uses every core
+anyway, and the ``workqueue`` layer cannot run two parallel kernels at once).
 """
 import functools
 import os
@@ -17,8 +16,9 @@ import threading
 
 import numba
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+from tinydeeplab import _threads
+
+_threads.configure_numba()
 
 _parallel_lock = threading.RLock()
 

@@ -135,6 +135,38 @@ def _im2col(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
                 out[j_hi:] = 0
 
 
+def _im2col_same_width(x, cols, kh, kw, ph, pw, dh, dw, r0, r1):
+    # _im2col for stride 1 and Wo == W (DeepLab's 3×3 layers: padding = dilation).  Then the
+    # block of column-matrix row (c,p,q) for image n is the flat plane x[n,c] shifted by
+    # oh·W + ow: one contiguous copy, then zeros where the shift wrapped past a row end (the
+    # first or last |ow| columns of each row) and on rows outside the image.  Copying row by row
+    # instead costs a slice per 21-81 values; this is ~4× faster on DeepLab's small planes.
+    nb, C, H, W = x.shape
+    rows = r1 - r0
+    L = rows * W
+    for r in prange(C * kh * kw):
+        c, p, q = r // (kh * kw), (r // kw) % kh, r % kw
+        oh, ow = r0 - ph + p * dh, q * dw - pw  # x[n, c, ii + oh, j + ow] -> block[ii·W + j]
+        i_lo, i_hi = max(0, -oh), min(rows, H - oh)  # rows ii that lie inside the image
+        for n in range(nb):
+            block = cols[r, n * L:(n + 1) * L]
+            if i_lo >= i_hi or ow >= W or -ow >= W:
+                block[:] = 0
+                continue
+            plane = x[n, c].reshape(H * W)
+            base = oh * W + ow  # the plane index that block[0] would read
+            a, b = max(i_lo * W, -base), min(i_hi * W, H * W - base)
+            block[:a] = 0
+            block[a:b] = plane[a + base:b + base]
+            block[b:] = 0
+            if ow > 0:  # the last ow columns of each row read the next row: zero them
+                for ii in range(i_lo, i_hi):
+                    block[ii * W + W - ow:ii * W + W] = 0
+            elif ow < 0:  # the first −ow columns read the previous row
+                for ii in range(i_lo, i_hi):
+                    block[ii * W:ii * W - ow] = 0
+
+
 def _col2im(cols, dx, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
     # the transpose of _im2col: dx (nb, C, H, W) += scatter of cols
     nb, C, H, W = dx.shape
@@ -187,6 +219,7 @@ def _shift_add(z, y, kh, kw, sh, sw, ph, pw, dh, dw):
 
 _valid_columns = njit(inline="always", cache=True)(_valid_columns)
 _im2col_cpu = parallel_njit(_im2col)
+_im2col_same_width_cpu = parallel_njit(_im2col_same_width)
 _col2im_cpu = parallel_njit(_col2im)
 _shift_add_cpu = parallel_njit(_shift_add)
 
@@ -197,7 +230,11 @@ def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols=None)
     kh, kw = w_shape[2], w_shape[3]
     if cols is None:
         cols = np.empty((C * kh * kw, nb * (r1 - r0) * Wo), dtype=x.dtype)
-    _im2col_cpu(x, cols, kh, kw, *stride, *padding, *dilation, r0, r1, Wo)
+    if tuple(stride) == (1, 1) and Wo == x.shape[3]:
+        x = np.ascontiguousarray(x)  # the shifted copy reads each plane as one flat array
+        _im2col_same_width_cpu(x, cols, kh, kw, *padding, *dilation, r0, r1)
+    else:
+        _im2col_cpu(x, cols, kh, kw, *stride, *padding, *dilation, r0, r1, Wo)
     return cols
 
 

@@ -225,6 +225,34 @@ def test_lowering_buffers_are_bounded_for_a_large_layer(variant, monkeypatch):
     np.testing.assert_allclose(dw, wt.grad.numpy(), atol=2e-2, rtol=1e-3)
 
 
+def test_same_width_im2col_equals_the_row_by_row_one():
+    """Stride 1 with Wo == W takes the shifted-plane copy (``_im2col_same_width``); it must write
+    exactly what the row-by-row ``_im2col`` writes, for any padding, dilation, kernel size and
+    chunk of output rows, including shifts wider than the plane."""
+    from tinydeeplab.kernels import atrous_conv_cpu as cpu
+
+    rng = np.random.default_rng(3)
+    checked = 0
+    while checked < 150:
+        N, C, H, W = (int(v) for v in rng.integers(1, [4, 4, 12, 12], endpoint=True))
+        kh, kw = int(rng.choice([1, 2, 3, 5])), int(rng.choice([1, 3, 5]))
+        dh, dw = (int(v) for v in rng.integers(1, 7, 2))
+        ph = int(rng.integers(0, 8))
+        if (dw * (kw - 1)) % 2 or H + 2 * ph - dh * (kh - 1) < 1:
+            continue  # no padding keeps the width, or no output row
+        pw, Ho = dw * (kw - 1) // 2, H + 2 * ph - dh * (kh - 1)
+        r0 = int(rng.integers(0, Ho))
+        r1 = int(rng.integers(r0 + 1, Ho + 1))
+        x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+        rowwise = np.full((C * kh * kw, N * (r1 - r0) * W), np.nan, np.float32)
+        shifted = rowwise.copy()
+        cpu._im2col_cpu(x, rowwise, kh, kw, 1, 1, ph, pw, dh, dw, r0, r1, W)
+        cpu.im2col_dilated(x, (1, C, kh, kw), (1, 1), (ph, pw), (dh, dw), r0, r1, W, shifted)
+        np.testing.assert_array_equal(shifted, rowwise, err_msg=str((x.shape, kh, kw, ph, pw,
+                                                                     dh, dw, r0, r1)))
+        checked += 1
+
+
 def test_chunk_plan_covers_every_row_once():
     for N, Ho, row_bytes, budget in [(3, 7, 10, 25), (5, 4, 10, 100), (2, 9, 100, 50)]:
         seen = np.zeros((N, Ho), dtype=int)

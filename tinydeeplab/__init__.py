@@ -6,6 +6,8 @@
 """
 import os as _os
 
+from . import _threads  # noqa: F401  first: it must run before NumPy loads OpenBLAS
+
 __version__ = "0.1.0"
 
 # setup.py installs the top-level kernels/ and benchmarks/ folders as tinydeeplab.kernels and
