@@ -11,7 +11,6 @@ cores.  Calls from several Python threads are serialised by a lock (each call us
 anyway, and the ``workqueue`` layer cannot run two parallel kernels at once).
 """
 import functools
-import os
 import threading
 
 import numba

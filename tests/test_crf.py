@@ -1,6 +1,5 @@
 """Permutohedral lattice and dense CRF: against brute force, against pydensecrf (synthetic
 images and the real photographs of its examples), CUDA kernels against CPU, bad input."""
-import os
 import pathlib
 
 import numpy as np
