@@ -110,16 +110,19 @@ def _valid_columns(off, s, W, Wo):
     return j_lo, max(j_lo, j_hi)
 
 
-def _im2col(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
+def _im2col(xs, cols, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo, W):
     # x (nb, C, H, W) -> cols (C·kh·kw, nb·rows·Wo), rows = r1 - r0 output rows from r0.
-    # Each output row is one slice copy (vectorised by LLVM) between two runs of zeros.
-    nb, C, H, W = x.shape
+    # xs is x split into its sw column phases, xs[n, c, s, h, b] = x[n, c, h, b·sw + s], so that
+    # the input columns one output row reads (every sw-th from j·sw + off) are contiguous:
+    # column j·sw + off = (j + cb)·sw + s with s = off mod sw, cb = ⌊off / sw⌋.  Each output
+    # row is then one contiguous slice copy (vectorised by LLVM) between two runs of zeros.
+    nb, C, H = xs.shape[0], xs.shape[1], xs.shape[3]
     rows = r1 - r0
     for r in prange(C * kh * kw):  # each column-matrix row is written by one iteration
         c, p, q = r // (kh * kw), (r // kw) % kh, r % kw
         off = q * dw - pw
         j_lo, j_hi = _valid_columns(off, sw, W, Wo)
-        v_lo, v_hi = j_lo * sw + off, (j_hi - 1) * sw + off + 1  # input columns read
+        s, cb = off % sw, off // sw
         for n in range(nb):
             for ii in range(rows):
                 h = (r0 + ii) * sh - ph + p * dh
@@ -128,10 +131,7 @@ def _im2col(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo):
                     out[:] = 0
                     continue
                 out[:j_lo] = 0
-                if sw == 1:
-                    out[j_lo:j_hi] = x[n, c, h, v_lo:v_hi]
-                else:
-                    out[j_lo:j_hi] = x[n, c, h, v_lo:v_hi:sw]
+                out[j_lo:j_hi] = xs[n, c, s, h, j_lo + cb:j_hi + cb]
                 out[j_hi:] = 0
 
 
@@ -224,6 +224,30 @@ _col2im_cpu = parallel_njit(_col2im)
 _shift_add_cpu = parallel_njit(_shift_add)
 
 
+def column_phases(x, sw):
+    """x (nb, C, H, W) as (nb, C, sw, H, ⌈W/sw⌉): xs[n,c,s,h,b] = x[n,c,h,b·sw+s], zero past W.
+
+    For sw = 1 a view; otherwise a copy (of the input, not of the 9-49× larger columns) that
+    turns im2col's strided reads into contiguous ones: ~2× faster for the 7×7/2 stem."""
+    nb, C, H, W = x.shape
+    if sw == 1:
+        return np.ascontiguousarray(x).reshape(nb, C, 1, H, W)
+    Wq = -(-W // sw)
+    xs = np.empty((nb, C, sw, H, Wq), dtype=x.dtype)
+    for s in range(sw):
+        n = len(range(s, W, sw))
+        xs[:, :, s, :, :n] = x[:, :, :, s::sw]
+        xs[:, :, s, :, n:] = 0
+    return xs
+
+
+def im2col_rows(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols):
+    """The general im2col: one slice copy per output row (any stride, padding, dilation)."""
+    _im2col_cpu(column_phases(x, stride[1]), cols, w_shape[2], w_shape[3], *stride, *padding,
+                *dilation, r0, r1, Wo, x.shape[3])
+    return cols
+
+
 def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols=None):
     """Columns of output rows r0..r1 of every image in x: (C·kh·kw, nb·(r1−r0)·Wo)."""
     nb, C = x.shape[:2]
@@ -233,9 +257,8 @@ def im2col_dilated(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols=None)
     if tuple(stride) == (1, 1) and Wo == x.shape[3]:
         x = np.ascontiguousarray(x)  # the shifted copy reads each plane as one flat array
         _im2col_same_width_cpu(x, cols, kh, kw, *padding, *dilation, r0, r1)
-    else:
-        _im2col_cpu(x, cols, kh, kw, *stride, *padding, *dilation, r0, r1, Wo)
-    return cols
+        return cols
+    return im2col_rows(x, w_shape, stride, padding, dilation, r0, r1, Wo, cols)
 
 
 def col2im_dilated(cols, dx, w_shape, stride, padding, dilation, r0, r1, Wo):

@@ -227,7 +227,7 @@ def test_lowering_buffers_are_bounded_for_a_large_layer(variant, monkeypatch):
 
 def test_same_width_im2col_equals_the_row_by_row_one():
     """Stride 1 with Wo == W takes the shifted-plane copy (``_im2col_same_width``); it must write
-    exactly what the row-by-row ``_im2col`` writes, for any padding, dilation, kernel size and
+    exactly what the row-by-row ``im2col_rows`` writes, for any padding, dilation, kernel size and
     chunk of output rows, including shifts wider than the plane."""
     from tinydeeplab.kernels import atrous_conv_cpu as cpu
 
@@ -246,7 +246,7 @@ def test_same_width_im2col_equals_the_row_by_row_one():
         x = rng.standard_normal((N, C, H, W)).astype(np.float32)
         rowwise = np.full((C * kh * kw, N * (r1 - r0) * W), np.nan, np.float32)
         shifted = rowwise.copy()
-        cpu._im2col_cpu(x, rowwise, kh, kw, 1, 1, ph, pw, dh, dw, r0, r1, W)
+        cpu.im2col_rows(x, (1, C, kh, kw), (1, 1), (ph, pw), (dh, dw), r0, r1, W, rowwise)
         cpu.im2col_dilated(x, (1, C, kh, kw), (1, 1), (ph, pw), (dh, dw), r0, r1, W, shifted)
         np.testing.assert_array_equal(shifted, rowwise, err_msg=str((x.shape, kh, kw, ph, pw,
                                                                      dh, dw, r0, r1)))
