@@ -54,6 +54,21 @@ def median_times_in_blocks(fns, repeat, rounds=2, pause=0.3):
     return best
 
 
+def block_times(fns, repeat, rounds, pause=0.3):
+    """Per-round median times, ``times[r][i]`` for function i in round r, timed in blocks as
+    in ``median_times_in_blocks``.  The ratio of two functions within one round is robust to
+    the slow drifts of a shared machine's speed (±30 % over minutes on ours); report the median
+    of those per-round ratios."""
+    times = []
+    for _ in range(rounds):
+        row = []
+        for fn in fns:
+            time.sleep(pause)
+            row.append(median_time(fn, repeat))
+        times.append(row)
+    return times
+
+
 def gemm_gflops(threads, n=1024, repeat=5):
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     t = median_time(lambda: a @ a, repeat)

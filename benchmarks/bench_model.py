@@ -4,8 +4,9 @@
 
 Identical models (weights copied, see torch_twin.py), same input, same thread count, in one
 process: the "tiny" configuration at batch 4 on 161×161 crops and ResNet-50 DeepLab v2 at
-batch 1 on 321×321.  Time: best of two blocks of --repeat steps (median within a block), each
-block after a pause and a warm-up step.  Peak memory: each framework's step in a fresh child
+batch 1 on 321×321.  Time: --rounds rounds, each a block of --repeat steps of ours and then one
+of torch (median within a block), each block after a pause and a warm-up step; the ratio is the
+median of the per-round ratios, so that the slow drifts of a shared machine's speed cancel.  Peak memory: each framework's step in a fresh child
 process, the rise of its resident set (VmHWM) during one step, after a warm-up step and
 malloc_trim (so memory the allocator kept from the warm-up does not hide the peak).
 Also reports the batch norm + ReLU fusion: the same tiny step with the fusion switched off.
@@ -91,13 +92,16 @@ def peak_memory(framework, name, batch, size, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rise_mb"]
 
 
-def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES)):
+def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
     from tinydeeplab import nn
     from tinydeeplab.kernels import batch_norm as bn_k
-    from tinydeeplab.benchmarks.bench_conv import blas_info, median_times_in_blocks
+    from tinydeeplab.benchmarks.bench_conv import blas_info, block_times, median_times_in_blocks
 
     threads = threads or os.cpu_count()
     print(f"# DeepLab v2 training step, float32, CPU, {threads} threads; BLAS: {blas_info()}",
+          file=out)
+    print(f"# time: median of {rounds} rounds (each: a block of {repeat} steps of ours, then of "
+          "torch; median within a block); ratio: median of the per-round ratios [range]",
           file=out)
     print("| model | batch × size | ours s | torch s | ours/torch | peak MB ours | "
           "peak MB torch | memory ratio |", file=out)
@@ -106,11 +110,14 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES)):
         if label not in models:
             continue
         ours, step_ours, step_torch = _step_functions(name, batch, size, threads)
-        t_ours, t_torch = median_times_in_blocks([step_ours, step_torch], repeat)
+        times = np.array(block_times([step_ours, step_torch], repeat, rounds))
+        t_ours, t_torch = np.median(times, axis=0)
+        ratios = times[:, 0] / times[:, 1]
         m_ours = peak_memory("ours", name, batch, size, threads)
         m_torch = peak_memory("torch", name, batch, size, threads)
         print(f"| {label} | {batch} × {size}² | {t_ours:.3f} | {t_torch:.3f} | "
-              f"{t_ours / t_torch:.2f} | {m_ours:.0f} | {m_torch:.0f} | "
+              f"{np.median(ratios):.2f} [{ratios.min():.2f}-{ratios.max():.2f}] | "
+              f"{m_ours:.0f} | {m_torch:.0f} | "
               f"{m_ours / m_torch:.2f} |", file=out)
         if name == "tiny":  # the batch norm + ReLU fusion, measured in the same blocks
             def with_fusion(flag):
@@ -146,6 +153,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="blocks of ours then torch; the ratio is their median")
     parser.add_argument("--models", default=",".join(CASES),
                         help=f"comma-separated, from {list(CASES)}")
     args = parser.parse_args(argv)
@@ -153,7 +162,7 @@ def main(argv=None):
     unknown = set(models) - set(CASES)
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}; choose from {list(CASES)}")
-    run(args.threads, args.repeat, models=models)
+    run(args.threads, args.repeat, models=models, rounds=args.rounds)
 
 
 if __name__ == "__main__":
