@@ -14,7 +14,9 @@ setup(
     package_dir={"tinydeeplab": "tinydeeplab", "tinydeeplab.kernels": "kernels",
                  "tinydeeplab.benchmarks": "benchmarks"},
     install_requires=["numpy", "numba", "numba-cuda", "pillow", "matplotlib", "tqdm",
-                      "threadpoolctl"],
+                      "threadpoolctl",
+                      # Numba's TBB threading layer (tinydeeplab/_threads.py); optional elsewhere
+                      "tbb>=2021.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     extras_require={
         "cuda": ["cupy-cuda12x"],
         "test": ["pytest", "hypothesis", "torch", "pydensecrf2"],

@@ -4,8 +4,8 @@ One op per module; each states its index math once in its docstring and implemen
 CPU (Numba) and for CUDA (numba.cuda).  No autograd here: arrays in, arrays out.
 
 CPU kernels are compiled with ``parallel_njit`` below.  Which Numba threading layer runs them is
-chosen in ``tinydeeplab._threads`` (GNU OpenMP with a short spin when OpenBLAS's workers sleep
-after each GEMM, ``workqueue`` otherwise): our kernels alternate Numba loops with BLAS calls
+chosen in ``tinydeeplab._threads`` (oneTBB when OpenBLAS's workers sleep after each GEMM,
+``workqueue`` otherwise): our kernels alternate Numba loops with BLAS calls
 (im2col -> GEMM -> col2im), and on few cores two thread pools that busy-wait steal each other's
 cores.  Calls from several Python threads are serialised by a lock (each call uses every core
 anyway, and the ``workqueue`` layer cannot run two parallel kernels at once).

@@ -7,23 +7,26 @@ worker does when its job ends decides whether the *other* library gets the cores
 * OpenBLAS workers spin (polling for the next GEMM, calling sched_yield) for 2^28 CPU cycles —
   about 0.1 s — before they sleep.  A Numba loop started in that window shares the cores with
   spinning threads.
-* Numba's ``omp`` layer (GNU OpenMP) spins after each loop too (GOMP_SPINCOUNT, 300 000 polls by
-  default), and then the next GEMM runs beside it.  Its ``workqueue`` layer never spins, but
-  waking its workers costs ~50 µs per parallel loop (GNU OpenMP: ~3 µs).
+* Numba's ``workqueue`` layer never spins, but waking its workers costs ~50 µs per parallel
+  loop; its ``tbb`` layer (Intel oneTBB, pip package ``tbb``) ~8 µs; its ``omp`` layer (GNU
+  OpenMP) ~3 µs, but GNU OpenMP kills a forked child that runs a parallel loop
+  ("fork() called from a process already using GNU OpenMP") and its static schedule stalls
+  when another process takes a core — so it is never chosen here.
 
-Measured on 2 cores (benchmarks/RESULTS.md), one tiny-DeepLab training step: workqueue with
-spinning OpenBLAS ~0.15 s; omp with spinning OpenBLAS ~0.19 s; omp, short OpenMP spin and
-OpenBLAS workers that sleep at once ~0.125 s.  So, unless you chose otherwise:
+Measured on 2 cores (benchmarks/RESULTS.md), tiny-DeepLab training step against PyTorch's:
+workqueue with spinning OpenBLAS 1.6-1.9×; tbb with OpenBLAS workers that sleep at once ~1.2-1.3×.
+So, unless you chose otherwise:
 
 1. before NumPy (and so OpenBLAS) is first imported, set ``OPENBLAS_THREAD_TIMEOUT=4``
    (2^4 cycles: its workers go to sleep right after a GEMM); the variable is removed again once
    NumPy has loaded, so child processes and other libraries see your environment unchanged;
-2. if that worked (or you set OPENBLAS_THREAD_TIMEOUT yourself), use Numba's ``omp`` layer with
-   ``GOMP_SPINCOUNT=10000`` (set only while Numba loads its OpenMP runtime, so PyTorch's own
-   OpenMP keeps its defaults); otherwise keep ``workqueue``.
+2. if that worked (or you set OPENBLAS_THREAD_TIMEOUT yourself), use Numba's ``tbb`` layer
+   when the ``tbb`` package is installed (a dependency on Linux x86-64); otherwise, or if NumPy
+   was imported first, ``workqueue``.
 
-Your own NUMBA_THREADING_LAYER, OPENBLAS_THREAD_TIMEOUT, GOMP_SPINCOUNT or OMP_WAIT_POLICY win.
-``describe()`` says what was chosen (the benchmarks print it).
+Your own NUMBA_THREADING_LAYER and OPENBLAS_THREAD_TIMEOUT win.  ``describe()`` says what was
+chosen (the benchmarks print it).  Every layer gives bit-identical results: they only decide
+which thread runs which iterations of loops whose iterations write disjoint outputs.
 """
 import os
 import sys
@@ -41,6 +44,29 @@ if not _NUMPY_WAS_LOADED and not _USER_SET_TIMEOUT:
 _choice = "your NUMBA_THREADING_LAYER"
 
 
+def _load_tbb():
+    """Load pip's oneTBB library by its path, so that Numba's TBB layer can link to it.
+
+    The ``tbb`` wheel puts libtbb.so.12 in <prefix>/lib, which is not on the dynamic loader's
+    search path outside conda; once loaded by full path, the loader reuses it for Numba's
+    tbbpool extension.  Returns whether it was found."""
+    import ctypes
+    from importlib import metadata
+
+    try:
+        files = metadata.files("tbb") or []
+    except metadata.PackageNotFoundError:
+        return False
+    for f in files:
+        if f.name in ("libtbb.so.12", "libtbb.12.dylib"):
+            try:
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+                return True
+            except OSError:
+                return False
+    return False
+
+
 def configure_numba():
     """Pick Numba's threading layer (called by tinydeeplab.kernels before any kernel runs)."""
     global _choice
@@ -52,21 +78,13 @@ def configure_numba():
         numba.config.THREADING_LAYER = "workqueue"
         _choice = "workqueue (NumPy was imported before tinydeeplab: OpenBLAS workers spin)"
         return
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
-    numba.config.THREADING_LAYER = "default"  # the first of the priority list that loads
-    set_spin = not ({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ))
-    if set_spin:
-        os.environ["GOMP_SPINCOUNT"] = "10000"
-    try:  # load the layer (and its OpenMP runtime) now, while the variable is set
-        from numba.np.ufunc.parallel import _launch_threads
-
-        _launch_threads()
-    except Exception:  # noqa: BLE001  no layer could load: Numba reports it at the first kernel
-        pass
-    finally:
-        if set_spin:
-            del os.environ["GOMP_SPINCOUNT"]
-    _choice = "default order omp > workqueue" + (", GOMP_SPINCOUNT=10000" if set_spin else "")
+    if not _load_tbb():
+        numba.config.THREADING_LAYER = "workqueue"
+        _choice = "workqueue (the tbb package is not installed)"
+        return
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+    numba.config.THREADING_LAYER = "default"  # the first that loads: tbb, else workqueue
+    _choice = "tbb if it loads, else workqueue"
 
 
 def describe():
@@ -74,8 +92,11 @@ def describe():
     import numba
 
     try:
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()  # start the pool now (the first kernel would), so the layer is known
         layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
+    except Exception:  # noqa: BLE001  a private Numba function: report rather than fail
         layer = "not loaded yet"
     blas = ("OPENBLAS_THREAD_TIMEOUT=" + os.environ["OPENBLAS_THREAD_TIMEOUT"]
             if _USER_SET_TIMEOUT else "OpenBLAS workers sleep after each call (timeout 2^4)"
