@@ -14,7 +14,8 @@ worker does when its job ends decides whether the *other* library gets the cores
   when another process takes a core — so it is never chosen here.
 
 Measured on 2 cores (benchmarks/RESULTS.md), tiny-DeepLab training step against PyTorch's:
-workqueue with spinning OpenBLAS 1.6-1.9×; tbb with OpenBLAS workers that sleep at once ~1.2-1.3×.
+workqueue with spinning OpenBLAS 1.6-1.9×; tbb with OpenBLAS workers that sleep at once
+1.14-1.17×.
 So, unless you chose otherwise:
 
 1. before NumPy (and so OpenBLAS) is first imported, set ``OPENBLAS_THREAD_TIMEOUT=4``
