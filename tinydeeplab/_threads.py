@@ -10,8 +10,8 @@ worker does when its job ends decides whether the *other* library gets the cores
 * Numba's ``workqueue`` layer never spins, but waking its workers costs ~50 µs per parallel
   loop; its ``tbb`` layer (Intel oneTBB, pip package ``tbb``) ~8 µs; its ``omp`` layer (GNU
   OpenMP) ~3 µs, but GNU OpenMP kills a forked child that runs a parallel loop
-  ("fork() called from a process already using GNU OpenMP") and its static schedule stalls
-  when another process takes a core — so it is never chosen here.
+  ("fork() called from a process already using GNU OpenMP"), and multiprocessing forks by
+  default on Linux — so it is never chosen here.
 
 Measured on 2 cores (benchmarks/RESULTS.md), tiny-DeepLab training step against PyTorch's:
 workqueue with spinning OpenBLAS 1.6-1.9×; tbb with OpenBLAS workers that sleep at once
