@@ -41,24 +41,13 @@ def median_time(fn, repeat):
     return statistics.median(times)
 
 
-def median_times_in_blocks(fns, repeat, rounds=2, pause=0.3):
-    """Best-of-``rounds`` median time of each function, timed in blocks (a×repeat, b×repeat,
-    a×repeat, ...).  Each block starts after a pause and a warm-up call, so the other
-    library's thread pool has gone idle: spinning OpenMP/BLAS workers left over from one
-    library would otherwise slow the other, whichever runs second."""
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            time.sleep(pause)
-            best[i] = min(best[i], median_time(fn, repeat))
-    return best
-
-
 def block_times(fns, repeat, rounds, pause=0.3):
-    """Per-round median times, ``times[r][i]`` for function i in round r, timed in blocks as
-    in ``median_times_in_blocks``.  The ratio of two functions within one round is robust to
-    the slow drifts of a shared machine's speed (±30 % over minutes on ours); report the median
-    of those per-round ratios."""
+    """Per-round median times, ``times[r][i]`` for function i in round r.  Functions are timed
+    in blocks (a×repeat, b×repeat, a×repeat, ...); each block starts after a pause and a
+    warm-up call, so the other library's thread pool has gone idle: spinning OpenMP/BLAS
+    workers left over from one library would otherwise slow the other, whichever runs second.
+    The ratio of two functions within one round is robust to the slow drifts of a shared
+    machine's speed (±30 % over minutes on ours)."""
     times = []
     for _ in range(rounds):
         row = []
@@ -67,6 +56,11 @@ def block_times(fns, repeat, rounds, pause=0.3):
             row.append(median_time(fn, repeat))
         times.append(row)
     return times
+
+
+def median_times_in_blocks(fns, repeat, rounds=2, pause=0.3):
+    """Best-of-``rounds`` median time of each function, timed as in ``block_times``."""
+    return [min(column) for column in zip(*block_times(fns, repeat, rounds, pause))]
 
 
 def gemm_gflops(threads, n=1024, repeat=5):

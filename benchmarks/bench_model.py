@@ -6,9 +6,10 @@ Identical models (weights copied, see torch_twin.py), same input, same thread co
 process: the "tiny" configuration at batch 4 on 161×161 crops and ResNet-50 DeepLab v2 at
 batch 1 on 321×321.  Time: --rounds rounds, each a block of --repeat steps of ours and then one
 of torch (median within a block), each block after a pause and a warm-up step; the ratio is the
-median of the per-round ratios, so that the slow drifts of a shared machine's speed cancel.  Peak memory: each framework's step in a fresh child
-process, the rise of its resident set (VmHWM) during one step, after a warm-up step and
-malloc_trim (so memory the allocator kept from the warm-up does not hide the peak).
+median of the per-round ratios, so that the slow drifts of a shared machine's speed cancel.
+Peak memory: each framework's step in a fresh child process, the rise of its resident set
+(VmHWM) during one step, after a warm-up step and malloc_trim (so memory the allocator kept
+from the warm-up does not hide the peak).
 Also reports the batch norm + ReLU fusion: the same tiny step with the fusion switched off.
 """
 import argparse
