@@ -112,30 +112,12 @@ def _simplices(features, scale, canonical, keys, bary):
             bary[n, k] = b[k]
 
 
-# ---- CPU: the hash table (serial insert, parallel lookups) -------------------------------------
+# ---- CPU: distinct vertices by a hash table (serial insert) ---------------------------------------
 def _hash(key):
     h = np.uint64(0)
     for i in range(key.shape[0]):
         h = (h + np.uint64(np.int64(key[i]) & 0xFFFFFFFF)) * np.uint64(2531011)
     return h
-
-
-def _lookup(table, vertex_keys, key):
-    """Index of the vertex with this key, or EMPTY."""
-    mask = np.uint64(table.shape[0] - 1)
-    slot = _hash(key) & mask
-    while True:
-        v = table[slot]
-        if v == EMPTY:
-            return EMPTY
-        same = True
-        for i in range(key.shape[0]):
-            if vertex_keys[v, i] != key[i]:
-                same = False
-                break
-        if same:
-            return v
-        slot = (slot + np.uint64(1)) & mask
 
 
 def _insert_all(keys, table, vertex_keys, offsets):
@@ -182,23 +164,137 @@ def _grow(table, vertex_keys, M):
     return bigger
 
 
-def _blur_neighbours(table, vertex_keys, M, neighbours):
-    # neighbours (d+1, M, 2): 1 + index of the vertex one step back / forward along each
-    # lattice direction j (0 = no such vertex).  Step along j: every coordinate −1, coordinate
-    # j +d (so the sum stays 0); the last coordinate is implicit in the key.
-    d = vertex_keys.shape[1]
-    for v in prange(M):
-        n1 = np.empty(d, dtype=np.int32)
-        n2 = np.empty(d, dtype=np.int32)
-        for j in range(d + 1):
-            for i in range(d):
-                n1[i] = vertex_keys[v, i] - 1
-                n2[i] = vertex_keys[v, i] + 1
-            if j < d:
-                n1[j] = vertex_keys[v, j] + d
-                n2[j] = vertex_keys[v, j] - d
-            neighbours[j, v, 0] = _lookup(table, vertex_keys, n1) + 1
-            neighbours[j, v, 1] = _lookup(table, vertex_keys, n2) + 1
+# ---- CPU: the vertices in sorted order (for the blur neighbours) --------------------------------
+RADIX_BITS = 11  # 2048 buckets: the counts stay in the L1 cache
+
+
+def key_words(keys):
+    """Pack the (K, d) int32 keys into (K, W) int64 words, as few as the coordinates' ranges
+    allow (one for images: ranges of a few thousand), coordinate 0 in the highest bits of
+    word 0, so that sorting the rows of words sorts the keys lexicographically."""
+    low = keys.min(axis=0).astype(np.int64)
+    bits = [max(1, int(span).bit_length()) for span in keys.max(axis=0).astype(np.int64) - low]
+    groups = [[]]  # the coordinates of each word
+    for i, b in enumerate(bits):
+        if sum(bits[k] for k in groups[-1]) + b > 63:
+            groups.append([])
+        groups[-1].append(i)
+    word_of = np.empty(len(bits), np.int64)
+    shift_of = np.empty(len(bits), np.int64)
+    for w, group in enumerate(groups):
+        shift = 0
+        for i in reversed(group):
+            word_of[i], shift_of[i] = w, shift
+            shift += bits[i]
+    words = np.empty((keys.shape[0], len(groups)), dtype=np.int64)
+    _pack_words_cpu(keys, low, word_of, shift_of, words)
+    return words
+
+
+def _pack_words(keys, low, word_of, shift_of, words):
+    K, d = keys.shape
+    for e in prange(K):
+        for w in range(words.shape[1]):
+            words[e, w] = 0
+        for i in range(d):
+            words[e, word_of[i]] |= np.int64(keys[e, i] - low[i]) << shift_of[i]
+
+
+def _radix_argsort(words):
+    # The stable order that sorts the rows of words (K, W) int64 ≥ 0: least significant digit
+    # first, RADIX_BITS per pass, the last word first.  A pass in which every entry has the
+    # same digit is skipped.
+    K, W = words.shape
+    radix = 1 << RADIX_BITS
+    perm = np.arange(K).astype(np.int32)
+    perm_next = np.empty(K, dtype=np.int32)
+    key = np.empty(K, dtype=np.int64)
+    key_next = np.empty(K, dtype=np.int64)
+    count = np.empty(radix + 1, dtype=np.int64)
+    for w in range(W - 1, -1, -1):
+        top = 0
+        for i in range(K):
+            key[i] = words[perm[i], w]
+            top = max(top, key[i])
+        shift = 0
+        while (top >> shift) > 0:
+            count[:] = 0
+            for i in range(K):
+                count[((key[i] >> shift) & (radix - 1)) + 1] += 1
+            if count.max() < K:
+                for b in range(radix):  # count[b]: the first slot of digit b
+                    count[b + 1] += count[b]
+                for i in range(K):
+                    digit = (key[i] >> shift) & (radix - 1)
+                    slot = count[digit]
+                    count[digit] = slot + 1
+                    perm_next[slot] = perm[i]
+                    key_next[slot] = key[i]
+                perm, perm_next = perm_next, perm
+                key, key_next = key_next, key
+            shift += RADIX_BITS
+    return perm
+
+
+def _take_rows(keys, order, out):
+    # out[u] = keys[order[u]]
+    for u in prange(order.shape[0]):
+        for i in range(keys.shape[1]):
+            out[u, i] = keys[order[u], i]
+
+
+# ---- CPU: blur neighbours by merging sorted keys -------------------------------------------------
+def _compare_step(keys, w, u, j):
+    """−1, 0, 1 as keys[w] is lexicographically below, equal to, above keys[u] + step_j,
+    where step_j is −1 in every coordinate but +d in coordinate j (nothing for j = d: that
+    coordinate is the implicit last one)."""
+    d = keys.shape[1]
+    for i in range(d):
+        target = keys[u, i] + (d if i == j else -1)
+        if keys[w, i] != target:
+            return -1 if keys[w, i] < target else 1
+    return 0
+
+
+def _merge_neighbours(sorted_keys, neighbours):
+    # neighbours (d+1, M, 2), zero on entry: 1 + sorted index of the vertex one step forward
+    # (side 0: key + step_j) / back (side 1: key − step_j) along direction j, 0 = no vertex.
+    # Adding step_j to every key keeps them sorted, so for each direction one merge of the
+    # sorted keys with themselves finds every neighbour pair: O(M) sequential reads, no hash
+    # lookups.  The d+1 directions are independent (one thread each).
+    M = sorted_keys.shape[0]
+    for j in prange(neighbours.shape[0]):
+        w = 0
+        for u in range(M):
+            while w < M and _compare_step(sorted_keys, w, u, j) < 0:
+                w += 1
+            if w == M:
+                break
+            if _compare_step(sorted_keys, w, u, j) == 0:
+                neighbours[j, u, 0] = w + 1
+                neighbours[j, w, 1] = u + 1
+
+
+def _to_buffer_order(sorted_neighbours, order, buffer_rows, out):
+    # out[j, order[u]] = buffer_rows[sorted_neighbours[j, u]]: neighbours by buffer row
+    for u in prange(order.shape[0]):
+        for j in range(sorted_neighbours.shape[0]):
+            for side in range(2):
+                out[j, order[u], side] = buffer_rows[sorted_neighbours[j, u, side]]
+
+
+def _mean_step(neighbours, rows):
+    """Mean distance between a vertex and its blur neighbours, over every 16th vertex: in
+    places (rows None) or in the buffer rows ``rows`` (indexed by 1 + place)."""
+    total, count = 0, 0
+    for j in range(neighbours.shape[0]):
+        for u in range(0, neighbours.shape[1], 16):
+            for side in range(2):
+                w = neighbours[j, u, side]
+                if w > 0:
+                    total += abs(w - (u + 1)) if rows is None else abs(rows[w] - rows[u + 1])
+                    count += 1
+    return total / max(count, 1)
 
 
 def _group_by_vertex(offsets, M, starts, members):
@@ -217,17 +313,28 @@ def _group_by_vertex(offsets, M, starts, members):
 # ---- CPU: splat, blur, slice ---------------------------------------------------------------------
 def _splat_gather(values, pre, bary, starts, members, buf):
     # buf (M+1, c): row 0 is the "missing neighbour" zero row; each vertex sums its points
-    # (values scaled by pre[n], the CRF's kernel normalisation).  No two iterations write the
-    # same row, so no races — but the points of one vertex are scattered over the image.
+    # (values scaled by pre[n], the CRF's kernel normalisation), three at a time as in _slice.
+    # No two iterations write the same row, so no races — but the points of one vertex are
+    # scattered over the image.
     d1 = bary.shape[1]
     c = values.shape[1]
     for v in prange(buf.shape[0] - 1):
         for k in range(c):
             buf[v + 1, k] = 0
-        for m in range(starts[v], starts[v + 1]):
+        m, end = starts[v], starts[v + 1]
+        while m + 3 <= end:
+            e0, e1, e2 = members[m], members[m + 1], members[m + 2]
+            n0, n1, n2 = e0 // d1, e1 // d1, e2 // d1
+            w0 = bary[n0, e0 - n0 * d1] * pre[n0]
+            w1 = bary[n1, e1 - n1 * d1] * pre[n1]
+            w2 = bary[n2, e2 - n2 * d1] * pre[n2]
+            for k in range(c):
+                buf[v + 1, k] += w0 * values[n0, k] + w1 * values[n1, k] + w2 * values[n2, k]
+            m += 3
+        for m in range(m, end):
             e = members[m]
-            n, r = e // d1, e % d1
-            w = bary[n, r] * pre[n]
+            n = e // d1
+            w = bary[n, e - n * d1] * pre[n]
             for k in range(c):
                 buf[v + 1, k] += w * values[n, k]
 
@@ -256,36 +363,58 @@ def _splat_scatter(values, pre, bary, offsets, private, buf):
                 buf[v, k] += private[t, v, k]
 
 
-def _blur_direction(buf, out, neighbours, j):
-    c = buf.shape[1]
-    for v in prange(buf.shape[0] - 1):
-        a, b = neighbours[j, v, 0], neighbours[j, v, 1]
+def _blur_direction(src, src_rows, dst, dst_rows, neighbours):
+    # dst[dst_rows[u]] = src[src_rows[u]] + ½ (src[a] + src[b]),  (a, b) = neighbours[u]
+    c = src.shape[1]
+    for u in prange(src_rows.shape[0]):
+        s, t = src_rows[u], dst_rows[u]
+        a, b = neighbours[u, 0], neighbours[u, 1]
         for k in range(c):
-            out[v + 1, k] = buf[v + 1, k] + np.float32(0.5) * (buf[a, k] + buf[b, k])
+            dst[t, k] = src[s, k] + np.float32(0.5) * (src[a, k] + src[b, k])
 
 
-def _slice(buf, bary, offsets, post, accumulate, out):
-    # out[n] (+)= post[n] · Σ_r bary[n, r] · buf[vertex(n, r)]   (post includes α)
+def _slice(buf, bary, offsets, post, base, out):
+    # out[n] = base[n] + post[n] · Σ_r bary[n, r] · buf[vertex(n, r)]   (post includes α;
+    # base None: 0, base out: accumulate).  The d+1 rows are summed three at a time inside
+    # one loop over the channels: out[n] is then read and written once per three rows, not
+    # once per row (each round trip through memory is a dependency the CPU must wait for).
     N, d1 = bary.shape
     c = buf.shape[1]
     for n in prange(N):
-        if not accumulate:
+        if base is None:
             for k in range(c):
                 out[n, k] = 0
-        for r in range(d1):
-            w = bary[n, r] * post[n]
-            row = offsets[n * d1 + r] + 1
+        elif base is not out:
             for k in range(c):
-                out[n, k] += w * buf[row, k]
+                out[n, k] = base[n, k]
+        p = post[n]
+        r = 0
+        while r + 3 <= d1:
+            w0, w1, w2 = bary[n, r] * p, bary[n, r + 1] * p, bary[n, r + 2] * p
+            e = n * d1 + r
+            a, b, g = offsets[e] + 1, offsets[e + 1] + 1, offsets[e + 2] + 1
+            for k in range(c):
+                out[n, k] += w0 * buf[a, k] + w1 * buf[b, k] + w2 * buf[g, k]
+            r += 3
+        for r in range(r, d1):
+            w = bary[n, r] * p
+            a = offsets[n * d1 + r] + 1
+            for k in range(c):
+                out[n, k] += w * buf[a, k]
 
 
 _round_half_even = njit(inline="always", cache=True)(_round_half_even)
 _hash = njit(inline="always", cache=True)(_hash)
-_lookup = njit(cache=True)(_lookup)
 _simplices_cpu = parallel_njit(_simplices)
 _grow = njit(cache=True)(_grow)
 _insert_all_cpu = njit(cache=True)(_insert_all)
-_blur_neighbours_cpu = parallel_njit(_blur_neighbours)
+_pack_words_cpu = parallel_njit(_pack_words)
+_radix_argsort_cpu = njit(cache=True)(_radix_argsort)
+_take_rows_cpu = parallel_njit(_take_rows)
+_compare_step = njit(inline="always", cache=True)(_compare_step)
+_merge_neighbours_cpu = parallel_njit(_merge_neighbours)
+_mean_step = njit(cache=True)(_mean_step)
+_to_buffer_order_cpu = parallel_njit(_to_buffer_order)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
 _splat_gather_cpu = parallel_njit(_splat_gather)
 _splat_scatter_cpu = parallel_njit(_splat_scatter)
@@ -308,32 +437,59 @@ class LatticeCPU:
         vertex_keys = np.empty((K, d), dtype=np.int32)
         self.offsets = np.empty(K, dtype=np.int32)
         M, table = _insert_all_cpu(keys.reshape(K, d), table, vertex_keys, self.offsets)
+        del keys, table
         self.M = M
-        self.vertex_keys = vertex_keys[:M]
-        self.neighbours = np.empty((d + 1, M, 2), dtype=np.int32)
-        _blur_neighbours_cpu(table, vertex_keys, M, self.neighbours)
-        self.starts = np.zeros(M + 2, dtype=np.int64)
-        self.members = np.empty(K, dtype=np.int64)
-        _group_by_vertex_cpu(self.offsets, M, self.starts, self.members)
-        self.starts = self.starts[: M + 1]
+        self.vertex_keys = vertex_keys[:M].copy()
+        # sorted order: order[u] is the vertex at place u
+        order = _radix_argsort_cpu(key_words(self.vertex_keys))
+        sorted_keys = np.empty_like(self.vertex_keys)
+        _take_rows_cpu(self.vertex_keys, order, sorted_keys)
+        # Blur neighbours: merge the sorted keys with themselves, one step apart.
+        sorted_neighbours = np.zeros((d + 1, M, 2), dtype=np.int32)  # 1 + place; 0 = none
+        _merge_neighbours_cpu(sorted_keys, sorted_neighbours)
+        # Which order should the blur visit the vertices in?  Splat and slice want the order of
+        # first appearance (consecutive pixels, consecutive rows), and the buffers are kept in
+        # it.  For a grid (the spatial kernel) the blur neighbours are close in that order too.
+        # For the bilateral kernel they are scattered (colour steps), while in sorted order a
+        # step along any direction moves every key coordinate by a constant, so the neighbours
+        # lie in a few sliding windows that stay in cache: the blur's first pass then gathers
+        # the buffer into sorted order and its last pass scatters back (3× faster for 5-D).
+        # rows[u]: the buffer row of the vertex the blur visits at place u.
+        buffer_rows = np.concatenate([np.zeros(1, np.int32), (order + 1).astype(np.int32)])
+        self.sorted = (_mean_step(sorted_neighbours, None) * 2
+                       < _mean_step(sorted_neighbours, buffer_rows))
+        if self.sorted:
+            self.rows = buffer_rows[1:]
+            self.neighbours = sorted_neighbours
+        else:  # visit in buffer order: place u is row u + 1
+            self.rows = np.arange(1, M + 1, dtype=np.int32)
+            self.neighbours = np.empty_like(sorted_neighbours)
+            _to_buffer_order_cpu(sorted_neighbours, order, buffer_rows, self.neighbours)
+        self.places = np.arange(1, M + 1, dtype=np.int32)  # rows of the blur-order buffers
+        # the first pass reads the neighbours' rows in ``buf``: for directions 0 and d (first
+        # in the forward and in the transposed filter)
+        self.buffer_neighbours = {j: buffer_rows[self.neighbours[j]] if self.sorted
+                                  else self.neighbours[j] for j in (0, d)}
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
         self._work = {}
         self._lock = threading.Lock()
 
-    def filter(self, values, reverse=False, pre=None, post=None, out=None):
+    def filter(self, values, reverse=False, pre=None, post=None, out=None, base=None):
         """values (N, c) float32 -> (N, c) float32: splat, blur along d+1 directions, slice.
 
         Optional per-point factors: ``pre`` (N,) scales the values before splatting, ``post``
-        (N,) the result; with ``out`` given the result is *added* to it (the CRF's fused
-        message passing: one pass over the pixels instead of four).  float64 values are
-        filtered in float64 (the same linear operator, for gradient checks).
+        (N,) the result; with ``out`` given the result is *added* to it, or to ``base``
+        (N, c) if that is given too, and written to ``out`` (the CRF's fused message passing:
+        one pass over the pixels instead of four).  float64 values are filtered in float64
+        (the same linear operator, for gradient checks).
         """
         dt = np.float64 if values.dtype == np.float64 else np.float32
         values = np.ascontiguousarray(values, dtype=dt)
         ones = None if pre is not None and post is not None else np.ones(self.N, dt)
         pre = ones if pre is None else np.ascontiguousarray(pre, dtype=dt)
         post = ((ones if post is None else post) * self.alpha).astype(dt)
-        accumulate = out is not None
+        if out is not None and base is None:
+            base = out  # accumulate
         if out is None:
             out = np.empty(values.shape, dtype=dt)
         with self._lock:
@@ -341,13 +497,45 @@ class LatticeCPU:
             if private is not None:
                 _splat_scatter_cpu(values, pre, self.bary, self.offsets, private, buf)
             else:
-                _splat_gather_cpu(values, pre, self.bary, self.starts, self.members, buf)
-            directions = range(self.d, -1, -1) if reverse else range(self.d + 1)
-            for j in directions:
-                _blur_direction_cpu(buf, tmp, self.neighbours, j)
-                buf, tmp = tmp, buf
-            _slice_cpu(buf, self.bary, self.offsets, post, accumulate, out)
+                starts, members = self.members_by_vertex()
+                _splat_gather_cpu(values, pre, self.bary, starts, members, buf)
+            blurred = self._blur(buf, tmp, reverse)
+            _slice_cpu(blurred, self.bary, self.offsets, post, base, out)
         return out
+
+    def members_by_vertex(self):
+        """(starts, members): the entries n·(d+1) + r of vertex v are
+        members[starts[v]:starts[v+1]], in point order.  Only the gather splat needs them,
+        so they are made on its first call."""
+        if not hasattr(self, "_members"):
+            starts = np.zeros(self.M + 2, dtype=np.int64)
+            members = np.empty(self.offsets.shape[0], dtype=np.int64)
+            _group_by_vertex_cpu(self.offsets, self.M, starts, members)
+            self._members = starts[: self.M + 1], members
+        return self._members
+
+    def _blur(self, buf, scratch, reverse):
+        """Blur along the d+1 directions (in reverse order for the transposed filter); returns
+        the array holding the result, rows in buffer order like ``buf``.
+
+        Visiting in sorted order: the first pass gathers ``buf`` into sorted order, passes in
+        between alternate the two ``scratch`` arrays, the last scatters back into ``buf``.
+        Visiting in buffer order: the passes alternate ``scratch[0]`` and ``buf``."""
+        directions = list(range(self.d, -1, -1) if reverse else range(self.d + 1))
+        last = len(directions) - 1
+        src, src_rows = buf, self.rows
+        for i, j in enumerate(directions):
+            neighbours = self.buffer_neighbours[j] if i == 0 else self.neighbours[j]
+            if not self.sorted:
+                dst = scratch[0] if i % 2 == 0 else buf
+            elif i == last:
+                dst = buf
+            else:
+                dst = scratch[i % 2]
+            dst_rows = self.rows if self.sorted and i == last else self.places
+            _blur_direction_cpu(src, src_rows, dst, dst_rows, neighbours)
+            src, src_rows = dst, self.places
+        return src
 
     def _work_buffers(self, c, dt):
         """The vertex buffers for c channels of dtype dt, allocated on first use and kept: the
@@ -357,9 +545,10 @@ class LatticeCPU:
         key = (c, np.dtype(dt).str)
         if key not in self._work:
             buf = np.empty((self.M + 1, c), dtype=dt)
-            tmp = np.empty_like(buf)
             buf[0] = 0  # row 0: the "missing neighbour" zero row
-            tmp[0] = 0
+            # scratch for the blur: two arrays if it visits in sorted order with passes
+            # between the first and the last, else one
+            tmp = tuple(np.zeros_like(buf) for _ in range(2 if self.sorted and self.d > 1 else 1))
             # scatter into per-thread copies when the copies are small next to the points' work
             T = numba.get_num_threads()
             copies_bytes = T * self.M * c * np.dtype(dt).itemsize

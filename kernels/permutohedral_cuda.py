@@ -203,7 +203,7 @@ class LatticeCUDA:
         launch(_neighbours_kernel, (d + 1) * M, self.vertex_keys, self.neighbours)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
 
-    def filter(self, values, reverse=False, pre=None, post=None, out=None):
+    def filter(self, values, reverse=False, pre=None, post=None, out=None, base=None):
         xp = self.xp
         dt = xp.float64 if values.dtype == xp.float64 else xp.float32
         values = xp.ascontiguousarray(values, dtype=dt)
@@ -220,5 +220,7 @@ class LatticeCUDA:
         accumulate = out is not None
         if out is None:
             out = xp.empty((self.N, c), dtype=dt)
+        elif base is not None and base is not out:
+            out[...] = base
         launch(_slice_kernel, self.N * c, buf, self.bary, self.offsets, post, accumulate, out)
         return out

@@ -45,7 +45,9 @@ def _exp_f32(x):
     """
     f = np.float32
     x = max(x, f(-87.3))
-    n = math.floor(x * f(1.4426950408889634) + f(0.5))  # round(x / ln 2)
+    # np.floor keeps float32 (math.floor would return an integer, and integer × float32 is
+    # float64 in Numba: the whole polynomial would run in double precision, 4 lanes not 8)
+    n = np.floor(x * f(1.4426950408889634) + f(0.5))  # round(x / ln 2)
     r = x - n * f(0.693145751953125) - n * f(1.428606765330187e-06)
     p = f(1.0 / 720.0)
     p = p * r + f(1.0 / 120.0)

@@ -87,6 +87,24 @@ def test_filter_reuses_its_buffers_and_keeps_results_apart():
     np.testing.assert_array_equal(lattice.filter(u), kept)
 
 
+def expected_neighbours(lattice, places):
+    """Blur neighbours of the vertices the blur visits at ``places``, found by a dict of keys:
+    (place, direction j, side) -> 1 + place of the neighbour, 0 if there is none."""
+    d = lattice.d
+    place_of_vertex = np.empty(lattice.M, np.int64)
+    place_of_vertex[lattice.rows - 1] = np.arange(lattice.M)
+    index = {tuple(k): i for i, k in enumerate(lattice.vertex_keys)}
+    for u in places:
+        key = lattice.vertex_keys[lattice.rows[u] - 1]
+        for j in range(d + 1):
+            step = np.full(d, -1)
+            if j < d:
+                step[j] = d
+            for side, sign in ((0, 1), (1, -1)):
+                v = index.get(tuple(key + sign * step))
+                yield u, j, side, 0 if v is None else place_of_vertex[v] + 1
+
+
 def test_hash_table_growth_keeps_every_vertex():
     """The vertex table starts small and doubles: the vertex count and the filter must not
     depend on it (many vertices per point: spread-out features)."""
@@ -100,16 +118,36 @@ def test_hash_table_growth_keeps_every_vertex():
     P._simplices_cpu(f, P.elevation_scale(3), P.canonical_simplex(3), keys, bary)
     assert lattice.M == len({tuple(k) for k in keys.reshape(-1, 3)})
     assert lattice.M > 997  # the table (1024 slots at first) had to grow twice
-    # every vertex's blur neighbours, looked up in the grown table, as a dict finds them
-    index = {tuple(k): i for i, k in enumerate(lattice.vertex_keys)}
-    for v, key in enumerate(lattice.vertex_keys[:300]):
-        for j in range(4):
-            step = np.full(3, -1)
-            if j < 3:
-                step[j] = 3
-            for side, sign in ((0, 1), (1, -1)):
-                expected = index.get(tuple(key + sign * step), -1) + 1
-                assert lattice.neighbours[j, v, side] == expected
+    for u, j, side, expected in expected_neighbours(lattice, range(300)):
+        assert lattice.neighbours[j, u, side] == expected
+
+
+@pytest.mark.parametrize("d, scale, sorted_order", [(1, 7.0, None), (2, 1.0, False),
+                                                     (5, 3.0, True), (4, 1e6, None)])
+def test_blur_neighbours_by_merging_sorted_keys(d, scale, sorted_order):
+    """Neighbours found by merging the sorted keys equal a dictionary lookup, in both blur
+    orders (sorted: scattered 5-D features; buffer order: a pixel grid) and with keys too
+    wide to pack into 62 bits (lexsort)."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(d)
+    if d == 2:  # a grid, as the spatial kernel: first appearance is already local
+        f = np.stack(np.mgrid[0:37, 0:53], -1).reshape(-1, 2).astype(np.float32) / 1.5
+    else:
+        f = (rng.random((1501, d)) * scale).astype(np.float32)
+    lattice = P.LatticeCPU(f)
+    if sorted_order is not None:
+        assert lattice.sorted == sorted_order
+    assert sorted(lattice.rows) == list(range(1, lattice.M + 1))  # a permutation of the rows
+    places = rng.choice(lattice.M, min(lattice.M, 400), replace=False)
+    found = 0
+    for u, j, side, expected in expected_neighbours(lattice, places):
+        assert lattice.neighbours[j, u, side] == expected
+        found += expected > 0
+    assert found > 0
+    if scale == 1e6:  # ranges wider than 62 bits in all: the lexsort path
+        span = lattice.vertex_keys.max(0).astype(np.int64) - lattice.vertex_keys.min(0)
+        assert sum(int(s).bit_length() for s in span) > 62
 
 
 @pytest.mark.parametrize("copies", [0, 1, 2])
@@ -123,7 +161,8 @@ def test_splat_by_scatter_equals_splat_by_gather(copies):
     v, pre = rng.random((2001, 3)).astype(np.float32), rng.random(2001).astype(np.float32)
     lattice = P.LatticeCPU(f)
     gathered = np.zeros((lattice.M + 1, 3), np.float32)
-    P._splat_gather_cpu(v, pre, lattice.bary, lattice.starts, lattice.members, gathered)
+    starts, members = lattice.members_by_vertex()
+    P._splat_gather_cpu(v, pre, lattice.bary, starts, members, gathered)
     scattered = np.full_like(gathered, np.nan)
     private = np.full((copies, lattice.M + 1, 3), np.nan, np.float32)
     P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, private, scattered)
@@ -221,11 +260,13 @@ def test_matches_pydensecrf_on_real_photographs(n):
 
 def test_unary_helpers_match_pydensecrf():
     rng = np.random.default_rng(0)
-    probs = rng.random((4, 5, 6)).astype(np.float32)
-    probs /= probs.sum(0)
-    for kw in ({}, {"scale": 0.9}, {"clip": None}):
-        np.testing.assert_allclose(crf.unary_from_softmax(probs, **kw),
-                                   dcrf_utils.unary_from_softmax(probs, **kw), rtol=1e-6)
+    for dtype in (np.float32, np.float64):  # the same float32 bits, whatever the input dtype
+        probs = rng.random((4, 5, 6)).astype(dtype)
+        probs /= probs.sum(0)
+        for kw in ({}, {"scale": 0.9}, {"clip": None}):
+            ours = crf.unary_from_softmax(probs, **kw)
+            assert ours.dtype == np.float32 and ours.shape == (4, 30)
+            np.testing.assert_array_equal(ours, dcrf_utils.unary_from_softmax(probs, **kw))
     labels = rng.integers(0, 5, (5, 6))
     for zero_unsure in (True, False):
         n = 4 if zero_unsure else 5

@@ -102,9 +102,10 @@ class PermutohedralLattice:
         out = self._impl.filter(values, reverse)
         return out[:, 0] if vector else out
 
-    def _filter(self, values, pre=None, post=None, out=None):
-        """Fused form for the CRF: out (+)= post ⊙ filter(pre ⊙ values), all (N, c)/(N,)."""
-        return self._impl.filter(values, False, pre, post, out)
+    def _filter(self, values, pre=None, post=None, out=None, base=None):
+        """Fused form for the CRF: out (+)= post ⊙ filter(pre ⊙ values), all (N, c)/(N,);
+        with ``base``: out = base + post ⊙ filter(pre ⊙ values)."""
+        return self._impl.filter(values, False, pre, post, out, base)
 
 
 class _Pairwise:
@@ -130,12 +131,15 @@ class _Pairwise:
         self.pre = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else ones
         self.post = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else ones
 
-    def add_message(self, Q, logits):
-        """Add this kernel's contribution to the log-potentials: logits (N, C) += f(Q)."""
+    def add_message(self, Q, logits, base=None):
+        """Add this kernel's contribution to the log-potentials: logits (N, C) += f(Q), or
+        logits = base + f(Q) when ``base`` is given."""
         pre, post, (kind, w) = self.pre, self.post, self.compat
         if kind == "potts":  # +w · k̃Q: the weight rides along with the output scaling
-            self.lattice._filter(Q, pre, post * w, out=logits)
+            self.lattice._filter(Q, pre, post * w, out=logits, base=base)
             return
+        if base is not None:
+            logits[...] = base
         x = self.lattice._filter(Q, pre, post)
         # Signs as in densecrf (checked against pydensecrf): a Potts weight w rewards agreeing
         # with the neighbours (+w·x above); a diagonal or full compatibility μ is an energy
@@ -219,9 +223,10 @@ class DenseCRF:
         Q = softmax_rows(neg_unary, xp.empty_like(neg_unary), cuda)
         logits = xp.empty_like(neg_unary)
         for _ in range(int(n_iterations)):
-            logits[...] = neg_unary
-            for p in self.pairwise:
-                p.add_message(Q, logits)
+            for i, p in enumerate(self.pairwise):  # the first starts from the unary
+                p.add_message(Q, logits, base=neg_unary if i == 0 else None)
+            if not self.pairwise:
+                logits[...] = neg_unary
             softmax_rows(logits, Q, cuda)
         return xp.ascontiguousarray(Q.T) if cuda else transpose(Q)
 
@@ -293,10 +298,13 @@ def unary_from_softmax(sm, scale=None, clip=1e-5):
     if scale is not None:
         if not 0 < scale <= 1:
             raise ValueError(f"scale must be in (0, 1], got {scale}")
-        sm = scale * sm + (1 - scale) / C  # mix with the uniform distribution
-    if clip is not None:
-        sm = xp.clip(sm, clip, 1.0)
-    return (-xp.log(sm)).reshape(C, -1).astype(xp.float32)
+        # mix with the uniform distribution, in float64 as pydensecrf (its uniform is float64)
+        sm = scale * sm + (1 - scale) * xp.full(sm.shape, 1.0 / C)
+    # −log(clip(sm)) computed in sm's dtype (as pydensecrf) in one new array, then float32
+    U = xp.clip(sm, clip, 1.0) if clip is not None else sm.copy()
+    xp.log(U, out=U)
+    xp.negative(U, out=U)
+    return U.reshape(C, -1).astype(xp.float32, copy=False)
 
 
 def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
