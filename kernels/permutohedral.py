@@ -112,7 +112,11 @@ def _simplices(features, scale, canonical, keys, bary):
             bary[n, k] = b[k]
 
 
-# ---- CPU: distinct vertices by a hash table (serial insert) ---------------------------------------
+# ---- CPU: distinct vertices by hash tables, one per thread --------------------------------------
+# The N·(d+1) simplex corners name far fewer distinct vertices.  Each thread owns the keys whose
+# hash falls in its part and numbers them in its own table; the parts are then merged so that
+# the vertices are numbered in order of first appearance, whatever the number of threads
+# (neighbouring pixels get neighbouring rows, which splat and slice want).
 def _hash(key):
     h = np.uint64(0)
     for i in range(key.shape[0]):
@@ -120,24 +124,34 @@ def _hash(key):
     return h
 
 
-def _insert_all(keys, table, vertex_keys, offsets):
-    # keys (K, d): give each distinct key a vertex index, in order of first appearance.
-    # Returns (M, table).  The table starts small and doubles whenever it is half full: a table
-    # sized for the worst case (every point its own d+1 vertices) would be 10-20× too large
-    # and every probe a cache miss.
+def _part_of(h, parts):
+    # the table slot uses the low bits of the hash, the part the high ones
+    return np.int64((h >> np.uint64(40)) % np.uint64(parts))
+
+
+def _insert_part(keys, part, parts, table, vertex_keys, first, local):
+    # The keys (K, d) of this part: a local vertex index each, in order of first appearance;
+    # first[m] = the entry where local vertex m first appears; local[e] = m · parts + part.
+    # Returns (M, table).  The table starts small and doubles whenever it is half full: a
+    # table sized for the worst case (every point its own d+1 vertices) would be 10-20× too
+    # large and every probe a cache miss.
     M = 0
     for e in range(keys.shape[0]):
+        key = keys[e]
+        h = _hash(key)
+        if _part_of(h, parts) != part:
+            continue
         if 2 * (M + 1) > table.shape[0]:
             table = _grow(table, vertex_keys, M)
         mask = np.uint64(table.shape[0] - 1)
-        key = keys[e]
-        slot = _hash(key) & mask
+        slot = h & mask
         while True:
             v = table[slot]
             if v == EMPTY:
                 table[slot] = M
                 vertex_keys[M] = key
-                offsets[e] = M
+                first[M] = e
+                local[e] = M * parts + part
                 M += 1
                 break
             same = True
@@ -146,10 +160,42 @@ def _insert_all(keys, table, vertex_keys, offsets):
                     same = False
                     break
             if same:
-                offsets[e] = v
+                local[e] = v * parts + part
                 break
             slot = (slot + np.uint64(1)) & mask
     return M, table
+
+
+def _insert_all(keys, table_size, part_keys, part_first, counts, local):
+    for part in prange(counts.shape[0]):
+        table = np.full(table_size, EMPTY, dtype=np.int32)
+        counts[part], table = _insert_part(keys, part, counts.shape[0], table, part_keys[part],
+                                           part_first[part], local)
+
+
+def _merge_parts(part_keys, part_first, counts, vertex_keys, number):
+    # number[part, m]: the global vertex index of local vertex m — the parts' vertices merged
+    # in order of first appearance (each part's are in that order already); their keys are
+    # copied to vertex_keys.  Returns M.
+    parts = counts.shape[0]
+    head = np.zeros(parts, dtype=np.int64)
+    M = counts.sum()
+    for v in range(M):
+        best = -1
+        for part in range(parts):
+            if head[part] < counts[part] and (
+                    best < 0 or part_first[part, head[part]] < part_first[best, head[best]]):
+                best = part
+        number[best, head[best]] = v
+        vertex_keys[v] = part_keys[best, head[best]]
+        head[best] += 1
+    return M
+
+
+def _global_offsets(local, number, offsets):
+    parts = number.shape[0]
+    for e in prange(local.shape[0]):
+        offsets[e] = number[local[e] % parts, local[e] // parts]
 
 
 def _grow(table, vertex_keys, M):
@@ -172,8 +218,10 @@ def key_words(keys):
     """Pack the (K, d) int32 keys into (K, W) int64 words, as few as the coordinates' ranges
     allow (one for images: ranges of a few thousand), coordinate 0 in the highest bits of
     word 0, so that sorting the rows of words sorts the keys lexicographically."""
-    low = keys.min(axis=0).astype(np.int64)
-    bits = [max(1, int(span).bit_length()) for span in keys.max(axis=0).astype(np.int64) - low]
+    low = np.empty(keys.shape[1], dtype=np.int64)
+    high = np.empty(keys.shape[1], dtype=np.int64)
+    _key_ranges_cpu(keys, low, high)
+    bits = [max(1, int(span).bit_length()) for span in high - low]
     groups = [[]]  # the coordinates of each word
     for i, b in enumerate(bits):
         if sum(bits[k] for k in groups[-1]) + b > 63:
@@ -189,6 +237,16 @@ def key_words(keys):
     words = np.empty((keys.shape[0], len(groups)), dtype=np.int64)
     _pack_words_cpu(keys, low, word_of, shift_of, words)
     return words
+
+
+def _key_ranges(keys, low, high):
+    # per coordinate (NumPy's min(axis=0) on a tall, narrow array is ten times slower)
+    low[:] = keys[0]
+    high[:] = keys[0]
+    for e in range(keys.shape[0]):
+        for i in range(keys.shape[1]):
+            low[i] = min(low[i], keys[e, i])
+            high[i] = max(high[i], keys[e, i])
 
 
 def _pack_words(keys, low, word_of, shift_of, words):
@@ -339,28 +397,68 @@ def _splat_gather(values, pre, bary, starts, members, buf):
                 buf[v + 1, k] += w * values[n, k]
 
 
-def _splat_scatter(values, pre, bary, offsets, private, buf):
-    # The same sum in point order: thread t scatters a contiguous block of points into a
-    # buffer of its own (thread 0 into buf itself, thread t ≥ 1 into private[t − 1]), reading
-    # values sequentially; then the private copies are added into buf.  Faster when there are
-    # few vertices per point (wide kernels).
-    T = private.shape[0] + 1
-    M1, c = buf.shape
-    N, d1 = bary.shape
+def _point_block_rows(offsets, d1, low, high):
+    # low[t], high[t]: the lowest and highest buffer row that point block t splats into
+    T = low.shape[0]
+    N = offsets.shape[0] // d1
     for t in prange(T):
-        p = buf if t == 0 else private[t - 1]
-        p[:] = 0
+        lo, hi = offsets.shape[0] + 1, 0
+        for e in range(t * N // T * d1, (t + 1) * N // T * d1):
+            lo = min(lo, offsets[e] + 1)
+            hi = max(hi, offsets[e] + 1)
+        low[t], high[t] = lo, hi
+
+
+def scatter_plan(offsets, d1, M, T):
+    """(low, ends, start) for _splat_scatter with T point blocks: block t writes rows
+    low[t].., owns rows ends[t]+1..ends[t+1] and keeps its rows low[t]..ends[t] in private
+    rows start[t]..start[t+1]−1; start[T] private rows in all."""
+    low, high = np.empty(T, np.int64), np.empty(T, np.int64)
+    _point_block_rows_cpu(offsets, d1, low, high)
+    ends = np.zeros(T + 1, np.int64)
+    for t in range(T):
+        ends[t + 1] = max(ends[t], high[t])
+    ends[T] = M
+    start = np.zeros(T + 1, np.int64)
+    for t in range(1, T):
+        start[t + 1] = start[t] + max(0, ends[t] - low[t] + 1)
+    return low, ends, start
+
+
+def _splat_scatter(values, pre, bary, offsets, low, ends, start, private, buf):
+    # The same sum in point order: thread t splats the contiguous block t of points, reading
+    # values sequentially.  Vertices are numbered in order of first appearance, so block t
+    # writes rows from low[t] up, and rows above ends[t] (the highest row of the blocks before
+    # it) are written by no earlier block: those it owns, zeroes and writes in buf directly;
+    # its rows low[t]..ends[t] go to its part of private (rows start[t]..start[t+1]−1) and
+    # are added into buf at the end.  For a pixel grid that band is a row of the image or
+    # two, for the bilateral kernel a fifth of the vertices.
+    T = low.shape[0]
+    N, d1 = bary.shape
+    c = buf.shape[1]
+    for t in prange(T):
+        for row in range(ends[t] + 1, ends[t + 1] + 1):
+            for k in range(c):
+                buf[row, k] = 0
+        for i in range(start[t], start[t + 1]):
+            for k in range(c):
+                private[i, k] = 0
+        shared, shift = ends[t], start[t] - low[t]
         for n in range(t * N // T, (t + 1) * N // T):
             s = pre[n]
             for r in range(d1):
                 w = bary[n, r] * s
                 row = offsets[n * d1 + r] + 1
-                for k in range(c):
-                    p[row, k] += w * values[n, k]
-    for v in prange(1, M1):
-        for t in range(T - 1):
+                if row > shared:
+                    for k in range(c):
+                        buf[row, k] += w * values[n, k]
+                else:
+                    for k in range(c):
+                        private[shift + row, k] += w * values[n, k]
+    for t in range(1, T):
+        for row in prange(low[t], ends[t] + 1):
             for k in range(c):
-                buf[v, k] += private[t, v, k]
+                buf[row, k] += private[start[t] + row - low[t], k]
 
 
 def _blur_direction(src, src_rows, dst, dst_rows, neighbours):
@@ -407,7 +505,12 @@ _round_half_even = njit(inline="always", cache=True)(_round_half_even)
 _hash = njit(inline="always", cache=True)(_hash)
 _simplices_cpu = parallel_njit(_simplices)
 _grow = njit(cache=True)(_grow)
-_insert_all_cpu = njit(cache=True)(_insert_all)
+_part_of = njit(inline="always", cache=True)(_part_of)
+_insert_part = njit(cache=True)(_insert_part)
+_insert_all_cpu = parallel_njit(_insert_all)
+_merge_parts_cpu = njit(cache=True)(_merge_parts)
+_global_offsets_cpu = parallel_njit(_global_offsets)
+_key_ranges_cpu = njit(cache=True)(_key_ranges)
 _pack_words_cpu = parallel_njit(_pack_words)
 _radix_argsort_cpu = njit(cache=True)(_radix_argsort)
 _take_rows_cpu = parallel_njit(_take_rows)
@@ -417,6 +520,7 @@ _mean_step = njit(cache=True)(_mean_step)
 _to_buffer_order_cpu = parallel_njit(_to_buffer_order)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
 _splat_gather_cpu = parallel_njit(_splat_gather)
+_point_block_rows_cpu = parallel_njit(_point_block_rows)
 _splat_scatter_cpu = parallel_njit(_splat_scatter)
 _blur_direction_cpu = parallel_njit(_blur_direction)
 _slice_cpu = parallel_njit(_slice)
@@ -433,13 +537,20 @@ class LatticeCPU:
         self.bary = np.empty((N, d + 1), dtype=np.float32)
         _simplices_cpu(features, elevation_scale(d), canonical_simplex(d), keys, self.bary)
         K = N * (d + 1)
-        table = np.full(1 << max(4, int(np.ceil(np.log2(N)))), EMPTY, dtype=np.int32)
-        vertex_keys = np.empty((K, d), dtype=np.int32)
+        parts = numba.get_num_threads()
+        part_keys = np.empty((parts, K, d), dtype=np.int32)  # pages touched only as used
+        part_first = np.empty((parts, K), dtype=np.int32)
+        counts = np.zeros(parts, dtype=np.int64)
+        local = np.empty(K, dtype=np.int32)
+        table_size = 1 << max(4, int(np.ceil(np.log2(max(N // parts, 1)))))
+        _insert_all_cpu(keys.reshape(K, d), table_size, part_keys, part_first, counts, local)
+        del keys
+        number = np.empty((parts, int(counts.max())), dtype=np.int32)
+        self.vertex_keys = np.empty((int(counts.sum()), d), dtype=np.int32)
+        self.M = M = _merge_parts_cpu(part_keys, part_first, counts, self.vertex_keys, number)
+        del part_keys, part_first
         self.offsets = np.empty(K, dtype=np.int32)
-        M, table = _insert_all_cpu(keys.reshape(K, d), table, vertex_keys, self.offsets)
-        del keys, table
-        self.M = M
-        self.vertex_keys = vertex_keys[:M].copy()
+        _global_offsets_cpu(local, number, self.offsets)
         # sorted order: order[u] is the vertex at place u
         order = _radix_argsort_cpu(key_words(self.vertex_keys))
         sorted_keys = np.empty_like(self.vertex_keys)
@@ -472,6 +583,7 @@ class LatticeCPU:
                                   else self.neighbours[j] for j in (0, d)}
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
         self._work = {}
+        self._band_plans = {}
         self._lock = threading.Lock()
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None, base=None):
@@ -495,7 +607,8 @@ class LatticeCPU:
         with self._lock:
             buf, tmp, private = self._work_buffers(values.shape[1], dt)
             if private is not None:
-                _splat_scatter_cpu(values, pre, self.bary, self.offsets, private, buf)
+                _splat_scatter_cpu(values, pre, self.bary, self.offsets, *self._bands(),
+                                   private, buf)
             else:
                 starts, members = self.members_by_vertex()
                 _splat_gather_cpu(values, pre, self.bary, starts, members, buf)
@@ -542,18 +655,25 @@ class LatticeCPU:
         CRF filters with the same lattice every iteration, and fresh tens of megabytes each
         time cost more in page faults than the blur itself.  (So filter one lattice from one
         thread at a time — ``_lock`` sees to that.)"""
-        key = (c, np.dtype(dt).str)
+        key = (c, np.dtype(dt).str, numba.get_num_threads())
         if key not in self._work:
             buf = np.empty((self.M + 1, c), dtype=dt)
             buf[0] = 0  # row 0: the "missing neighbour" zero row
             # scratch for the blur: two arrays if it visits in sorted order with passes
             # between the first and the last, else one
             tmp = tuple(np.zeros_like(buf) for _ in range(2 if self.sorted and self.d > 1 else 1))
-            # scatter into per-thread copies when the copies are small next to the points' work
-            T = numba.get_num_threads()
-            copies_bytes = T * self.M * c * np.dtype(dt).itemsize
+            # splat by scatter, unless its shared rows would need more than one copy of the
+            # buffer (or 256 MB): then by gather
+            rows = self._bands()[2][-1]
             private = None
-            if T * self.M < 0.25 * self.N * (self.d + 1) and copies_bytes <= 256 << 20:
-                private = np.empty((T - 1, self.M + 1, c), dtype=dt)  # thread 0 uses buf
+            if rows <= self.M and rows * c * np.dtype(dt).itemsize <= 256 << 20:
+                private = np.empty((rows, c), dtype=dt)
             self._work[key] = (buf, tmp, private)
         return self._work[key]
+
+    def _bands(self):
+        """scatter_plan for the current number of threads, made once."""
+        T = numba.get_num_threads()
+        if T not in self._band_plans:
+            self._band_plans[T] = scatter_plan(self.offsets, self.d + 1, self.M, T)
+        return self._band_plans[T]

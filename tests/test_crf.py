@@ -150,22 +150,34 @@ def test_blur_neighbours_by_merging_sorted_keys(d, scale, sorted_order):
         assert sum(int(s).bit_length() for s in span) > 62
 
 
-@pytest.mark.parametrize("copies", [0, 1, 2])
-def test_splat_by_scatter_equals_splat_by_gather(copies):
-    """The two splat kernels (per-thread copies in point order; per-vertex gather) give the
-    same vertex sums, for 1, 2 and 3 threads' worth of blocks."""
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("grid", [False, True])
+def test_splat_by_scatter_equals_splat_by_gather(blocks, grid):
+    """The two splat kernels (point blocks that share only a band of rows; per-vertex
+    gather) give the same vertex sums, for 1-7 blocks, on scattered features (wide bands)
+    and a pixel grid (narrow bands)."""
     from tinydeeplab.kernels import permutohedral as P
 
     rng = np.random.default_rng(4)
-    f = (rng.random((2001, 5)) * [20, 20, 2, 2, 2]).astype(np.float32)
-    v, pre = rng.random((2001, 3)).astype(np.float32), rng.random(2001).astype(np.float32)
+    if grid:
+        f = np.stack(np.mgrid[0:29, 0:69], -1).reshape(-1, 2).astype(np.float32) / 2.5
+    else:
+        f = (rng.random((2001, 5)) * [20, 20, 2, 2, 2]).astype(np.float32)
+    N = f.shape[0]
+    v, pre = rng.random((N, 3)).astype(np.float32), rng.random(N).astype(np.float32)
     lattice = P.LatticeCPU(f)
     gathered = np.zeros((lattice.M + 1, 3), np.float32)
     starts, members = lattice.members_by_vertex()
     P._splat_gather_cpu(v, pre, lattice.bary, starts, members, gathered)
+    low, ends, start = P.scatter_plan(lattice.offsets, lattice.d + 1, lattice.M, blocks)
+    assert ends[0] == 0 and ends[-1] == lattice.M and (np.diff(ends) >= 0).all()
+    if grid and blocks > 1:  # neighbouring blocks share about a row of the image
+        assert 0 < start[-1] < 3 * 69 * (blocks - 1)
     scattered = np.full_like(gathered, np.nan)
-    private = np.full((copies, lattice.M + 1, 3), np.nan, np.float32)
-    P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, private, scattered)
+    scattered[0] = 0
+    private = np.full((start[-1], 3), np.nan, np.float32)
+    P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, low, ends, start, private,
+                         scattered)
     np.testing.assert_allclose(scattered[1:], gathered[1:], rtol=1e-5, atol=1e-6)
 
 
