@@ -214,14 +214,17 @@ def _grow(table, vertex_keys, M):
 RADIX_BITS = 11  # 2048 buckets: the counts stay in the L1 cache
 
 
-def key_words(keys):
+def key_words(keys, margin=0):
     """Pack the (K, d) int32 keys into (K, W) int64 words, as few as the coordinates' ranges
     allow (one for images: ranges of a few thousand), coordinate 0 in the highest bits of
-    word 0, so that sorting the rows of words sorts the keys lexicographically."""
+    word 0, so that sorting the rows of words sorts the keys lexicographically.  Each field
+    holds key − lowest + margin and has room for margin more above the highest: a key moved
+    by up to ±margin per coordinate still packs (and compares) by adding to the words.
+    Returns (words, word_of, shift_of): coordinate i is at bit shift_of[i] of word word_of[i]."""
     low = np.empty(keys.shape[1], dtype=np.int64)
     high = np.empty(keys.shape[1], dtype=np.int64)
     _key_ranges_cpu(keys, low, high)
-    bits = [max(1, int(span).bit_length()) for span in high - low]
+    bits = [max(1, int(span).bit_length()) for span in high - low + 2 * margin]
     groups = [[]]  # the coordinates of each word
     for i, b in enumerate(bits):
         if sum(bits[k] for k in groups[-1]) + b > 63:
@@ -235,8 +238,8 @@ def key_words(keys):
             word_of[i], shift_of[i] = w, shift
             shift += bits[i]
     words = np.empty((keys.shape[0], len(groups)), dtype=np.int64)
-    _pack_words_cpu(keys, low, word_of, shift_of, words)
-    return words
+    _pack_words_cpu(keys, low - margin, word_of, shift_of, words)
+    return words, word_of, shift_of
 
 
 def _key_ranges(keys, low, high):
@@ -312,6 +315,23 @@ def _compare_step(keys, w, u, j):
         if keys[w, i] != target:
             return -1 if keys[w, i] < target else 1
     return 0
+
+
+def _merge_neighbours_packed(sorted_words, steps, neighbours):
+    # _merge_neighbours on keys packed in one word each (key_words with margin d):
+    # key + step_j packs to word + steps[j], and words compare as the keys do.
+    M = sorted_words.shape[0]
+    for j in prange(neighbours.shape[0]):
+        w = 0
+        for u in range(M):
+            target = sorted_words[u] + steps[j]
+            while w < M and sorted_words[w] < target:
+                w += 1
+            if w == M:
+                break
+            if sorted_words[w] == target:
+                neighbours[j, u, 0] = w + 1
+                neighbours[j, w, 1] = u + 1
 
 
 def _merge_neighbours(sorted_keys, neighbours):
@@ -516,6 +536,7 @@ _radix_argsort_cpu = njit(cache=True)(_radix_argsort)
 _take_rows_cpu = parallel_njit(_take_rows)
 _compare_step = njit(inline="always", cache=True)(_compare_step)
 _merge_neighbours_cpu = parallel_njit(_merge_neighbours)
+_merge_neighbours_packed_cpu = parallel_njit(_merge_neighbours_packed)
 _mean_step = njit(cache=True)(_mean_step)
 _to_buffer_order_cpu = parallel_njit(_to_buffer_order)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
@@ -551,13 +572,19 @@ class LatticeCPU:
         del part_keys, part_first
         self.offsets = np.empty(K, dtype=np.int32)
         _global_offsets_cpu(local, number, self.offsets)
-        # sorted order: order[u] is the vertex at place u
-        order = _radix_argsort_cpu(key_words(self.vertex_keys))
-        sorted_keys = np.empty_like(self.vertex_keys)
-        _take_rows_cpu(self.vertex_keys, order, sorted_keys)
-        # Blur neighbours: merge the sorted keys with themselves, one step apart.
+        # Blur neighbours: sort the keys (order[u]: the vertex at place u) and merge them
+        # with themselves, one step apart.
+        words, word_of, shift_of = key_words(self.vertex_keys, margin=d)
+        order = _radix_argsort_cpu(words)
         sorted_neighbours = np.zeros((d + 1, M, 2), dtype=np.int32)  # 1 + place; 0 = none
-        _merge_neighbours_cpu(sorted_keys, sorted_neighbours)
+        if words.shape[1] == 1:  # compare packed words
+            steps = np.array([sum((d if i == j else -1) << int(shift_of[i]) for i in range(d))
+                              for j in range(d + 1)], dtype=np.int64)
+            _merge_neighbours_packed_cpu(words[order, 0], steps, sorted_neighbours)
+        else:  # keys too wide to pack in one word: compare coordinates
+            sorted_keys = np.empty_like(self.vertex_keys)
+            _take_rows_cpu(self.vertex_keys, order, sorted_keys)
+            _merge_neighbours_cpu(sorted_keys, sorted_neighbours)
         # Which order should the blur visit the vertices in?  Splat and slice want the order of
         # first appearance (consecutive pixels, consecutive rows), and the buffers are kept in
         # it.  For a grid (the spatial kernel) the blur neighbours are close in that order too.
