@@ -22,9 +22,13 @@ Transposed filter ("reverse", used for gradients): splat and slice are each othe
 transposes and each blur step is symmetric, so the transpose only reverses the order of the
 blur directions.
 
-Vertices are deduplicated with a hash table on their first d coordinates (the last follows from
-the zero sum).  Keys are int32, so features up to ~10^8 / d cannot overflow — pydensecrf uses
-16-bit keys, which wrap for large images with small spatial widths.
+Vertices are keyed by their first d coordinates (the last follows from the zero sum) and
+deduplicated with hash tables, one per thread, numbered in order of first appearance (so that
+the pixels of one image row use nearby vertex rows).  Blur neighbours come from sorting the keys
+and merging the sorted list with itself shifted by one lattice step — sequential reads where
+one hash lookup per neighbour was a cache miss.  Keys are int32, so features up to ~10^8 / d
+cannot overflow — pydensecrf uses 16-bit keys, which wrap for large images with small spatial
+widths.
 The arithmetic of steps 1-3 is float32 in the order of Krähenbühl's densecrf as pydensecrf
 builds it on x86 (its SSE path: ties round to even), so that points land in the same simplices.
 """
@@ -560,26 +564,47 @@ class LatticeCPU:
         keys = np.empty((N, d + 1, d), dtype=np.int32)
         self.bary = np.empty((N, d + 1), dtype=np.float32)
         _simplices_cpu(features, elevation_scale(d), canonical_simplex(d), keys, self.bary)
-        K = N * (d + 1)
+        self._number_vertices(keys.reshape(N * (d + 1), d))
+        self._plan_blur()
+        self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
+        self._work = {}
+        self._band_plans = {}
+        self._lock = threading.Lock()
+
+    def _number_vertices(self, keys):
+        """M, vertex_keys (M, d) and offsets (K,): the vertex of each of the K = N·(d+1)
+        simplex corners, vertices numbered in order of first appearance."""
+        K, d = keys.shape
         parts = numba.get_num_threads()
         part_keys = np.empty((parts, K, d), dtype=np.int32)  # pages touched only as used
         part_first = np.empty((parts, K), dtype=np.int32)
         counts = np.zeros(parts, dtype=np.int64)
         local = np.empty(K, dtype=np.int32)
-        table_size = 1 << max(4, int(np.ceil(np.log2(max(N // parts, 1)))))
-        _insert_all_cpu(keys.reshape(K, d), table_size, part_keys, part_first, counts, local)
-        del keys
+        table_size = 1 << max(4, int(np.ceil(np.log2(max(self.N // parts, 1)))))
+        _insert_all_cpu(keys, table_size, part_keys, part_first, counts, local)
         number = np.empty((parts, int(counts.max())), dtype=np.int32)
         self.vertex_keys = np.empty((int(counts.sum()), d), dtype=np.int32)
-        self.M = M = _merge_parts_cpu(part_keys, part_first, counts, self.vertex_keys, number)
-        del part_keys, part_first
+        self.M = _merge_parts_cpu(part_keys, part_first, counts, self.vertex_keys, number)
         self.offsets = np.empty(K, dtype=np.int32)
         _global_offsets_cpu(local, number, self.offsets)
-        # Blur neighbours: sort the keys (order[u]: the vertex at place u) and merge them
-        # with themselves, one step apart.
+
+    def _plan_blur(self):
+        """The blur's neighbour tables and the order it visits the vertices in.
+
+        Neighbours: sort the keys (order[u]: the vertex at sorted place u) and merge them with
+        themselves, one step apart.  Order: splat and slice want the order of first appearance
+        (consecutive pixels, consecutive rows), and the buffers are kept in it.  For a grid (the
+        spatial kernel) the blur neighbours are close in that order too.  For the bilateral
+        kernel they are scattered (colour steps), while in sorted order a step along any
+        direction moves every key coordinate by a constant, so the neighbours lie in a few
+        sliding windows that stay in cache: the blur's first pass then gathers the buffer into
+        sorted order and its last pass scatters back (3× faster for 5-D).
+        rows[u]: the buffer row of the vertex the blur visits at place u; neighbours[j, u]:
+        1 + the places of its neighbours along direction j (0: none)."""
+        M, d = self.M, self.d
         words, word_of, shift_of = key_words(self.vertex_keys, margin=d)
         order = _radix_argsort_cpu(words)
-        sorted_neighbours = np.zeros((d + 1, M, 2), dtype=np.int32)  # 1 + place; 0 = none
+        sorted_neighbours = np.zeros((d + 1, M, 2), dtype=np.int32)
         if words.shape[1] == 1:  # compare packed words
             steps = np.array([sum((d if i == j else -1) << int(shift_of[i]) for i in range(d))
                               for j in range(d + 1)], dtype=np.int64)
@@ -588,14 +613,6 @@ class LatticeCPU:
             sorted_keys = np.empty_like(self.vertex_keys)
             _take_rows_cpu(self.vertex_keys, order, sorted_keys)
             _merge_neighbours_cpu(sorted_keys, sorted_neighbours)
-        # Which order should the blur visit the vertices in?  Splat and slice want the order of
-        # first appearance (consecutive pixels, consecutive rows), and the buffers are kept in
-        # it.  For a grid (the spatial kernel) the blur neighbours are close in that order too.
-        # For the bilateral kernel they are scattered (colour steps), while in sorted order a
-        # step along any direction moves every key coordinate by a constant, so the neighbours
-        # lie in a few sliding windows that stay in cache: the blur's first pass then gathers
-        # the buffer into sorted order and its last pass scatters back (3× faster for 5-D).
-        # rows[u]: the buffer row of the vertex the blur visits at place u.
         buffer_rows = np.concatenate([np.zeros(1, np.int32), (order + 1).astype(np.int32)])
         self.sorted = (_mean_step(sorted_neighbours, None) * 2
                        < _mean_step(sorted_neighbours, buffer_rows))
@@ -611,10 +628,6 @@ class LatticeCPU:
         # in the forward and in the transposed filter)
         self.buffer_neighbours = {j: buffer_rows[self.neighbours[j]] if self.sorted
                                   else self.neighbours[j] for j in (0, d)}
-        self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
-        self._work = {}
-        self._band_plans = {}
-        self._lock = threading.Lock()
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None, base=None):
         """values (N, c) float32 -> (N, c) float32: splat, blur along d+1 directions, slice.

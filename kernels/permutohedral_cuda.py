@@ -109,7 +109,8 @@ def _find(keys, probe):
 
 @cuda.jit
 def _neighbours_kernel(vertex_keys, neighbours):
-    # one thread per (direction j, vertex v); see _blur_neighbours in permutohedral.py
+    # one thread per (direction j, vertex v): a binary search of the sorted keys for each
+    # neighbour (the CPU lattice merges the sorted keys with themselves instead)
     t = cuda.grid(1)
     M, d = vertex_keys.shape
     if t >= (d + 1) * M:
