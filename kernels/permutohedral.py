@@ -139,7 +139,7 @@ def _part_of(h, parts):
 def _insert_part(keys, part, parts, table, vertex_keys, first, local):
     # The keys (K, d) of this part: a local vertex index each, in order of first appearance;
     # first[m] = the entry where local vertex m first appears; local[e] = m · parts + part.
-    # Returns (M, table).  The table starts small and doubles whenever it is half full: a
+    # Returns (M, table), M = −1 if vertex_keys is full.  The table starts small and doubles whenever it is half full: a
     # table sized for the worst case (every point its own d+1 vertices) would be 10-20× too
     # large and every probe a cache miss.
     M = 0
@@ -155,6 +155,8 @@ def _insert_part(keys, part, parts, table, vertex_keys, first, local):
         while True:
             v = table[slot]
             if v == EMPTY:
+                if M == vertex_keys.shape[0]:
+                    return -1, table  # no room for another vertex: the caller retries
                 table[slot] = M
                 vertex_keys[M] = key
                 first[M] = e
@@ -575,13 +577,19 @@ class LatticeCPU:
         """M, vertex_keys (M, d) and offsets (K,): the vertex of each of the K = N·(d+1)
         simplex corners, vertices numbered in order of first appearance."""
         K, d = keys.shape
-        parts = numba.get_num_threads()
-        part_keys = np.empty((parts, K, d), dtype=np.int32)  # pages touched only as used
-        part_first = np.empty((parts, K), dtype=np.int32)
+        parts = min(numba.get_num_threads(), 8)
+        table_size = 1 << max(4, int(np.ceil(np.log2(max(self.N // parts, 1)))))
         counts = np.zeros(parts, dtype=np.int64)
         local = np.empty(K, dtype=np.int32)
-        table_size = 1 << max(4, int(np.ceil(np.log2(max(self.N // parts, 1)))))
-        _insert_all_cpu(keys, table_size, part_keys, part_first, counts, local)
+        # room for a fair share of the K corners per part and a quarter more (a part holds
+        # at most K / parts when every corner is its own vertex, give or take the hash's
+        # luck); the rare part that overflows makes us start again with room for all K
+        for room in (min(K, K // parts + K // (4 * parts) + 1024), K):
+            part_keys = np.empty((parts, room, d), dtype=np.int32)
+            part_first = np.empty((parts, room), dtype=np.int32)
+            _insert_all_cpu(keys, table_size, part_keys, part_first, counts, local)
+            if counts.min() >= 0:
+                break
         number = np.empty((parts, int(counts.max())), dtype=np.int32)
         self.vertex_keys = np.empty((int(counts.sum()), d), dtype=np.int32)
         self.M = _merge_parts_cpu(part_keys, part_first, counts, self.vertex_keys, number)

@@ -120,6 +120,14 @@ def test_hash_table_growth_keeps_every_vertex():
     assert lattice.M > 997  # the table (1024 slots at first) had to grow twice
     for u, j, side, expected in expected_neighbours(lattice, range(300)):
         assert lattice.neighbours[j, u, side] == expected
+    # a part with too little room says so (the constructor then retries with room for all)
+    K = keys.shape[0] * 4
+    for room, full in ((100, True), (K, False)):
+        counts = np.zeros(2, np.int64)
+        P._insert_all_cpu(keys.reshape(K, 3), 64, np.empty((2, room, 3), np.int32),
+                          np.empty((2, room), np.int32), counts, np.empty(K, np.int32))
+        assert (counts.min() == -1) == full
+    assert counts.sum() == lattice.M
 
 
 @pytest.mark.parametrize("d, scale, sorted_order", [(1, 7.0, None), (2, 1.0, False),
