@@ -79,29 +79,30 @@ def _softmax_rows(a, out):
             out[n, k] *= inv
 
 
-def _softmax_block(x, n0, n1):
-    """Rows n0..n1−1 of the float32 array x replaced by their softmax, in place.
+def _softmax_block(a, out, n0, n1):
+    """Rows n0..n1−1 of the float32 array out set to the softmax of those of a (which may be
+    out itself).
 
     Rows are short (C = 21 labels), so the exp runs over the block's (n1−n0)·C contiguous
     values: one long loop the compiler vectorises, rather than C-long loops with scalar
-    leftovers."""
-    C = x.shape[1]
+    leftovers.  The first pass copies and subtracts the row maximum at once."""
+    C = a.shape[1]
     for n in range(n0, n1):
-        m = x[n, 0]
+        m = a[n, 0]
         for k in range(1, C):
-            m = max(m, x[n, k])
+            m = max(m, a[n, k])
         for k in range(C):
-            x[n, k] -= m
-    block = x[n0:n1].reshape(-1)
+            out[n, k] = a[n, k] - m
+    block = out[n0:n1].reshape(-1)
     for i in range(block.size):
         block[i] = _exp_f32(block[i])
     for n in range(n0, n1):
         total = np.float32(0.0)
         for k in range(C):
-            total += x[n, k]
+            total += out[n, k]
         inv = np.float32(1.0) / total
         for k in range(C):
-            x[n, k] *= inv
+            out[n, k] *= inv
 
 
 _softmax_block = njit(inline="always", fastmath=True, cache=True)(_softmax_block)
@@ -110,13 +111,9 @@ BLOCK = 32  # rows per block
 
 def _softmax_rows_f32(a, out):
     # float32 with _exp_f32, in blocks of BLOCK rows
-    N, C = a.shape
+    N = a.shape[0]
     for b in prange((N + BLOCK - 1) // BLOCK):
-        n0, n1 = b * BLOCK, min(N, (b + 1) * BLOCK)
-        for n in range(n0, n1):
-            for k in range(C):
-                out[n, k] = a[n, k]
-        _softmax_block(out, n0, n1)
+        _softmax_block(a, out, b * BLOCK, min(N, (b + 1) * BLOCK))
 
 
 _softmax_rows_cpu = parallel_njit(_softmax_rows)
