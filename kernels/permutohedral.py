@@ -142,9 +142,9 @@ def _part_of(h, parts):
 def _insert_part(keys, part, parts, table, vertex_keys, first, local):
     # The keys (K, d) of this part: a local vertex index each, in order of first appearance;
     # first[m] = the entry where local vertex m first appears; local[e] = m · parts + part.
-    # Returns (M, table), M = −1 if vertex_keys is full.  The table starts small and doubles whenever it is half full: a
-    # table sized for the worst case (every point its own d+1 vertices) would be 10-20× too
-    # large and every probe a cache miss.
+    # Returns (M, table), M = −1 if vertex_keys is full.  The table starts small and doubles
+    # whenever it is half full: a table sized for the worst case (every point its own d+1
+    # vertices) would be 10-20× too large and every probe a cache miss.
     M = 0
     for e in range(keys.shape[0]):
         key = keys[e]
