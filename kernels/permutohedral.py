@@ -309,58 +309,36 @@ def _radix_argsort(words):
     return perm
 
 
-def _take_rows(keys, order, out):
-    # out[u] = keys[order[u]]
-    for u in prange(order.shape[0]):
-        for i in range(keys.shape[1]):
-            out[u, i] = keys[order[u], i]
-
-
 # ---- CPU: blur neighbours by merging sorted keys -------------------------------------------------
-def _compare_step(keys, w, u, j):
-    """−1, 0, 1 as keys[w] is lexicographically below, equal to, above keys[u] + step_j,
-    where step_j is −1 in every coordinate but +d in coordinate j (nothing for j = d: that
-    coordinate is the implicit last one)."""
-    d = keys.shape[1]
-    for i in range(d):
-        target = keys[u, i] + (d if i == j else -1)
-        if keys[w, i] != target:
-            return -1 if keys[w, i] < target else 1
+def _compare_step(words, w, u, step):
+    """−1, 0, 1 as the key packed in words[w] is lexicographically below, equal to, above the
+    key of words[u] moved by one lattice step (packed: ``step``, added word by word)."""
+    for i in range(words.shape[1]):
+        target = words[u, i] + step[i]
+        if words[w, i] != target:
+            return -1 if words[w, i] < target else 1
     return 0
 
 
-def _merge_neighbours_packed(sorted_words, steps, neighbours):
-    # _merge_neighbours on keys packed in one word each (key_words with margin d):
-    # key + step_j packs to word + steps[j], and words compare as the keys do.
-    M = sorted_words.shape[0]
-    for j in prange(neighbours.shape[0]):
-        w = 0
-        for u in range(M):
-            target = sorted_words[u] + steps[j]
-            while w < M and sorted_words[w] < target:
-                w += 1
-            if w == M:
-                break
-            if sorted_words[w] == target:
-                neighbours[j, u, 0] = w + 1
-                neighbours[j, w, 1] = u + 1
-
-
-def _merge_neighbours(sorted_keys, neighbours):
+def _merge_neighbours(sorted_words, steps, neighbours):
     # neighbours (d+1, M, 2), zero on entry: 1 + sorted index of the vertex one step forward
     # (side 0: key + step_j) / back (side 1: key − step_j) along direction j, 0 = no vertex.
-    # Adding step_j to every key keeps them sorted, so for each direction one merge of the
-    # sorted keys with themselves finds every neighbour pair: O(M) sequential reads, no hash
-    # lookups.  The d+1 directions are independent (one thread each).
-    M = sorted_keys.shape[0]
+    # step_j is −1 in every coordinate but +d in coordinate j (none for j = d: that
+    # coordinate is the implicit last one).  Adding step_j to every key keeps them sorted, so
+    # for each direction one merge of the sorted keys with themselves finds every neighbour
+    # pair: O(M) sequential reads, no hash lookups.  The keys are packed (key_words with margin
+    # d), so a step is an addition per word and comparing compares int64s; the d+1 directions
+    # are independent (one thread each).
+    M = sorted_words.shape[0]
     for j in prange(neighbours.shape[0]):
+        step = steps[j]
         w = 0
         for u in range(M):
-            while w < M and _compare_step(sorted_keys, w, u, j) < 0:
+            while w < M and _compare_step(sorted_words, w, u, step) < 0:
                 w += 1
             if w == M:
                 break
-            if _compare_step(sorted_keys, w, u, j) == 0:
+            if _compare_step(sorted_words, w, u, step) == 0:
                 neighbours[j, u, 0] = w + 1
                 neighbours[j, w, 1] = u + 1
 
@@ -580,10 +558,8 @@ _global_offsets_cpu = parallel_njit(_global_offsets)
 _key_ranges_cpu = njit(cache=True)(_key_ranges)
 _pack_words_cpu = parallel_njit(_pack_words)
 _radix_argsort_cpu = njit(cache=True)(_radix_argsort)
-_take_rows_cpu = parallel_njit(_take_rows)
 _compare_step = njit(inline="always", cache=True)(_compare_step)
 _merge_neighbours_cpu = parallel_njit(_merge_neighbours)
-_merge_neighbours_packed_cpu = parallel_njit(_merge_neighbours_packed)
 _mean_step = njit(cache=True)(_mean_step)
 _to_buffer_order_cpu = parallel_njit(_to_buffer_order)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
@@ -650,15 +626,12 @@ class LatticeCPU:
         M, d = self.M, self.d
         words, word_of, shift_of = key_words(self.vertex_keys, margin=d)
         order = _radix_argsort_cpu(words)
+        steps = np.zeros((d + 1, words.shape[1]), dtype=np.int64)  # step_j, packed
+        for j in range(d + 1):
+            for i in range(d):
+                steps[j, word_of[i]] += (d if i == j else -1) << int(shift_of[i])
         sorted_neighbours = np.zeros((d + 1, M, 2), dtype=np.int32)
-        if words.shape[1] == 1:  # compare packed words
-            steps = np.array([sum((d if i == j else -1) << int(shift_of[i]) for i in range(d))
-                              for j in range(d + 1)], dtype=np.int64)
-            _merge_neighbours_packed_cpu(words[order, 0], steps, sorted_neighbours)
-        else:  # keys too wide to pack in one word: compare coordinates
-            sorted_keys = np.empty_like(self.vertex_keys)
-            _take_rows_cpu(self.vertex_keys, order, sorted_keys)
-            _merge_neighbours_cpu(sorted_keys, sorted_neighbours)
+        _merge_neighbours_cpu(words[order], steps, sorted_neighbours)
         buffer_rows = np.concatenate([np.zeros(1, np.int32), (order + 1).astype(np.int32)])
         self.sorted = (_mean_step(sorted_neighbours, None) * 2
                        < _mean_step(sorted_neighbours, buffer_rows))

@@ -135,7 +135,7 @@ def test_hash_table_growth_keeps_every_vertex():
 def test_blur_neighbours_by_merging_sorted_keys(d, scale, sorted_order):
     """Neighbours found by merging the sorted keys equal a dictionary lookup, in both blur
     orders (sorted: scattered 5-D features; buffer order: a pixel grid) and with keys too
-    wide to pack into 62 bits (lexsort)."""
+    wide to pack into one 62-bit word (several words)."""
     from tinydeeplab.kernels import permutohedral as P
 
     rng = np.random.default_rng(d)
@@ -153,7 +153,7 @@ def test_blur_neighbours_by_merging_sorted_keys(d, scale, sorted_order):
         assert lattice.neighbours[j, u, side] == expected
         found += expected > 0
     assert found > 0
-    if scale == 1e6:  # ranges wider than 62 bits in all: the lexsort path
+    if scale == 1e6:  # ranges wider than 62 bits in all: several words
         span = lattice.vertex_keys.max(0).astype(np.int64) - lattice.vertex_keys.min(0)
         assert sum(int(s).bit_length() for s in span) > 62
 
