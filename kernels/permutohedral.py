@@ -73,15 +73,22 @@ def _round_half_even(x):
     return np.int64(r)
 
 
-def _simplices(features, scale, canonical, keys, bary):
-    # features (N, d) float32 -> keys (N, d+1, d) int32 vertex coordinates, bary (N, d+1)
+def _simplices(features, scale, low, span, word_of, shift_of, ones, words, bary, bad):
+    # features (N, d) float32 -> words (N·(d+1), W) int64: the d coordinates of each simplex
+    # corner, packed as key_words packs them (coordinate i as key − low[i] ∈ [0, span[i]] at
+    # bit shift_of[i] of word word_of[i]), and bary (N, d+1).  bad[0] is set if a coordinate
+    # falls outside its field (key_bounds was wrong: a bug, never a wrong answer).  ones[w]:
+    # 1 in every field of word w.
     N, d = features.shape
+    W = words.shape[1]
     f32 = np.float32
     down, up = f32(1.0) / f32(d + 1), f32(d + 1)
     for n in prange(N):
         elevated = np.empty(d + 1, dtype=np.float32)
         rem0 = np.empty(d + 1, dtype=np.float32)
         rank = np.zeros(d + 1, dtype=np.int32)
+        of_rank = np.empty(d + 1, dtype=np.int32)
+        word = np.empty(W, dtype=np.int64)
         b = np.zeros(d + 2, dtype=np.float32)
         sm = f32(0.0)
         for j in range(d, 0, -1):
@@ -97,7 +104,8 @@ def _simplices(features, scale, canonical, keys, bary):
         for i in range(d):
             di = elevated[i] - rem0[i]
             for j in range(i + 1, d + 1):
-                below = np.int32(di < elevated[j] - rem0[j])  # no branch: it would be a coin toss
+                # no branch: it would be a coin toss
+                below = np.int32(di < elevated[j] - rem0[j])
                 rank[i] += below
                 rank[j] += 1 - below
         for i in range(d + 1):  # back onto the plane Σ x = 0
@@ -113,10 +121,50 @@ def _simplices(features, scale, canonical, keys, bary):
             b[d - rank[i]] += v
             b[d - rank[i] + 1] -= v
         b[0] += f32(1.0) + b[d + 1]  # float32, as densecrf's SSE build
+        # corner 0 is rem0 + (0, .., 0); corner k+1 is corner k + 1 in every coordinate
+        # and − (d+1) in the one of rank d − k (canonical_simplex): additions to the
+        # packed words
+        for w in range(W):
+            word[w] = 0
+        for i in range(d):
+            field = np.int64(rem0[i]) - low[i]
+            if field < d or field > span[i] - d:
+                bad[0] = 1
+            word[word_of[i]] += field << shift_of[i]
+            of_rank[rank[i]] = i
+        of_rank[rank[d]] = d  # the implicit last coordinate: not in the key
         for k in range(d + 1):
-            for i in range(d):
-                keys[n, k, i] = int(rem0[i]) + canonical[k, rank[i]]
+            e = n * (d + 1) + k
+            for w in range(W):
+                words[e, w] = word[w]
+                word[w] += ones[w]
+            i = of_rank[d - k]
+            if i < d:
+                word[word_of[i]] -= np.int64(d + 1) << shift_of[i]
             bary[n, k] = b[k]
+
+
+def key_bounds(features, scale):
+    """(low, high): int64 bounds of every vertex key coordinate the features can produce, and
+    of their blur neighbours, from the range of each feature (interval arithmetic on step 1:
+    elevated[j] = Σ_{i ≥ j} s_i f_i − j s_{j−1} f_{j−1}).  A corner's coordinate is the
+    elevated one rounded to a multiple of d+1, moved by at most d+1 back onto the plane and by
+    the canonical offset (≤ d); a blur step moves it by ≤ d more; the float32 arithmetic
+    by a few units at most — all inside the slack."""
+    N, d = features.shape
+    fmin = np.empty(d, dtype=np.float64)
+    fmax = np.empty(d, dtype=np.float64)
+    _key_ranges_cpu(features, fmin, fmax)
+    s = scale.astype(np.float64)
+    lo_terms, hi_terms = s * fmin, s * fmax  # s > 0
+    lo, hi = np.empty(d), np.empty(d)
+    for j in range(d):
+        lo[j], hi[j] = lo_terms[j:].sum(), hi_terms[j:].sum()
+        if j > 0:
+            lo[j] -= j * hi_terms[j - 1]
+            hi[j] -= j * lo_terms[j - 1]
+    slack = 4 * (d + 1) + 2 + np.ceil(np.maximum(abs(lo), abs(hi)) * d * 2.0**-20)
+    return (np.floor(lo) - slack).astype(np.int64), (np.ceil(hi) + slack).astype(np.int64)
 
 
 # ---- CPU: distinct vertices by hash tables, one per thread --------------------------------------
@@ -124,71 +172,90 @@ def _simplices(features, scale, canonical, keys, bary):
 # hash falls in its part and numbers them in its own table; the parts are then merged so that
 # the vertices are numbered in order of first appearance, whatever the number of threads
 # (neighbouring pixels get neighbouring rows, which splat and slice want).
+PART_BITS = 3  # at most 2^3 = 8 parts (threads) number the vertices
+
+
 def _hash(key):
+    # 64 mixed bits of the packed key: a multiplication by a large odd constant carries every
+    # key bit into the high half, the xor folds the high half back into the low one (the
+    # table slot takes the low bits, the part the high ones)
     h = np.uint64(0)
-    for i in range(key.shape[0]):
-        h = (h + np.uint64(np.int64(key[i]) & 0xFFFFFFFF)) * np.uint64(2531011)
+    for w in range(key.shape[0]):
+        h = (h ^ np.uint64(key[w])) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(32)
     return h
 
 
 def _part_of(h, parts):
-    # The table slot uses the low bits of the hash, the part the high bits of h times a
-    # large odd constant (Fibonacci hashing), scaled to 0..parts−1 by a multiplication
-    # (% parts would be an integer division, as slow as a probe).
-    mixed = (h * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
-    return np.int64((mixed * np.uint64(parts)) >> np.uint64(32))
+    # the high 32 bits scaled to 0..parts−1 by a multiplication (% parts would be an integer
+    # division, as slow as a probe)
+    return np.int64(((h >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32))
 
 
-def _insert_part(keys, part, parts, table, vertex_keys, first, local):
-    # The keys (K, d) of this part: a local vertex index each, in order of first appearance;
-    # first[m] = the entry where local vertex m first appears; local[e] = m · parts + part.
-    # Returns (M, table), M = −1 if vertex_keys is full.  The table starts small and doubles
-    # whenever it is half full: a table sized for the worst case (every point its own d+1
-    # vertices) would be 10-20× too large and every probe a cache miss.
+def _insert_part(words, part, parts, table, part_words, first, local):
+    # The packed keys (K, W) of this part: a local vertex index each, in order of first
+    # appearance; first[m] = the entry where local vertex m first appears, part_words[m] its
+    # key; local[e] = m · 2^PART_BITS + part.  Returns (M, table), M = −1 if part_words is
+    # full.  The table starts small and doubles whenever it is half full: a table sized for
+    # the worst case (every point its own d+1 vertices) would be 10-20× too large and every
+    # probe a cache miss.
+    W = words.shape[1]
     M = 0
-    for e in range(keys.shape[0]):
-        key = keys[e]
+    for e in range(words.shape[0]):
+        key = words[e]
         h = _hash(key)
         if _part_of(h, parts) != part:
             continue
         if 2 * (M + 1) > table.shape[0]:
-            table = _grow(table, vertex_keys, M)
+            table = _grow(table, part_words, M)
         mask = np.uint64(table.shape[0] - 1)
         slot = h & mask
         while True:
             v = table[slot]
             if v == EMPTY:
-                if M == vertex_keys.shape[0]:
+                if M == part_words.shape[0]:
                     return -1, table  # no room for another vertex: the caller retries
                 table[slot] = M
-                vertex_keys[M] = key
+                part_words[M] = key
                 first[M] = e
-                local[e] = M * parts + part
+                local[e] = (M << PART_BITS) | part
                 M += 1
                 break
             same = True
-            for i in range(key.shape[0]):
-                if vertex_keys[v, i] != key[i]:
+            for w in range(W):
+                if part_words[v, w] != key[w]:
                     same = False
                     break
             if same:
-                local[e] = v * parts + part
+                local[e] = (v << PART_BITS) | part
                 break
             slot = (slot + np.uint64(1)) & mask
     return M, table
 
 
-def _insert_all(keys, table_size, part_keys, part_first, counts, local):
+def _insert_all(words, table_size, part_words, part_first, counts, local):
     for part in prange(counts.shape[0]):
         table = np.full(table_size, EMPTY, dtype=np.int32)
-        counts[part], table = _insert_part(keys, part, counts.shape[0], table, part_keys[part],
-                                           part_first[part], local)
+        counts[part], table = _insert_part(words, part, counts.shape[0], table,
+                                           part_words[part], part_first[part], local)
 
 
-def _merge_parts(part_keys, part_first, counts, vertex_keys, number):
+def _grow(table, part_words, M):
+    # a table twice the size holding vertices 0..M-1 (no duplicates, so no key comparisons)
+    bigger = np.full(2 * table.shape[0], EMPTY, dtype=table.dtype)
+    mask = np.uint64(bigger.shape[0] - 1)
+    for v in range(M):
+        slot = _hash(part_words[v]) & mask
+        while bigger[slot] != EMPTY:
+            slot = (slot + np.uint64(1)) & mask
+        bigger[slot] = v
+    return bigger
+
+
+def _merge_parts(part_words, part_first, counts, vertex_words, number):
     # number[part, m]: the global vertex index of local vertex m — the parts' vertices merged
     # in order of first appearance (each part's are in that order already); their keys are
-    # copied to vertex_keys.  Returns M.
+    # copied to vertex_words.  Returns M.
     parts = counts.shape[0]
     head = np.zeros(parts, dtype=np.int64)
     M = counts.sum()
@@ -199,44 +266,28 @@ def _merge_parts(part_keys, part_first, counts, vertex_keys, number):
                     best < 0 or part_first[part, head[part]] < part_first[best, head[best]]):
                 best = part
         number[best, head[best]] = v
-        vertex_keys[v] = part_keys[best, head[best]]
+        vertex_words[v] = part_words[best, head[best]]
         head[best] += 1
     return M
 
 
 def _global_offsets(local, number, offsets):
-    parts = number.shape[0]
+    low_bits = (1 << PART_BITS) - 1
     for e in prange(local.shape[0]):
-        offsets[e] = number[local[e] % parts, local[e] // parts]
-
-
-def _grow(table, vertex_keys, M):
-    # a table twice the size holding vertices 0..M-1 (no duplicates, so no key comparisons)
-    bigger = np.full(2 * table.shape[0], EMPTY, dtype=table.dtype)
-    mask = np.uint64(bigger.shape[0] - 1)
-    for v in range(M):
-        slot = _hash(vertex_keys[v]) & mask
-        while bigger[slot] != EMPTY:
-            slot = (slot + np.uint64(1)) & mask
-        bigger[slot] = v
-    return bigger
+        offsets[e] = number[local[e] & low_bits, local[e] >> PART_BITS]
 
 
 # ---- CPU: the vertices in sorted order (for the blur neighbours) --------------------------------
 RADIX_BITS = 11  # 2048 buckets: the counts stay in the L1 cache
 
 
-def key_words(keys, margin=0):
-    """Pack the (K, d) int32 keys into (K, W) int64 words, as few as the coordinates' ranges
-    allow (one for images: ranges of a few thousand), coordinate 0 in the highest bits of
-    word 0, so that sorting the rows of words sorts the keys lexicographically.  Each field
-    holds key − lowest + margin and has room for margin more above the highest: a key moved
-    by up to ±margin per coordinate still packs (and compares) by adding to the words.
-    Returns (words, word_of, shift_of): coordinate i is at bit shift_of[i] of word word_of[i]."""
-    low = np.empty(keys.shape[1], dtype=np.int64)
-    high = np.empty(keys.shape[1], dtype=np.int64)
-    _key_ranges_cpu(keys, low, high)
-    bits = [max(1, int(span).bit_length()) for span in high - low + 2 * margin]
+def key_layout(low, high):
+    """How to pack key coordinates with low[i] ≤ key[i] ≤ high[i] into as few int64 words as
+    the ranges allow (one for images: ranges of a few thousand), coordinate 0 in the highest
+    bits of word 0, so that sorting the rows of words sorts the keys lexicographically and a
+    step added to every coordinate is a step added to the words.  Coordinate i is stored as
+    key − low[i] at bit shift_of[i] of word word_of[i].  Returns (word_of, shift_of, W)."""
+    bits = [max(1, int(span).bit_length()) for span in np.asarray(high) - np.asarray(low)]
     groups = [[]]  # the coordinates of each word
     for i, b in enumerate(bits):
         if sum(bits[k] for k in groups[-1]) + b > 63:
@@ -249,13 +300,24 @@ def key_words(keys, margin=0):
         for i in reversed(group):
             word_of[i], shift_of[i] = w, shift
             shift += bits[i]
-    words = np.empty((keys.shape[0], len(groups)), dtype=np.int64)
+    return word_of, shift_of, len(groups)
+
+
+def key_words(keys, margin=0):
+    """Pack the (K, d) int32 keys into (K, W) int64 words (key_layout), each field with room
+    for key − margin .. key + margin, so that a key moved by up to ±margin per coordinate
+    still packs (and compares) by adding to the words.  Returns (words, word_of, shift_of)."""
+    low = np.empty(keys.shape[1], dtype=np.int64)
+    high = np.empty(keys.shape[1], dtype=np.int64)
+    _key_ranges_cpu(keys, low, high)
+    word_of, shift_of, W = key_layout(low - margin, high + margin)
+    words = np.empty((keys.shape[0], W), dtype=np.int64)
     _pack_words_cpu(keys, low - margin, word_of, shift_of, words)
     return words, word_of, shift_of
 
 
 def _key_ranges(keys, low, high):
-    # per coordinate (NumPy's min(axis=0) on a tall, narrow array is ten times slower)
+    # per column (NumPy's min(axis=0) on a tall, narrow array is ten times slower)
     low[:] = keys[0]
     high[:] = keys[0]
     for e in range(keys.shape[0]):
@@ -577,38 +639,64 @@ class LatticeCPU:
         features = np.ascontiguousarray(features, dtype=np.float32)  # (N, d)
         N, d = features.shape
         self.N, self.d = N, d
-        keys = np.empty((N, d + 1, d), dtype=np.int32)
+        scale = elevation_scale(d)
+        low, high = key_bounds(features, scale)
+        word_of, shift_of, W = key_layout(low, high)
+        self._key_fields = (low, high, word_of, shift_of)
+        words = np.empty((N * (d + 1), W), dtype=np.int64)
         self.bary = np.empty((N, d + 1), dtype=np.float32)
-        _simplices_cpu(features, elevation_scale(d), canonical_simplex(d), keys, self.bary)
-        self._number_vertices(keys.reshape(N * (d + 1), d))
+        bad = np.zeros(1, dtype=np.int64)
+        ones = np.zeros(W, dtype=np.int64)
+        for i in range(d):
+            ones[word_of[i]] += 1 << int(shift_of[i])
+        _simplices_cpu(features, scale, low, high - low, word_of, shift_of, ones, words,
+                       self.bary, bad)
+        if bad[0]:
+            raise RuntimeError("permutohedral: a vertex key fell outside the bounds of "
+                               "key_bounds (a bug; please report it with the features)")
+        self._number_vertices(words)
         self._plan_blur()
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
         self._work = {}
         self._band_plans = {}
         self._lock = threading.Lock()
 
-    def _number_vertices(self, keys):
-        """M, vertex_keys (M, d) and offsets (K,): the vertex of each of the K = N·(d+1)
-        simplex corners, vertices numbered in order of first appearance."""
-        K, d = keys.shape
-        parts = min(numba.get_num_threads(), 8)
+    def _number_vertices(self, words):
+        """M, vertex_words (M, W) and offsets (K,): the vertex of each of the K = N·(d+1)
+        simplex corners (their keys packed in ``words``), vertices numbered in order of first
+        appearance."""
+        K, W = words.shape
+        parts = min(numba.get_num_threads(), 1 << PART_BITS)
         table_size = 1 << max(4, int(np.ceil(np.log2(max(self.N // parts, 1)))))
         counts = np.zeros(parts, dtype=np.int64)
-        local = np.empty(K, dtype=np.int32)
+        local = np.empty(K, dtype=np.int32 if K < 2**(31 - PART_BITS) else np.int64)
         # room for a fair share of the K corners per part and a quarter more (a part holds
         # at most K / parts when every corner is its own vertex, give or take the hash's
         # luck); the rare part that overflows makes us start again with room for all K
         for room in (min(K, K // parts + K // (4 * parts) + 1024), K):
-            part_keys = np.empty((parts, room, d), dtype=np.int32)
+            part_words = np.empty((parts, room, W), dtype=np.int64)
             part_first = np.empty((parts, room), dtype=np.int32)
-            _insert_all_cpu(keys, table_size, part_keys, part_first, counts, local)
+            _insert_all_cpu(words, table_size, part_words, part_first, counts, local)
             if counts.min() >= 0:
                 break
         number = np.empty((parts, int(counts.max())), dtype=np.int32)
-        self.vertex_keys = np.empty((int(counts.sum()), d), dtype=np.int32)
-        self.M = _merge_parts_cpu(part_keys, part_first, counts, self.vertex_keys, number)
+        self.vertex_words = np.empty((int(counts.sum()), W), dtype=np.int64)
+        self.M = _merge_parts_cpu(part_words, part_first, counts, self.vertex_words, number)
         self.offsets = np.empty(K, dtype=np.int32)
         _global_offsets_cpu(local, number, self.offsets)
+
+    @property
+    def vertex_keys(self):
+        """(M, d) int32: the first d coordinates of each vertex (unpacked from
+        ``vertex_words`` on first use)."""
+        if not hasattr(self, "_vertex_keys"):
+            low, high, word_of, shift_of = self._key_fields
+            keys = np.empty((self.M, self.d), dtype=np.int32)
+            for i in range(self.d):
+                mask = (1 << max(1, int(high[i] - low[i]).bit_length())) - 1
+                keys[:, i] = ((self.vertex_words[:, word_of[i]] >> shift_of[i]) & mask) + low[i]
+            self._vertex_keys = keys
+        return self._vertex_keys
 
     def _plan_blur(self):
         """The blur's neighbour tables and the order it visits the vertices in.
@@ -624,7 +712,8 @@ class LatticeCPU:
         rows[u]: the buffer row of the vertex the blur visits at place u; neighbours[j, u]:
         1 + the places of its neighbours along direction j (0: none)."""
         M, d = self.M, self.d
-        words, word_of, shift_of = key_words(self.vertex_keys, margin=d)
+        words = self.vertex_words  # packed with room for a blur step (key_bounds)
+        low, high, word_of, shift_of = self._key_fields
         order = _radix_argsort_cpu(words)
         steps = np.zeros((d + 1, words.shape[1]), dtype=np.int64)  # step_j, packed
         for j in range(d + 1):

@@ -105,6 +105,14 @@ def expected_neighbours(lattice, places):
                 yield u, j, side, 0 if v is None else place_of_vertex[v] + 1
 
 
+def _unpack(words, low, high, word_of, shift_of):
+    keys = np.empty((len(words), len(low)), np.int64)
+    for i in range(len(low)):
+        bits = max(1, int(high[i] - low[i]).bit_length())
+        keys[:, i] = ((words[:, word_of[i]] >> shift_of[i]) & ((1 << bits) - 1)) + low[i]
+    return keys
+
+
 def test_hash_table_growth_keeps_every_vertex():
     """The vertex table starts small and doubles: the vertex count and the filter must not
     depend on it (many vertices per point: spread-out features)."""
@@ -113,21 +121,53 @@ def test_hash_table_growth_keeps_every_vertex():
     rng = np.random.default_rng(3)
     f = (rng.random((997, 3)) * 40).astype(np.float32)  # ~4 distinct vertices per point
     lattice = P.LatticeCPU(f)
-    keys = np.empty((997, 4, 3), np.int32)
-    bary = np.empty((997, 4), np.float32)
-    P._simplices_cpu(f, P.elevation_scale(3), P.canonical_simplex(3), keys, bary)
-    assert lattice.M == len({tuple(k) for k in keys.reshape(-1, 3)})
+    low, high, word_of, shift_of = lattice._key_fields
+    ones = np.zeros(word_of.max() + 1, np.int64)
+    for i in range(3):
+        ones[word_of[i]] += 1 << int(shift_of[i])
+    words = np.empty((997 * 4, len(ones)), np.int64)
+    bad = np.zeros(1, np.int64)
+    P._simplices_cpu(f, P.elevation_scale(3), low, high - low, word_of, shift_of, ones, words,
+                     np.empty((997, 4), np.float32), bad)
+    assert bad[0] == 0
+    assert lattice.M == len({tuple(w) for w in words})
+    # the packed corners unpack to the vertex keys
+    np.testing.assert_array_equal(lattice.vertex_keys[lattice.offsets],
+                                  _unpack(words, low, high, word_of, shift_of))
     assert lattice.M > 997  # the table (1024 slots at first) had to grow twice
     for u, j, side, expected in expected_neighbours(lattice, range(300)):
         assert lattice.neighbours[j, u, side] == expected
     # a part with too little room says so (the constructor then retries with room for all)
-    K = keys.shape[0] * 4
-    for room, full in ((100, True), (K, False)):
+    K = words.shape[0]
+    for room in (100, K):
         counts = np.zeros(2, np.int64)
-        P._insert_all_cpu(keys.reshape(K, 3), 64, np.empty((2, room, 3), np.int32),
+        P._insert_all_cpu(words, 64, np.empty((2, room, words.shape[1]), np.int64),
                           np.empty((2, room), np.int32), counts, np.empty(K, np.int32))
-        assert (counts.min() == -1) == full
+        assert (counts.min() == -1) == (room == 100)
     assert counts.sum() == lattice.M
+
+
+@pytest.mark.parametrize("d, scale, shift", [(1, 3.0, -50.0), (3, 1e5, -4e4), (5, 60.0, 7.0)])
+def test_packed_corner_keys(d, scale, shift):
+    """The corners' keys, packed into words by the simplex step within bounds found from the
+    features' ranges (negative and large features too), unpack to lattice points: corner k
+    has every coordinate ≡ k (mod d+1), and the barycentric weights rebuild the elevated
+    feature from the corners."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(d)
+    f = (rng.random((613, d)) * scale + shift).astype(np.float32)
+    lattice = P.LatticeCPU(f)
+    keys = lattice.vertex_keys[lattice.offsets].reshape(613, d + 1, d).astype(np.int64)
+    for k in range(d + 1):
+        assert (keys[:, k] % (d + 1) == k).all()
+    full = np.concatenate([keys, -keys.sum(2, keepdims=True)], 2)  # the implicit last one
+    s = P.elevation_scale(d).astype(np.float64)
+    elevated = np.empty((613, d + 1))
+    for j in range(d + 1):  # step 1 in float64
+        elevated[:, j] = (f[:, j:] * s[j:]).sum(1) - (j * s[j - 1] * f[:, j - 1] if j else 0)
+    rebuilt = np.einsum("nk,nkj->nj", lattice.bary.astype(np.float64), full)
+    np.testing.assert_allclose(rebuilt, elevated, atol=1e-6 * scale * (d + 1) + 1e-3)
 
 
 @pytest.mark.parametrize("d, scale, sorted_order", [(1, 7.0, None), (2, 1.0, False),
