@@ -73,75 +73,117 @@ def _round_half_even(x):
     return np.int64(r)
 
 
-def _simplices(features, scale, low, span, word_of, shift_of, ones, words, bary, bad):
+SIMPLEX_BLOCK = 64  # points per block in the simplex step
+
+
+def _simplices(features, scale, low, span, word_of, shift_of, ones, wrap, words, bary, bad):
     # features (N, d) float32 -> words (N·(d+1), W) int64: the d coordinates of each simplex
     # corner, packed as key_words packs them (coordinate i as key − low[i] ∈ [0, span[i]] at
     # bit shift_of[i] of word word_of[i]), and bary (N, d+1).  bad[0] is set if a coordinate
     # falls outside its field (key_bounds was wrong: a bug, never a wrong answer).  ones[w]:
-    # 1 in every field of word w.
+    # 1 in every field of word w; wrap[i]: d+1 in the field of coordinate i.
+    #
+    # Steps 1-3 for a block of points at a time, every quantity stored point-minor (row i of
+    # ``rank`` holds rank[i] of each point of the block) and every loop innermost over the
+    # points, without branches: the compiler runs 8 points per SIMD instruction.  (One point
+    # at a time, the loops over d+1 coordinates are too short to vectorise.)
     N, d = features.shape
     W = words.shape[1]
     f32 = np.float32
     down, up = f32(1.0) / f32(d + 1), f32(d + 1)
-    for n in prange(N):
-        elevated = np.empty(d + 1, dtype=np.float32)
-        rem0 = np.empty(d + 1, dtype=np.float32)
-        rank = np.zeros(d + 1, dtype=np.int32)
-        of_rank = np.empty(d + 1, dtype=np.int32)
-        word = np.empty(W, dtype=np.int64)
-        b = np.zeros(d + 2, dtype=np.float32)
-        sm = f32(0.0)
+    B = SIMPLEX_BLOCK
+    for blk in prange((N + B - 1) // B):
+        n0 = blk * B
+        m = min(B, N - n0)
+        f = np.empty((d, B), dtype=np.float32)
+        elevated = np.empty((d + 1, B), dtype=np.float32)
+        rem0 = np.empty((d + 1, B), dtype=np.float32)
+        diff = np.empty((d + 1, B), dtype=np.float32)
+        rank = np.empty((d + 1, B), dtype=np.int32)
+        b = np.zeros((d + 2, B), dtype=np.float32)
+        v = np.empty(B, dtype=np.float32)
+        sm = np.zeros(B, dtype=np.float32)
+        total = np.zeros(B, dtype=np.int32)
+        word = np.empty(B, dtype=np.int64)
+        corner = np.empty((d + 1, B), dtype=np.int64)
+        outside = np.zeros(B, dtype=np.int32)
+        for p in range(m):
+            for j in range(d):
+                f[j, p] = features[n0 + p, j]
+        # 1. elevate onto the hyperplane
         for j in range(d, 0, -1):
-            cf = features[n, j - 1] * scale[j - 1]
-            elevated[j] = sm - f32(j) * cf
-            sm += cf
-        elevated[0] = sm
-        total = 0
+            s = scale[j - 1]
+            for p in range(m):
+                cf = f[j - 1, p] * s
+                elevated[j, p] = sm[p] - f32(j) * cf
+                sm[p] += cf
+        for p in range(m):
+            elevated[0, p] = sm[p]
+        # 2. the remainder-0 point: each coordinate rounded to a multiple of d+1 (ties to
+        # even: a half-way r that is odd becomes r − 1), and the ranks of the differences
         for i in range(d + 1):
-            rd = int(_round_half_even(down * elevated[i]))
-            rem0[i] = f32(rd) * up
-            total += rd
-        for i in range(d):
-            di = elevated[i] - rem0[i]
+            for p in range(m):
+                x = down * elevated[i, p]
+                r = np.floor(np.float64(x) + 0.5)
+                odd = r - 2.0 * np.floor(r * 0.5)
+                r -= odd * ((r - x) == 0.5)
+                rem0[i, p] = f32(r) * up
+                diff[i, p] = elevated[i, p] - rem0[i, p]
+                total[p] += np.int32(r)
+        for i in range(d + 1):
+            # rank[i]: how many coordinates lie further above their remainder-0 point (ties:
+            # those before i), plus the coordinate sum that step 2 must undo
+            for p in range(m):
+                rank[i, p] = total[p]
+            for j in range(i):
+                for p in range(m):
+                    rank[i, p] += diff[j, p] >= diff[i, p]
             for j in range(i + 1, d + 1):
-                # no branch: it would be a coin toss
-                below = np.int32(di < elevated[j] - rem0[j])
-                rank[i] += below
-                rank[j] += 1 - below
+                for p in range(m):
+                    rank[i, p] += diff[j, p] > diff[i, p]
         for i in range(d + 1):  # back onto the plane Σ x = 0
-            rank[i] += total
-            if rank[i] < 0:
-                rank[i] += d + 1
-                rem0[i] += up
-            elif rank[i] > d:
-                rank[i] -= d + 1
-                rem0[i] -= up
+            for p in range(m):
+                r = rank[i, p]
+                move = np.int32(r < 0) - np.int32(r > d)
+                rank[i, p] = r + (d + 1) * move
+                rem0[i, p] += up * f32(move)
+        # 3. barycentric weights: b[d − rank[i]] += v_i, b[d − rank[i] + 1] −= v_i (added
+        # through comparisons: ± 0 elsewhere, which leaves the sums as they are)
         for i in range(d + 1):
-            v = (elevated[i] - rem0[i]) * down
-            b[d - rank[i]] += v
-            b[d - rank[i] + 1] -= v
-        b[0] += f32(1.0) + b[d + 1]  # float32, as densecrf's SSE build
-        # corner 0 is rem0 + (0, .., 0); corner k+1 is corner k + 1 in every coordinate
-        # and − (d+1) in the one of rank d − k (canonical_simplex): additions to the
-        # packed words
+            for p in range(m):
+                v[p] = (elevated[i, p] - rem0[i, p]) * down
+            for k in range(d + 2):
+                for p in range(m):
+                    b[k, p] += v[p] * f32(rank[i, p] == d - k) - v[p] * f32(rank[i, p] == d - k + 1)
+        for p in range(m):
+            b[0, p] += f32(1.0) + b[d + 1, p]  # float32, as densecrf's SSE build
+            for k in range(d + 1):
+                bary[n0 + p, k] = b[k, p]
+        # the corners' packed keys: corner 0 is rem0 + (0, .., 0); corner k+1 is corner k
+        # + 1 in every coordinate and − (d+1) in the one of rank d − k (canonical_simplex)
         for w in range(W):
-            word[w] = 0
-        for i in range(d):
-            field = np.int64(rem0[i]) - low[i]
-            if field < d or field > span[i] - d:
+            for p in range(m):
+                word[p] = 0
+            for i in range(d):
+                if word_of[i] == w:
+                    for p in range(m):
+                        field = np.int64(np.int32(rem0[i, p])) - low[i]
+                        outside[p] |= (field < d) | (field > span[i] - d)
+                        word[p] += field << shift_of[i]
+            for k in range(d + 1):
+                for p in range(m):
+                    corner[k, p] = word[p]
+                    word[p] += ones[w]
+                for i in range(d):
+                    if word_of[i] == w:
+                        for p in range(m):
+                            word[p] -= wrap[i] & -np.int64(rank[i, p] == d - k)  # no branch
+            for p in range(m):
+                for k in range(d + 1):
+                    words[(n0 + p) * (d + 1) + k, w] = corner[k, p]
+        for p in range(m):
+            if outside[p]:
                 bad[0] = 1
-            word[word_of[i]] += field << shift_of[i]
-            of_rank[rank[i]] = i
-        of_rank[rank[d]] = d  # the implicit last coordinate: not in the key
-        for k in range(d + 1):
-            e = n * (d + 1) + k
-            for w in range(W):
-                words[e, w] = word[w]
-                word[w] += ones[w]
-            i = of_rank[d - k]
-            if i < d:
-                word[word_of[i]] -= np.int64(d + 1) << shift_of[i]
-            bary[n, k] = b[k]
 
 
 def key_bounds(features, scale):
@@ -647,9 +689,11 @@ class LatticeCPU:
         self.bary = np.empty((N, d + 1), dtype=np.float32)
         bad = np.zeros(1, dtype=np.int64)
         ones = np.zeros(W, dtype=np.int64)
+        wrap = np.zeros(d, dtype=np.int64)
         for i in range(d):
             ones[word_of[i]] += 1 << int(shift_of[i])
-        _simplices_cpu(features, scale, low, high - low, word_of, shift_of, ones, words,
+            wrap[i] = (d + 1) << int(shift_of[i])
+        _simplices_cpu(features, scale, low, high - low, word_of, shift_of, ones, wrap, words,
                        self.bary, bad)
         if bad[0]:
             raise RuntimeError("permutohedral: a vertex key fell outside the bounds of "

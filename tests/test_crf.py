@@ -123,12 +123,14 @@ def test_hash_table_growth_keeps_every_vertex():
     lattice = P.LatticeCPU(f)
     low, high, word_of, shift_of = lattice._key_fields
     ones = np.zeros(word_of.max() + 1, np.int64)
+    wrap = np.zeros(3, np.int64)
     for i in range(3):
         ones[word_of[i]] += 1 << int(shift_of[i])
+        wrap[i] = 4 << int(shift_of[i])
     words = np.empty((997 * 4, len(ones)), np.int64)
     bad = np.zeros(1, np.int64)
-    P._simplices_cpu(f, P.elevation_scale(3), low, high - low, word_of, shift_of, ones, words,
-                     np.empty((997, 4), np.float32), bad)
+    P._simplices_cpu(f, P.elevation_scale(3), low, high - low, word_of, shift_of, ones, wrap,
+                     words, np.empty((997, 4), np.float32), bad)
     assert bad[0] == 0
     assert lattice.M == len({tuple(w) for w in words})
     # the packed corners unpack to the vertex keys
