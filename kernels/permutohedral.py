@@ -209,114 +209,96 @@ def key_bounds(features, scale):
     return (np.floor(lo) - slack).astype(np.int64), (np.ceil(hi) + slack).astype(np.int64)
 
 
-# ---- CPU: distinct vertices by hash tables, one per thread --------------------------------------
-# The N·(d+1) simplex corners name far fewer distinct vertices.  Each thread owns the keys whose
-# hash falls in its part and numbers them in its own table; the parts are then merged so that
-# the vertices are numbered in order of first appearance, whatever the number of threads
-# (neighbouring pixels get neighbouring rows, which splat and slice want).
-PART_BITS = 3  # at most 2^3 = 8 parts (threads) number the vertices
-
-
-def _hash(key):
-    # 64 mixed bits of the packed key: a multiplication by a large odd constant carries every
-    # key bit into the high half, the xor folds the high half back into the low one (the
-    # table slot takes the low bits, the part the high ones)
+# ---- CPU: distinct vertices by hash tables, one per block of corners -----------------------------
+# The N·(d+1) simplex corners name far fewer distinct vertices.  Each thread numbers the distinct
+# keys of its own contiguous block of corners in a table of its own, in order of first
+# appearance; then the blocks are merged in order: a vertex an earlier block has seen keeps that
+# block's number, the others get the next free ones.  So the vertices are numbered in order of
+# first appearance over all corners, whatever the number of threads (neighbouring pixels get
+# neighbouring rows, which splat and slice want).  Tables start small and double whenever they
+# are half full: one sized for the worst case (every point its own d+1 vertices) would be 10-20×
+# too large and every probe a cache miss.
+def _hash(words, e):
+    # 64 mixed bits of the packed key words[e]: a multiplication by a large odd constant
+    # carries every key bit into the high half, the xor folds the high half back into the low
+    # one, where the table slot is taken from.  Row e is read in place: a view words[e] per key
+    # would cost two atomic reference-count updates, more than the probe.
     h = np.uint64(0)
-    for w in range(key.shape[0]):
-        h = (h ^ np.uint64(key[w])) * np.uint64(0x9E3779B97F4A7C15)
+    for w in range(words.shape[1]):
+        h = (h ^ np.uint64(words[e, w])) * np.uint64(0x9E3779B97F4A7C15)
         h ^= h >> np.uint64(32)
     return h
 
 
-def _part_of(h, parts):
-    # the high 32 bits scaled to 0..parts−1 by a multiplication (% parts would be an integer
-    # division, as slow as a probe)
-    return np.int64(((h >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32))
-
-
-def _insert_part(words, part, parts, table, part_words, first, local):
-    # The packed keys (K, W) of this part: a local vertex index each, in order of first
-    # appearance; first[m] = the entry where local vertex m first appears, part_words[m] its
-    # key; local[e] = m · 2^PART_BITS + part.  Returns (M, table), M = −1 if part_words is
-    # full.  The table starts small and doubles whenever it is half full: a table sized for
-    # the worst case (every point its own d+1 vertices) would be 10-20× too large and every
-    # probe a cache miss.
+def _number_keys(words, e0, e1, table, keys, M, index):
+    # index[e] for e in e0..e1−1: the number of key words[e] among the distinct keys, new
+    # keys numbered M, M+1, .. in order of first appearance; keys[m]: key m; table: slots
+    # holding the numbers of the M keys seen so far (EMPTY if free).  Returns (M, the table,
+    # grown or not).
     W = words.shape[1]
-    M = 0
-    for e in range(words.shape[0]):
-        key = words[e]
-        h = _hash(key)
-        if _part_of(h, parts) != part:
-            continue
+    for e in range(e0, e1):
+        h = _hash(words, e)
         if 2 * (M + 1) > table.shape[0]:
-            table = _grow(table, part_words, M)
+            table = _grow(table, keys, M)
         mask = np.uint64(table.shape[0] - 1)
         slot = h & mask
         while True:
             v = table[slot]
-            if v == EMPTY:
-                if M == part_words.shape[0]:
-                    return -1, table  # no room for another vertex: the caller retries
+            if v == EMPTY:  # a new key
                 table[slot] = M
-                part_words[M] = key
-                first[M] = e
-                local[e] = (M << PART_BITS) | part
+                for w in range(W):
+                    keys[M, w] = words[e, w]
+                index[e] = M
                 M += 1
                 break
             same = True
             for w in range(W):
-                if part_words[v, w] != key[w]:
+                if keys[v, w] != words[e, w]:
                     same = False
                     break
             if same:
-                local[e] = (v << PART_BITS) | part
+                index[e] = v
                 break
             slot = (slot + np.uint64(1)) & mask
     return M, table
 
 
-def _insert_all(words, table_size, part_words, part_first, counts, local):
-    for part in prange(counts.shape[0]):
-        table = np.full(table_size, EMPTY, dtype=np.int32)
-        counts[part], table = _insert_part(words, part, counts.shape[0], table,
-                                           part_words[part], part_first[part], local)
-
-
-def _grow(table, part_words, M):
-    # a table twice the size holding vertices 0..M-1 (no duplicates, so no key comparisons)
+def _grow(table, keys, M):
+    # a table twice the size holding keys 0..M-1 (no duplicates, so no key comparisons)
     bigger = np.full(2 * table.shape[0], EMPTY, dtype=table.dtype)
     mask = np.uint64(bigger.shape[0] - 1)
     for v in range(M):
-        slot = _hash(part_words[v]) & mask
+        slot = _hash(keys, v) & mask
         while bigger[slot] != EMPTY:
             slot = (slot + np.uint64(1)) & mask
         bigger[slot] = v
     return bigger
 
 
-def _merge_parts(part_words, part_first, counts, vertex_words, number):
-    # number[part, m]: the global vertex index of local vertex m — the parts' vertices merged
-    # in order of first appearance (each part's are in that order already); their keys are
-    # copied to vertex_words.  Returns M.
-    parts = counts.shape[0]
-    head = np.zeros(parts, dtype=np.int64)
-    M = counts.sum()
-    for v in range(M):
-        best = -1
-        for part in range(parts):
-            if head[part] < counts[part] and (
-                    best < 0 or part_first[part, head[part]] < part_first[best, head[best]]):
-                best = part
-        number[best, head[best]] = v
-        vertex_words[v] = part_words[best, head[best]]
-        head[best] += 1
+def _number_blocks(words, table_size, block_keys, counts, local):
+    # block b = corners b·K/B .. (b+1)·K/B − 1: local[e] its vertex among the block's own
+    B, K = counts.shape[0], words.shape[0]
+    for b in prange(B):
+        table = np.full(table_size, EMPTY, dtype=np.int32)
+        counts[b], table = _number_keys(words, b * K // B, (b + 1) * K // B, table,
+                                        block_keys[b], 0, local)
+
+
+def _merge_blocks(block_keys, counts, number, vertex_words):
+    # number[b, m]: the global number of vertex m of block b, the blocks taken in order;
+    # vertex_words: the keys of the global vertices.  Returns M.
+    table = np.full(16, EMPTY, dtype=np.int32)
+    M = 0
+    for b in range(counts.shape[0]):
+        M, table = _number_keys(block_keys[b], 0, counts[b], table, vertex_words, M, number[b])
     return M
 
 
 def _global_offsets(local, number, offsets):
-    low_bits = (1 << PART_BITS) - 1
-    for e in prange(local.shape[0]):
-        offsets[e] = number[local[e] & low_bits, local[e] >> PART_BITS]
+    B, K = number.shape[0], local.shape[0]
+    for b in prange(B):
+        for e in range(b * K // B, (b + 1) * K // B):
+            offsets[e] = number[b, local[e]]
 
 
 # ---- CPU: the vertices in sorted order (for the blur neighbours) --------------------------------
@@ -654,10 +636,9 @@ _round_half_even = njit(inline="always", cache=True)(_round_half_even)
 _hash = njit(inline="always", cache=True)(_hash)
 _simplices_cpu = parallel_njit(_simplices)
 _grow = njit(cache=True)(_grow)
-_part_of = njit(inline="always", cache=True)(_part_of)
-_insert_part = njit(cache=True)(_insert_part)
-_insert_all_cpu = parallel_njit(_insert_all)
-_merge_parts_cpu = njit(cache=True)(_merge_parts)
+_number_keys = njit(cache=True)(_number_keys)
+_number_blocks_cpu = parallel_njit(_number_blocks)
+_merge_blocks_cpu = njit(cache=True)(_merge_blocks)
 _global_offsets_cpu = parallel_njit(_global_offsets)
 _key_ranges_cpu = njit(cache=True)(_key_ranges)
 _pack_words_cpu = parallel_njit(_pack_words)
@@ -710,22 +691,16 @@ class LatticeCPU:
         simplex corners (their keys packed in ``words``), vertices numbered in order of first
         appearance."""
         K, W = words.shape
-        parts = min(numba.get_num_threads(), 1 << PART_BITS)
-        table_size = 1 << max(4, int(np.ceil(np.log2(max(self.N // parts, 1)))))
-        counts = np.zeros(parts, dtype=np.int64)
-        local = np.empty(K, dtype=np.int32 if K < 2**(31 - PART_BITS) else np.int64)
-        # room for a fair share of the K corners per part and a quarter more (a part holds
-        # at most K / parts when every corner is its own vertex, give or take the hash's
-        # luck); the rare part that overflows makes us start again with room for all K
-        for room in (min(K, K // parts + K // (4 * parts) + 1024), K):
-            part_words = np.empty((parts, room, W), dtype=np.int64)
-            part_first = np.empty((parts, room), dtype=np.int32)
-            _insert_all_cpu(words, table_size, part_words, part_first, counts, local)
-            if counts.min() >= 0:
-                break
-        number = np.empty((parts, int(counts.max())), dtype=np.int32)
-        self.vertex_words = np.empty((int(counts.sum()), W), dtype=np.int64)
-        self.M = _merge_parts_cpu(part_words, part_first, counts, self.vertex_words, number)
+        B = max(1, min(numba.get_num_threads(), K))
+        table_size = 1 << max(4, int(np.ceil(np.log2(max(self.N // B, 1)))))
+        block_keys = np.empty((B, (K + B - 1) // B, W), dtype=np.int64)
+        counts = np.zeros(B, dtype=np.int64)
+        local = np.empty(K, dtype=np.int32)
+        _number_blocks_cpu(words, table_size, block_keys, counts, local)
+        number = np.empty((B, int(counts.max())), dtype=np.int32)
+        vertex_words = np.empty((int(counts.sum()), W), dtype=np.int64)
+        self.M = _merge_blocks_cpu(block_keys, counts, number, vertex_words)
+        self.vertex_words = vertex_words[: self.M].copy()
         self.offsets = np.empty(K, dtype=np.int32)
         _global_offsets_cpu(local, number, self.offsets)
 

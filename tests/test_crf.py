@@ -113,9 +113,11 @@ def _unpack(words, low, high, word_of, shift_of):
     return keys
 
 
-def test_hash_table_growth_keeps_every_vertex():
-    """The vertex table starts small and doubles: the vertex count and the filter must not
-    depend on it (many vertices per point: spread-out features)."""
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7])
+def test_vertices_numbered_in_order_of_first_appearance(blocks):
+    """Blocks of corners numbered in tables of their own (which start small and double) and
+    merged in order give every vertex the number of its first appearance among all corners,
+    for any number of blocks (many vertices per point: spread-out features)."""
     from tinydeeplab.kernels import permutohedral as P
 
     rng = np.random.default_rng(3)
@@ -132,21 +134,28 @@ def test_hash_table_growth_keeps_every_vertex():
     P._simplices_cpu(f, P.elevation_scale(3), low, high - low, word_of, shift_of, ones, wrap,
                      words, np.empty((997, 4), np.float32), bad)
     assert bad[0] == 0
-    assert lattice.M == len({tuple(w) for w in words})
+    first_seen = {}
+    expected = np.array([first_seen.setdefault(tuple(w), len(first_seen)) for w in words])
+    assert len(first_seen) > 997  # tables of 16 slots at first had to grow many times
+    K = len(words)
+    block_keys = np.empty((blocks, (K + blocks - 1) // blocks, words.shape[1]), np.int64)
+    counts = np.zeros(blocks, np.int64)
+    local = np.empty(K, np.int32)
+    P._number_blocks_cpu(words, 16, block_keys, counts, local)
+    number = np.empty((blocks, counts.max()), np.int32)
+    vertex_words = np.empty((counts.sum(), words.shape[1]), np.int64)
+    M = P._merge_blocks_cpu(block_keys, counts, number, vertex_words)
+    offsets = np.empty(K, np.int32)
+    P._global_offsets_cpu(local, number, offsets)
+    assert M == len(first_seen) == lattice.M
+    np.testing.assert_array_equal(offsets, expected)
+    np.testing.assert_array_equal(offsets, lattice.offsets)
+    np.testing.assert_array_equal(vertex_words[:M], np.array(list(first_seen), np.int64))
     # the packed corners unpack to the vertex keys
     np.testing.assert_array_equal(lattice.vertex_keys[lattice.offsets],
                                   _unpack(words, low, high, word_of, shift_of))
-    assert lattice.M > 997  # the table (1024 slots at first) had to grow twice
     for u, j, side, expected in expected_neighbours(lattice, range(300)):
         assert lattice.neighbours[j, u, side] == expected
-    # a part with too little room says so (the constructor then retries with room for all)
-    K = words.shape[0]
-    for room in (100, K):
-        counts = np.zeros(2, np.int64)
-        P._insert_all_cpu(words, 64, np.empty((2, room, words.shape[1]), np.int64),
-                          np.empty((2, room), np.int32), counts, np.empty(K, np.int32))
-        assert (counts.min() == -1) == (room == 100)
-    assert counts.sum() == lattice.M
 
 
 @pytest.mark.parametrize("d, scale, shift", [(1, 3.0, -50.0), (3, 1e5, -4e4), (5, 60.0, 7.0)])
