@@ -606,14 +606,17 @@ def _slice(buf, bary, offsets, post, base, out):
     # once per row (each round trip through memory is a dependency the CPU must wait for).
     N, d1 = bary.shape
     c = buf.shape[1]
+    # decided once, not per point: ``base is out`` inside the loop would update both arrays'
+    # reference counts (atomic, and contended between the threads) for every point
+    start = 0 if base is None else 1 if base is out else 2  # from 0, accumulate, from base
     for n in prange(N):
         if n + AHEAD < N:
             for r in range(d1):
                 _prefetch_row(buf, offsets[(n + AHEAD) * d1 + r] + 1)
-        if base is None:
+        if start == 0:
             for k in range(c):
                 out[n, k] = 0
-        elif base is not out:
+        elif start == 2:
             for k in range(c):
                 out[n, k] = base[n, k]
         p = post[n]
