@@ -22,13 +22,15 @@ Transposed filter ("reverse", used for gradients): splat and slice are each othe
 transposes and each blur step is symmetric, so the transpose only reverses the order of the
 blur directions.
 
-Vertices are keyed by their first d coordinates (the last follows from the zero sum) and
-deduplicated with hash tables, one per thread, numbered in order of first appearance (so that
-the pixels of one image row use nearby vertex rows).  Blur neighbours come from sorting the keys
-and merging the sorted list with itself shifted by one lattice step — sequential reads where
-one hash lookup per neighbour was a cache miss.  Keys are int32, so features up to ~10^8 / d
-cannot overflow — pydensecrf uses 16-bit keys, which wrap for large images with small spatial
-widths.
+Vertices are keyed by their first d coordinates (the last follows from the zero sum), packed
+into 64-bit words (one for images: each coordinate's range, known from the features' ranges,
+needs a dozen bits) and deduplicated with hash tables, one per block of corners, numbered in
+order of first appearance (so that the pixels of one image row use nearby vertex rows).  Blur
+neighbours come from sorting the packed keys and merging the sorted list with itself shifted by
+one lattice step — sequential reads where one hash lookup per neighbour was a cache miss.
+Coordinates take as many bits as their range needs (up to 31: features up to ~10^8 / d), so
+they cannot overflow — pydensecrf uses 16-bit keys, which wrap for large images with small
+spatial widths.
 The arithmetic of steps 1-3 is float32 in the order of Krähenbühl's densecrf as pydensecrf
 builds it on x86 (its SSE path: ties round to even), so that points land in the same simplices.
 """
