@@ -2,11 +2,13 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_crf.py
 
-Total time of 10 mean-field iterations, lattice construction included (median of --repeat runs
-after one warm-up run that loads the compiled Numba kernels), with DeepLab v2's parameters and
-with pydensecrf's README parameters; lattice sizes (vertices per kernel), peak memory of the
-run (tracemalloc: NumPy allocations, so pydensecrf's C++ heap is not seen and is reported as
-the size of its output only), agreement of the two results.
+Total time of 10 mean-field iterations, lattice construction included, with DeepLab v2's
+parameters and with pydensecrf's README parameters.  After one warm-up run each (it loads the
+compiled Numba kernels), pydensecrf and ours run in turns, --repeat rounds: the speed-up is
+the median of the rounds' ratios, with their range — on a shared machine whose speed drifts,
+ratios of runs made seconds apart are steadier than ratios of separate medians.  Also: lattice
+sizes (vertices per kernel), peak memory of our run (tracemalloc: NumPy allocations;
+pydensecrf's C++ heap is not seen), agreement of the two results.
 """
 import argparse
 import os
@@ -76,45 +78,58 @@ def run_pydensecrf(image, probs, p):
     return np.array(d.inference(10)), None
 
 
-def timed(fn, repeat):
-    fn()  # warm-up: loads the cached Numba kernels
-    times = []
+def in_turns(fns, repeat):
+    """Run each function once to warm up, then all of them in turns, ``repeat`` rounds:
+    (their seconds per round, their last outputs)."""
+    outs = [fn() for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return times, outs
+
+
+def peak_memory(fn):
     tracemalloc.start()
     fn()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return statistics.median(times), out, peak
+    return peak
 
 
-def run(device="cpu", repeat=3, out=sys.stdout):
+def run(device="cpu", repeat=5, out=sys.stdout):
     import numba
+
+    from tinydeeplab.benchmarks.bench_conv import blas_info
 
     image, probs = make_scene()
     C, H, W = probs.shape
     print(f"# dense CRF, {W}×{H} image, {C} labels, 10 iterations, device={device}, "
-          f"{numba.get_num_threads()} Numba threads (pydensecrf: 1 thread, CPU)", file=out)
-    from tinydeeplab import _threads
-
-    print(f"# threads: {_threads.describe()}", file=out)
-    print("| parameters | pydensecrf s | ours s | speed-up | lattice vertices (pos, bi) | "
-          "peak MB ours | max abs ΔQ | MAP agreement |", file=out)
+          f"{numba.get_num_threads()} Numba threads (pydensecrf: 1 thread, CPU); "
+          f"{repeat} rounds in turns", file=out)
+    print(f"# BLAS (not used by either CRF): {blas_info()}", file=out)  # and a threads line
+    print("| parameters | pydensecrf s | ours s | speed-up [range] | lattice vertices (pos, bi) "
+          "| peak MB ours | max abs ΔQ | MAP agreement |", file=out)
     print("|---|---|---|---|---|---|---|---|", file=out)
     for name, p in PARAMS.items():
-        t_ref, (q_ref, _), _ = timed(lambda: run_pydensecrf(image, probs, p), repeat)
-        t_ours, (q, sizes), peak = timed(lambda: run_ours(image, probs, p, device), repeat)
+        (t_ref, t_ours), ((q_ref, _), (q, sizes)) = in_turns(
+            [lambda: run_pydensecrf(image, probs, p), lambda: run_ours(image, probs, p, device)],
+            repeat)
+        ratios = [a / b for a, b in zip(t_ref, t_ours)]
+        peak = peak_memory(lambda: run_ours(image, probs, p, device))
         agree = (q.argmax(0) == q_ref.argmax(0)).mean()
-        print(f"| {name} | {t_ref:.3f} | {t_ours:.3f} | {t_ref / t_ours:.1f}× | {sizes} | "
-              f"{peak / 2**20:.0f} | {np.abs(q - q_ref).max():.1e} | {agree:.5f} |", file=out)
+        print(f"| {name} | {statistics.median(t_ref):.3f} | {statistics.median(t_ours):.3f} | "
+              f"{statistics.median(ratios):.1f}× [{min(ratios):.1f}-{max(ratios):.1f}] | "
+              f"{sizes} | {peak / 2**20:.0f} | {np.abs(q - q_ref).max():.1e} | {agree:.5f} |",
+              file=out)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     run(args.device, args.repeat)
 
