@@ -80,8 +80,8 @@ SIMPLEX_BLOCK = 64  # points per block in the simplex step
 
 def _simplices(features, scale, low, span, word_of, shift_of, ones, wrap, words, bary, bad):
     # features (N, d) float32 -> words (N·(d+1), W) int64: the d coordinates of each simplex
-    # corner, packed as key_words packs them (coordinate i as key − low[i] ∈ [0, span[i]] at
-    # bit shift_of[i] of word word_of[i]), and bary (N, d+1).  bad[0] is set if a coordinate
+    # corner, packed as key_layout says (coordinate i as key − low[i] ∈ [0, span[i]] at bit
+    # shift_of[i] of word word_of[i]), and bary (N, d+1).  bad[0] is set if a coordinate
     # falls outside its field (key_bounds was wrong: a bug, never a wrong answer).  ones[w]:
     # 1 in every field of word w; wrap[i]: d+1 in the field of coordinate i.
     #
@@ -329,19 +329,6 @@ def key_layout(low, high):
     return word_of, shift_of, len(groups)
 
 
-def key_words(keys, margin=0):
-    """Pack the (K, d) int32 keys into (K, W) int64 words (key_layout), each field with room
-    for key − margin .. key + margin, so that a key moved by up to ±margin per coordinate
-    still packs (and compares) by adding to the words.  Returns (words, word_of, shift_of)."""
-    low = np.empty(keys.shape[1], dtype=np.int64)
-    high = np.empty(keys.shape[1], dtype=np.int64)
-    _key_ranges_cpu(keys, low, high)
-    word_of, shift_of, W = key_layout(low - margin, high + margin)
-    words = np.empty((keys.shape[0], W), dtype=np.int64)
-    _pack_words_cpu(keys, low - margin, word_of, shift_of, words)
-    return words, word_of, shift_of
-
-
 def _key_ranges(keys, low, high):
     # per column (NumPy's min(axis=0) on a tall, narrow array is ten times slower)
     low[:] = keys[0]
@@ -350,15 +337,6 @@ def _key_ranges(keys, low, high):
         for i in range(keys.shape[1]):
             low[i] = min(low[i], keys[e, i])
             high[i] = max(high[i], keys[e, i])
-
-
-def _pack_words(keys, low, word_of, shift_of, words):
-    K, d = keys.shape
-    for e in prange(K):
-        for w in range(words.shape[1]):
-            words[e, w] = 0
-        for i in range(d):
-            words[e, word_of[i]] |= np.int64(keys[e, i] - low[i]) << shift_of[i]
 
 
 def _radix_argsort(words):
@@ -414,9 +392,9 @@ def _merge_neighbours(sorted_words, steps, neighbours):
     # step_j is −1 in every coordinate but +d in coordinate j (none for j = d: that
     # coordinate is the implicit last one).  Adding step_j to every key keeps them sorted, so
     # for each direction one merge of the sorted keys with themselves finds every neighbour
-    # pair: O(M) sequential reads, no hash lookups.  The keys are packed (key_words with margin
-    # d), so a step is an addition per word and comparing compares int64s; the d+1 directions
-    # are independent (one thread each).
+    # pair: O(M) sequential reads, no hash lookups.  The keys are packed (key_layout, with
+    # room for a step: key_bounds), so a step is an addition per word and comparing compares
+    # int64s; the d+1 directions are independent (one thread each).
     M = sorted_words.shape[0]
     for j in prange(neighbours.shape[0]):
         step = steps[j]
@@ -646,7 +624,6 @@ _number_blocks_cpu = parallel_njit(_number_blocks)
 _merge_blocks_cpu = njit(cache=True)(_merge_blocks)
 _global_offsets_cpu = parallel_njit(_global_offsets)
 _key_ranges_cpu = njit(cache=True)(_key_ranges)
-_pack_words_cpu = parallel_njit(_pack_words)
 _radix_argsort_cpu = njit(cache=True)(_radix_argsort)
 _compare_step = njit(inline="always", cache=True)(_compare_step)
 _merge_neighbours_cpu = parallel_njit(_merge_neighbours)

@@ -211,15 +211,20 @@ def test_blur_neighbours_by_merging_sorted_keys(d, scale, sorted_order):
 
 @pytest.mark.parametrize("span", [5, 3000, 2**29])
 def test_packed_keys_radix_sort_as_lexsort(span):
-    """key_words + _radix_argsort give NumPy's stable lexicographic order, for keys that
-    pack into one word and for keys that need several (span 2^29: 30 bits per coordinate)."""
+    """Keys packed as key_layout says, sorted by _radix_argsort, come in NumPy's stable
+    lexicographic order, for keys that pack into one word and for keys that need several (span
+    2^29: 30 bits per coordinate)."""
     from tinydeeplab.kernels import permutohedral as P
 
     rng = np.random.default_rng(span % 97)
     keys = rng.integers(-span, span, (4001, 5)).astype(np.int32)
     keys[2000:2500] = keys[:500]  # duplicates: their order must stay as given (stable)
-    words, word_of, shift_of = P.key_words(keys, margin=5)
-    assert words.shape[1] == (1 if span < 2**10 else 2 if span < 2**20 else 3)
+    low, high = keys.min(0).astype(np.int64) - 5, keys.max(0).astype(np.int64) + 5
+    word_of, shift_of, W = P.key_layout(low, high)
+    assert W == (1 if span < 2**10 else 2 if span < 2**20 else 3)
+    words = np.zeros((len(keys), W), np.int64)
+    for i in range(5):
+        words[:, word_of[i]] |= (keys[:, i] - low[i]) << shift_of[i]
     np.testing.assert_array_equal(P._radix_argsort_cpu(words), np.lexsort(keys.T[::-1]))
 
 
