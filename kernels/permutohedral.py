@@ -64,17 +64,7 @@ def canonical_simplex(d):
     return c
 
 
-# ---- CPU: steps 1-3, one point per iteration ---------------------------------------------------
-def _round_half_even(x):
-    # the SSE rounding of densecrf's x86 build (_mm_round_ps / cvtps: ties to even), in
-    # float64 arithmetic (exact for a float32 x); an integer's parity by its last bit (% 2
-    # on math.floor's integer took a third of the simplex step's time)
-    r = np.floor(np.float64(x) + 0.5)
-    if r - x == 0.5 and np.int64(r) & 1:
-        r -= 1.0
-    return np.int64(r)
-
-
+# ---- CPU: steps 1-3, a block of points at a time ---------------------------------------------
 SIMPLEX_BLOCK = 64  # points per block in the simplex step
 
 
@@ -121,8 +111,9 @@ def _simplices(features, scale, low, span, word_of, shift_of, ones, wrap, words,
                 sm[p] += cf
         for p in range(m):
             elevated[0, p] = sm[p]
-        # 2. the remainder-0 point: each coordinate rounded to a multiple of d+1 (ties to
-        # even: a half-way r that is odd becomes r − 1), and the ranks of the differences
+        # 2. the remainder-0 point: each coordinate rounded to a multiple of d+1 as densecrf's
+        # x86 build rounds (SSE: ties to even — a half-way r that is odd becomes r − 1), in
+        # float64 (exact for a float32 x); then the ranks of the differences
         for i in range(d + 1):
             for p in range(m):
                 x = down * elevated[i, p]
@@ -615,7 +606,6 @@ def _slice(buf, bary, offsets, post, base, out):
                 out[n, k] += w * buf[a, k]
 
 
-_round_half_even = njit(inline="always", cache=True)(_round_half_even)
 _hash = njit(inline="always", cache=True)(_hash)
 _simplices_cpu = parallel_njit(_simplices)
 _grow = njit(cache=True)(_grow)
