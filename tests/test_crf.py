@@ -292,6 +292,38 @@ def synthetic_scene(H, W, C, seed):
     return image, probs
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d, sorted_order", [(2, False), (5, True)])
+def test_simd_rows_equal_one_channel_at_a_time(dtype, d, sorted_order):
+    """Rows of 8 channels or more go through the 8-wide row operations (the last step
+    overlapping the one before when 8 does not divide c), fewer through plain loops: every
+    channel of a 21- or 13-channel filter (splat, blur in either order, slice from a base and
+    accumulating, transposed too) equals that channel filtered alone, to the last bit."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(d)
+    if d == 2:
+        f = np.stack(np.mgrid[0:23, 0:31], -1).reshape(-1, 2).astype(np.float32) / 1.3
+    else:
+        f = (rng.random((701, 5)) * 4).astype(np.float32)
+    lattice = P.LatticeCPU(f)
+    assert lattice.sorted == sorted_order
+    N = len(f)
+    pre, post = rng.random(N) + 0.5, rng.random(N) + 0.5
+    for c in (21, 13, 8):
+        v = rng.random((N, c)).astype(dtype)
+        base = rng.random((N, c)).astype(dtype)
+        for reverse in (False, True):
+            together = lattice.filter(v, reverse, pre, post, np.zeros_like(v), base)
+            again = lattice.filter(v, reverse, pre, post, together.copy())  # accumulate
+            for k in range(c):
+                alone = lattice.filter(v[:, k:k + 1], reverse, pre, post,
+                                       np.zeros((N, 1), dtype), base[:, k:k + 1])
+                np.testing.assert_array_equal(together[:, k], alone[:, 0])
+                more = lattice.filter(v[:, k:k + 1], reverse, pre, post, alone.copy())
+                np.testing.assert_array_equal(again[:, k], more[:, 0])
+
+
 @pytest.mark.parametrize("compat", ["potts", "diagonal", "matrix"])
 @pytest.mark.parametrize("normalization", ["NORMALIZE_SYMMETRIC", "NORMALIZE_BEFORE",
                                            "NORMALIZE_AFTER", "NO_NORMALIZATION"])
