@@ -44,6 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import parallel_njit
+from ._simd import row_operation, row_start, rows_of
 
 EMPTY = -1
 
@@ -462,97 +463,16 @@ def _prefetch_row_llvm(typingctx, array, row):
 AHEAD = 4  # points (slice) or vertices (gathering blur pass) between a prefetch and its use
 
 
-# ---- CPU: row operations in 8-wide SIMD ----------------------------------------------------------
-# Splat, blur and slice spend their time in short row operations: a row is one vertex's (or one
-# point's) c = 21 channels.  The loop the compiler makes of ``for k in range(c)`` (c known only
-# at run time) first checks at run time that the rows do not overlap, then runs 16 channels as
-# two 8-wide instructions, 4 more as a 4-wide one and the last alone, each part with its own
-# loop control — per row, far more instructions than arithmetic.  The intrinsics below write
-# the row operation directly in LLVM's vector instructions: ⌈c/8⌉ 8-wide steps, the last one
-# at columns c−8..c−1 (overlapping the one before when 8 does not divide c; its inputs are read
-# before the others are written, so the overlapped columns get the same values twice).  The
-# arithmetic, and its order, is that of the loops they replace: results are bit-identical.
-# Rows of fewer than 8 columns go one column at a time.
-LANES = 8
-_i64 = ir.IntType(64)
-
-
-def _row_start(context, builder, arraytype, array, row):
-    """Pointer to row ``row`` of a C-contiguous 2-D array, and its number of columns."""
-    view = context.make_array(arraytype)(context, builder, array)
-    columns = builder.extract_value(view.shape, 1)
-    row = row if row.type == _i64 else builder.sext(row, _i64)
-    return builder.gep(view.data, [builder.mul(row, columns)]), columns
-
-
-def _rows_of(*arrays):
-    """Whether the intrinsics below can take these arrays: 2-D, C-contiguous, one float type
-    (they read rows as runs of memory and take the column count from each array)."""
-    return all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
-               and a.dtype == arrays[0].dtype and isinstance(a.dtype, types.Float)
-               for a in arrays)
-
-
-class _Rows:
-    """Loads, stores and constants for rows of one element type, ``lanes`` elements at a time
-    (8: one AVX2 register for float32, two for float64; 1: plain scalars)."""
-
-    def __init__(self, context, builder, dtype, lanes):
-        self.context, self.builder, self.dtype = context, builder, dtype
-        element = context.get_data_type(dtype)
-        self.lanes = lanes
-        self.type = ir.VectorType(element, lanes) if lanes > 1 else element
-
-    def _at(self, start, column):
-        return self.builder.bitcast(self.builder.gep(start, [column]), self.type.as_pointer())
-
-    def load(self, start, column):
-        return self.builder.load(self._at(start, column), align=1)
-
-    def store(self, start, column, value):
-        self.builder.store(value, self._at(start, column), align=1)
-
-    def constant(self, value, valuetype):
-        """A scalar of Numba type valuetype, converted to the row type, in all lanes."""
-        x = self.context.cast(self.builder, value, valuetype, self.dtype)
-        if self.lanes == 1:
-            return x
-        one = self.builder.insert_element(ir.Constant(self.type, ir.Undefined), x,
-                                          ir.Constant(ir.IntType(32), 0))
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes)
-        return self.builder.shuffle_vector(one, ir.Constant(self.type, ir.Undefined), zeros)
-
-
-def _row_operation(context, builder, dtype, columns, make_step):
-    """Emit a row operation over ``columns`` columns.  make_step(rows) returns step(column),
-    which reads its inputs at column.. (rows.lanes of them) and returns a function that writes
-    its result.  At least LANES columns: the whole 8-wide steps, then the last one at
-    columns − 8, read before the others and written after them (see above).  Fewer: one
-    column at a time."""
-    i64 = _i64
-    wide = builder.icmp_unsigned(">=", columns, ir.Constant(i64, LANES))
-    with builder.if_else(wide) as (vectors, scalars):
-        with vectors:
-            step = make_step(_Rows(context, builder, dtype, LANES))
-            write_last = step(builder.sub(columns, ir.Constant(i64, LANES)))
-            with cgutils.for_range(builder, builder.lshr(columns, ir.Constant(i64, 3))) as loop:
-                step(builder.shl(loop.index, ir.Constant(i64, 3)))()
-            write_last()
-        with scalars:
-            step = make_step(_Rows(context, builder, dtype, 1))
-            with cgutils.for_range(builder, columns) as loop:
-                step(loop.index)()
-
-
+# ---- CPU: row operations in 8-wide SIMD (kernels/_simd.py) --------------------------------------
 @intrinsic
 def _row_add_scaled_simd(typingctx, dst, row, w, src, src_row):
     """dst[row] += w · src[src_row] (as the splat's loop)."""
-    if not _rows_of(dst, src):
+    if not rows_of(dst, src):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = _row_start(context, builder, signature.args[0], args[0], args[1])
-        s, _ = _row_start(context, builder, signature.args[3], args[3], args[4])
+        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+        s, _ = row_start(context, builder, signature.args[3], args[3], args[4])
 
         def make_step(rows):
             w = rows.constant(args[2], signature.args[2])
@@ -562,7 +482,7 @@ def _row_add_scaled_simd(typingctx, dst, row, w, src, src_row):
                 return lambda: rows.store(d, column, new)
             return step
 
-        _row_operation(context, builder, signature.args[0].dtype, columns, make_step)
+        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
         return context.get_dummy_value()
 
     return types.none(dst, row, w, src, src_row), codegen
@@ -571,12 +491,12 @@ def _row_add_scaled_simd(typingctx, dst, row, w, src, src_row):
 @intrinsic
 def _row_add_three_simd(typingctx, dst, row, w0, w1, w2, src, a, b, g):
     """dst[row] += w0 · src[a] + w1 · src[b] + w2 · src[g] (as the slice's loop)."""
-    if not _rows_of(dst, src):
+    if not rows_of(dst, src):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = _row_start(context, builder, signature.args[0], args[0], args[1])
-        srcs = [_row_start(context, builder, signature.args[5], args[5], r)[0] for r in args[6:]]
+        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+        srcs = [row_start(context, builder, signature.args[5], args[5], r)[0] for r in args[6:]]
 
         def make_step(rows):
             ws = [rows.constant(w, t) for w, t in zip(args[2:5], signature.args[2:5])]
@@ -588,7 +508,7 @@ def _row_add_three_simd(typingctx, dst, row, w0, w1, w2, src, a, b, g):
                 return lambda: rows.store(d, column, new)
             return step
 
-        _row_operation(context, builder, signature.args[0].dtype, columns, make_step)
+        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
         return context.get_dummy_value()
 
     return types.none(dst, row, w0, w1, w2, src, a, b, g), codegen
@@ -597,12 +517,12 @@ def _row_add_three_simd(typingctx, dst, row, w0, w1, w2, src, a, b, g):
 @intrinsic
 def _row_blur_simd(typingctx, dst, row, src, s, a, b):
     """dst[row] = src[s] + ½ (src[a] + src[b]) (one blur step; dst is not src)."""
-    if not _rows_of(dst, src):
+    if not rows_of(dst, src):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = _row_start(context, builder, signature.args[0], args[0], args[1])
-        centre, left, right = [_row_start(context, builder, signature.args[2], args[2], r)[0]
+        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+        centre, left, right = [row_start(context, builder, signature.args[2], args[2], r)[0]
                                for r in args[3:6]]
 
         def make_step(rows):
@@ -614,7 +534,7 @@ def _row_blur_simd(typingctx, dst, row, src, s, a, b):
                 return lambda: rows.store(d, column, new)
             return step
 
-        _row_operation(context, builder, signature.args[0].dtype, columns, make_step)
+        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
         return context.get_dummy_value()
 
     return types.none(dst, row, src, s, a, b), codegen

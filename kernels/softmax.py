@@ -15,6 +15,7 @@ a time with AVX2); the mean-field softmax got 3× faster.  float64 arrays (gradi
 """
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -23,6 +24,7 @@ from numba.extending import intrinsic
 from tinydeeplab.backend import is_cupy_array
 
 from . import parallel_njit
+from ._simd import LANES, row_operation, row_reduction, row_start, rows_of
 
 
 @intrinsic
@@ -62,6 +64,107 @@ def _exp_f32(x):
 _exp_f32 = njit(inline="always", fastmath=True, cache=True)(_exp_f32)
 
 
+# Rows of at least LANES labels: the row maximum, the subtraction, the sum and the scaling in
+# 8-wide steps (kernels/_simd.py; the 21-long loops cost more in loop control and leftovers than
+# in arithmetic).  The sum's order differs from a loop's: last-bit differences.
+@intrinsic
+def _row_max_simd(typingctx, a, n):
+    """max of row n of a (≥ 8 columns)."""
+    if not rows_of(a):
+        return None
+
+    def codegen(context, builder, signature, args):
+        def larger(x, y):
+            return builder.select(builder.fcmp_ordered(">", x, y), x, y)
+        return row_reduction(context, builder, signature.args[0], args[0], args[1], larger,
+                             float("-inf"))
+
+    return a.dtype(a, n), codegen
+
+
+@intrinsic
+def _row_sum_simd(typingctx, a, n):
+    """Σ of row n of a (≥ 8 columns)."""
+    if not rows_of(a):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return row_reduction(context, builder, signature.args[0], args[0], args[1],
+                             builder.fadd, 0.0)
+
+    return a.dtype(a, n), codegen
+
+
+@intrinsic
+def _row_minus_simd(typingctx, out, n, a, m):
+    """out[n] = a[n] − m (out may be a)."""
+    if not rows_of(out, a):
+        return None
+
+    def codegen(context, builder, signature, args):
+        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+        s, _ = row_start(context, builder, signature.args[2], args[2], args[1])
+
+        def make_step(rows):
+            mv = rows.constant(args[3], signature.args[3])
+
+            def step(column):
+                new = builder.fsub(rows.load(s, column), mv)
+                return lambda: rows.store(d, column, new)
+            return step
+
+        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
+        return context.get_dummy_value()
+
+    return types.none(out, n, a, m), codegen
+
+
+@intrinsic
+def _row_times_simd(typingctx, out, n, x):
+    """out[n] *= x."""
+    if not rows_of(out):
+        return None
+
+    def codegen(context, builder, signature, args):
+        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+
+        def make_step(rows):
+            xv = rows.constant(args[2], signature.args[2])
+
+            def step(column):
+                new = builder.fmul(rows.load(d, column), xv)
+                return lambda: rows.store(d, column, new)
+            return step
+
+        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
+        return context.get_dummy_value()
+
+    return types.none(out, n, x), codegen
+
+
+def _row_max_python(a, n):
+    return a[n].max()
+
+
+def _row_sum_python(a, n):
+    return a[n].sum()
+
+
+def _row_minus_python(out, n, a, m):
+    out[n] = a[n] - m
+
+
+def _row_times_python(out, n, x):
+    out[n] *= x
+
+
+_python = numba.config.DISABLE_JIT  # plain Python (debugging) cannot call intrinsics
+_row_max = _row_max_python if _python else _row_max_simd
+_row_sum = _row_sum_python if _python else _row_sum_simd
+_row_minus = _row_minus_python if _python else _row_minus_simd
+_row_times = _row_times_python if _python else _row_times_simd
+
+
 def _softmax_rows(a, out):
     # any float dtype, libm's exp
     N, C = a.shape
@@ -88,21 +191,27 @@ def _softmax_block(a, out, n0, n1):
     leftovers.  The first pass copies and subtracts the row maximum at once."""
     C = a.shape[1]
     for n in range(n0, n1):
-        m = a[n, 0]
-        for k in range(1, C):
-            m = max(m, a[n, k])
-        for k in range(C):
-            out[n, k] = a[n, k] - m
+        if C >= LANES:
+            _row_minus(out, n, a, _row_max(a, n))
+        else:
+            m = a[n, 0]
+            for k in range(1, C):
+                m = max(m, a[n, k])
+            for k in range(C):
+                out[n, k] = a[n, k] - m
     block = out[n0:n1].reshape(-1)
     for i in range(block.size):
         block[i] = _exp_f32(block[i])
     for n in range(n0, n1):
-        total = np.float32(0.0)
-        for k in range(C):
-            total += out[n, k]
-        inv = np.float32(1.0) / total
-        for k in range(C):
-            out[n, k] *= inv
+        if C >= LANES:
+            _row_times(out, n, np.float32(1.0) / _row_sum(out, n))
+        else:
+            total = np.float32(0.0)
+            for k in range(C):
+                total += out[n, k]
+            inv = np.float32(1.0) / total
+            for k in range(C):
+                out[n, k] *= inv
 
 
 _softmax_block = njit(inline="always", fastmath=True, cache=True)(_softmax_block)

@@ -14,7 +14,7 @@ def softmax64(a):
     return e / e.sum(1, keepdims=True)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 21), (33, 5), (1000, 21), (65, 3)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 21), (33, 5), (1000, 21), (65, 3), (9, 8), (40, 13), (5, 16)])
 def test_float32_softmax_matches_float64(shape):
     rng = np.random.default_rng(sum(shape))
     a = (rng.normal(0, 8, shape)).astype(np.float32)

@@ -1,0 +1,114 @@
+"""Row operations in 8-wide SIMD, written directly in LLVM's vector instructions (CPU).
+
+The CRF's kernels spend their time in short row operations: a row is one lattice vertex's, or
+one pixel's, c = 21 label channels.  The loop Numba's compiler makes of ``for k in range(c)``
+(c known only at run time) first checks at run time that the rows do not overlap, then runs 16
+channels as two 8-wide instructions, 4 more as a 4-wide one and the last alone, each part with
+its own loop control — per row, far more instructions than arithmetic.  The helpers below let
+a kernel module write an intrinsic that does the row operation in ⌈c/8⌉ 8-wide steps, the last
+one at columns c−8..c−1 (overlapping the one before when 8 does not divide c; its inputs are
+read before the others are written, so the overlapped columns get the same values twice).  The
+intrinsics do the arithmetic of the loops they replace in the same order: bit-identical
+results.  Rows of fewer than 8 columns go one column at a time.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+
+LANES = 8
+_i64 = ir.IntType(64)
+
+
+def rows_of(*arrays):
+    """Whether an intrinsic can take these arrays: 2-D, C-contiguous, one float type (rows are
+    read as runs of memory, and each array's column count from its own shape)."""
+    return all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+               and a.dtype == arrays[0].dtype and isinstance(a.dtype, types.Float)
+               for a in arrays)
+
+
+def row_start(context, builder, arraytype, array, row):
+    """Pointer to row ``row`` of a C-contiguous 2-D array, and its number of columns."""
+    view = context.make_array(arraytype)(context, builder, array)
+    columns = builder.extract_value(view.shape, 1)
+    row = row if row.type == _i64 else builder.sext(row, _i64)
+    return builder.gep(view.data, [builder.mul(row, columns)]), columns
+
+
+class Rows:
+    """Loads, stores and constants for rows of one element type, ``lanes`` elements at a time
+    (8: one AVX2 register for float32, two for float64; 1: plain scalars)."""
+
+    def __init__(self, context, builder, dtype, lanes):
+        self.context, self.builder, self.dtype = context, builder, dtype
+        element = context.get_data_type(dtype)
+        self.lanes = lanes
+        self.type = ir.VectorType(element, lanes) if lanes > 1 else element
+
+    def _at(self, start, column):
+        return self.builder.bitcast(self.builder.gep(start, [column]), self.type.as_pointer())
+
+    def load(self, start, column):
+        return self.builder.load(self._at(start, column), align=1)
+
+    def store(self, start, column, value):
+        self.builder.store(value, self._at(start, column), align=1)
+
+    def constant(self, value, valuetype):
+        """A scalar of Numba type valuetype, converted to the row type, in all lanes."""
+        x = self.context.cast(self.builder, value, valuetype, self.dtype)
+        if self.lanes == 1:
+            return x
+        return self.broadcast(x)
+
+    def broadcast(self, x):
+        vector = ir.VectorType(x.type, self.lanes)
+        one = self.builder.insert_element(ir.Constant(vector, ir.Undefined), x,
+                                          ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), self.lanes), [0] * self.lanes)
+        return self.builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
+
+
+def row_operation(context, builder, dtype, columns, make_step):
+    """Emit a row operation over ``columns`` columns.  make_step(rows) returns step(column),
+    which reads its inputs at column.. (rows.lanes of them) and returns a function that writes
+    its result.  At least LANES columns: the whole 8-wide steps, then the last one at
+    columns − 8, read before the others and written after them.  Fewer: one column at a
+    time."""
+    wide = builder.icmp_unsigned(">=", columns, ir.Constant(_i64, LANES))
+    with builder.if_else(wide) as (vectors, scalars):
+        with vectors:
+            step = make_step(Rows(context, builder, dtype, LANES))
+            write_last = step(builder.sub(columns, ir.Constant(_i64, LANES)))
+            with cgutils.for_range(builder, builder.lshr(columns, ir.Constant(_i64, 3))) as loop:
+                step(builder.shl(loop.index, ir.Constant(_i64, 3)))()
+            write_last()
+        with scalars:
+            step = make_step(Rows(context, builder, dtype, 1))
+            with cgutils.for_range(builder, columns) as loop:
+                step(loop.index)()
+
+
+def row_reduction(context, builder, arraytype, array, row, combine, neutral):
+    """combine over row ``row`` of at least LANES columns: 8-wide partial results over the
+    steps, the last, overlapping step's already-counted lanes replaced by ``neutral``, then
+    the 8 lanes combined in order."""
+    start, columns = row_start(context, builder, arraytype, array, row)
+    rows = Rows(context, builder, arraytype.dtype, LANES)
+    partial = cgutils.alloca_once_value(builder, rows.load(start, ir.Constant(_i64, 0)))
+    steps = builder.lshr(columns, ir.Constant(_i64, 3))
+    with cgutils.for_range(builder, builder.sub(steps, ir.Constant(_i64, 1))) as loop:
+        column = builder.shl(builder.add(loop.index, ir.Constant(_i64, 1)), ir.Constant(_i64, 3))
+        builder.store(combine(builder.load(partial), rows.load(start, column)), partial)
+    last = rows.load(start, builder.sub(columns, ir.Constant(_i64, LANES)))
+    # lane j of the last step is column columns − 8 + j: new if j ≥ 8·(steps + 1) − columns
+    first_new = builder.sub(builder.shl(builder.add(steps, ir.Constant(_i64, 1)),
+                                        ir.Constant(_i64, 3)), columns)
+    lanes = ir.Constant(ir.VectorType(_i64, LANES), list(range(LANES)))
+    new = builder.icmp_signed(">=", lanes, rows.broadcast(first_new))
+    last = builder.select(new, last, ir.Constant(rows.type, [neutral] * LANES))
+    total = combine(builder.load(partial), last)
+    result = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
+    for j in range(1, LANES):
+        result = combine(result, builder.extract_element(total, ir.Constant(ir.IntType(32), j)))
+    return result
