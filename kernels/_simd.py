@@ -89,6 +89,28 @@ def row_operation(context, builder, dtype, columns, make_step):
                 step(loop.index)()
 
 
+def row_map(context, builder, signature, args, dst, sources, scalars, formula):
+    """Emit dst row = formula(...) through row_operation: dst and each of sources is a pair
+    (argument index of the array, argument index of the row); scalars are argument indices of
+    numbers made row constants.  formula(rows, constants, values) gets the source rows' values
+    at one step, in order.  Returns the intrinsic's (empty) result."""
+    arraytype = signature.args[dst[0]]
+    d, columns = row_start(context, builder, arraytype, args[dst[0]], args[dst[1]])
+    starts = [row_start(context, builder, signature.args[a], args[a], args[r])[0]
+              for a, r in sources]
+
+    def make_step(rows):
+        constants = [rows.constant(args[i], signature.args[i]) for i in scalars]
+
+        def step(column):
+            new = formula(rows, constants, [rows.load(s, column) for s in starts])
+            return lambda: rows.store(d, column, new)
+        return step
+
+    row_operation(context, builder, arraytype.dtype, columns, make_step)
+    return context.get_dummy_value()
+
+
 def row_reduction(context, builder, arraytype, array, row, combine, neutral):
     """combine over row ``row`` of at least LANES columns: 8-wide partial results over the
     steps, the last, overlapping step's already-counted lanes replaced by ``neutral``, then

@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import parallel_njit
-from ._simd import row_operation, row_start, rows_of
+from ._simd import row_map, rows_of
 
 EMPTY = -1
 
@@ -471,19 +471,9 @@ def _row_add_scaled_simd(typingctx, dst, row, w, src, src_row):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
-        s, _ = row_start(context, builder, signature.args[3], args[3], args[4])
-
-        def make_step(rows):
-            w = rows.constant(args[2], signature.args[2])
-
-            def step(column):
-                new = builder.fadd(rows.load(d, column), builder.fmul(w, rows.load(s, column)))
-                return lambda: rows.store(d, column, new)
-            return step
-
-        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
-        return context.get_dummy_value()
+        def formula(rows, w, x):
+            return builder.fadd(x[0], builder.fmul(w[0], x[1]))
+        return row_map(context, builder, signature, args, (0, 1), [(0, 1), (3, 4)], [2], formula)
 
     return types.none(dst, row, w, src, src_row), codegen
 
@@ -495,21 +485,11 @@ def _row_add_three_simd(typingctx, dst, row, w0, w1, w2, src, a, b, g):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
-        srcs = [row_start(context, builder, signature.args[5], args[5], r)[0] for r in args[6:]]
-
-        def make_step(rows):
-            ws = [rows.constant(w, t) for w, t in zip(args[2:5], signature.args[2:5])]
-
-            def step(column):
-                terms = [builder.fmul(w, rows.load(r, column)) for w, r in zip(ws, srcs)]
-                total = builder.fadd(builder.fadd(terms[0], terms[1]), terms[2])
-                new = builder.fadd(rows.load(d, column), total)
-                return lambda: rows.store(d, column, new)
-            return step
-
-        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
-        return context.get_dummy_value()
+        def formula(rows, w, x):
+            terms = [builder.fmul(wi, xi) for wi, xi in zip(w, x[1:])]
+            return builder.fadd(x[0], builder.fadd(builder.fadd(terms[0], terms[1]), terms[2]))
+        return row_map(context, builder, signature, args, (0, 1),
+                       [(0, 1), (5, 6), (5, 7), (5, 8)], [2, 3, 4], formula)
 
     return types.none(dst, row, w0, w1, w2, src, a, b, g), codegen
 
@@ -521,21 +501,11 @@ def _row_blur_simd(typingctx, dst, row, src, s, a, b):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
-        centre, left, right = [row_start(context, builder, signature.args[2], args[2], r)[0]
-                               for r in args[3:6]]
-
-        def make_step(rows):
+        def formula(rows, _, x):
             half = rows.constant(ir.Constant(ir.FloatType(), 0.5), types.float32)
-
-            def step(column):
-                sides = builder.fadd(rows.load(left, column), rows.load(right, column))
-                new = builder.fadd(rows.load(centre, column), builder.fmul(half, sides))
-                return lambda: rows.store(d, column, new)
-            return step
-
-        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
-        return context.get_dummy_value()
+            return builder.fadd(x[0], builder.fmul(half, builder.fadd(x[1], x[2])))
+        return row_map(context, builder, signature, args, (0, 1), [(2, 3), (2, 4), (2, 5)], [],
+                       formula)
 
     return types.none(dst, row, src, s, a, b), codegen
 

@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 from tinydeeplab.backend import is_cupy_array
 
 from . import parallel_njit
-from ._simd import LANES, row_operation, row_reduction, row_start, rows_of
+from ._simd import LANES, row_map, row_reduction, rows_of
 
 
 @intrinsic
@@ -102,19 +102,8 @@ def _row_minus_simd(typingctx, out, n, a, m):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
-        s, _ = row_start(context, builder, signature.args[2], args[2], args[1])
-
-        def make_step(rows):
-            mv = rows.constant(args[3], signature.args[3])
-
-            def step(column):
-                new = builder.fsub(rows.load(s, column), mv)
-                return lambda: rows.store(d, column, new)
-            return step
-
-        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
-        return context.get_dummy_value()
+        return row_map(context, builder, signature, args, (0, 1), [(2, 1)], [3],
+                       lambda rows, m, x: builder.fsub(x[0], m[0]))
 
     return types.none(out, n, a, m), codegen
 
@@ -126,18 +115,8 @@ def _row_times_simd(typingctx, out, n, x):
         return None
 
     def codegen(context, builder, signature, args):
-        d, columns = row_start(context, builder, signature.args[0], args[0], args[1])
-
-        def make_step(rows):
-            xv = rows.constant(args[2], signature.args[2])
-
-            def step(column):
-                new = builder.fmul(rows.load(d, column), xv)
-                return lambda: rows.store(d, column, new)
-            return step
-
-        row_operation(context, builder, signature.args[0].dtype, columns, make_step)
-        return context.get_dummy_value()
+        return row_map(context, builder, signature, args, (0, 1), [(0, 1)], [2],
+                       lambda rows, x, row: builder.fmul(row[0], x[0]))
 
     return types.none(out, n, x), codegen
 
