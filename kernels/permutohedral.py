@@ -591,43 +591,44 @@ def scatter_plan(offsets, d1, M, T):
     return low, ends, start
 
 
-def _splat_scatter(values, pre, bary, offsets, low, ends, start, private, buf):
+def _splat_scatter(values, pre, bary, offsets, low, ends, start, rows):
     # The same sum in point order: thread t splats the contiguous block t of points, reading
-    # values sequentially.  Vertices are numbered in order of first appearance, so block t
-    # writes rows from low[t] up, and rows above ends[t] (the highest row of the blocks before
-    # it) are written by no earlier block: those it owns, zeroes and writes in buf directly;
-    # its rows low[t]..ends[t] go to its part of private (rows start[t]..start[t+1]−1) and
-    # are added into buf at the end.  For a pixel grid that band is a row of the image or
-    # two, for the bilateral kernel a fifth of the vertices.
+    # values sequentially.  rows (M+1+P, c): rows 0..M are the vertex buffer (M = ends[T]),
+    # rows M+1.. private rows for the threads.  Vertices are numbered in order of first
+    # appearance, so block t writes rows from low[t] up, and rows above ends[t] (the highest
+    # row of the blocks before it) are written by no earlier block: those it owns, zeroes and
+    # writes directly; its rows low[t]..ends[t] go to its private rows (M+1+start[t] ..
+    # M+start[t+1]) and are added in at the end.  For a pixel grid that band is a row of the
+    # image or two, for the bilateral kernel a fifth of the vertices.  Shared and private rows
+    # live in one array, so which one a corner goes to is a choice of row number (a
+    # conditional move), not a branch between two arrays: for the bilateral kernel that
+    # branch went either way at random, and its mispredictions cost 10-20 % of the splat.
     T = low.shape[0]
     N, d1 = bary.shape
-    c = buf.shape[1]
+    c = rows.shape[1]
+    M = ends[T]
     for t in prange(T):
         for row in range(ends[t] + 1, ends[t + 1] + 1):
             for k in range(c):
-                buf[row, k] = 0
-        for i in range(start[t], start[t + 1]):
+                rows[row, k] = 0
+        for i in range(M + 1 + start[t], M + 1 + start[t + 1]):
             for k in range(c):
-                private[i, k] = 0
-        shared, shift = ends[t], start[t] - low[t]
+                rows[i, k] = 0
+        shared, shift = ends[t], M + 1 + start[t] - low[t]
         for n in range(t * N // T, (t + 1) * N // T):
             s = pre[n]
             for r in range(d1):
                 w = bary[n, r] * s
                 row = offsets[n * d1 + r] + 1
+                row = row if row > shared else row + shift
                 if c == 1:  # the kernel normalisation: one number per row
-                    if row > shared:
-                        buf[row, 0] += w * values[n, 0]
-                    else:
-                        private[shift + row, 0] += w * values[n, 0]
-                elif row > shared:
-                    _row_add_scaled(buf, row, w, values, n)
+                    rows[row, 0] += w * values[n, 0]
                 else:
-                    _row_add_scaled(private, shift + row, w, values, n)
+                    _row_add_scaled(rows, row, w, values, n)
     for t in range(1, T):
         for row in prange(low[t], ends[t] + 1):
             for k in range(c):
-                buf[row, k] += private[start[t] + row - low[t], k]
+                rows[row, k] += rows[M + 1 + start[t] + row - low[t], k]
 
 
 def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
@@ -731,7 +732,7 @@ class LatticeCPU:
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
         self._work = {}
         self._band_plans = {}
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # see filter and _work_buffers
 
     def _number_vertices(self, words):
         """M, vertex_words (M, W) and offsets (K,): the vertex of each of the K = N·(d+1)
@@ -812,25 +813,43 @@ class LatticeCPU:
         one pass over the pixels instead of four).  float64 values are filtered in float64
         (the same linear operator, for gradient checks).
         """
+        with self.lock:
+            self.splat(values, pre)
+            return self.slice(self.blur(reverse), post, out, base)
+
+    # The three steps one at a time, for callers that interleave the steps of several
+    # lattices (the CRF splats every kernel's lattice before any slice writes the pixels'
+    # new values, so those can overwrite the values splatted).  The vertex buffers are the
+    # lattice's own and reused by the next splat: hold ``lock`` from splat to slice.
+    def splat(self, values, pre=None):
+        """Step 4: the vertex buffer ← Σ over points of weight · pre · value (values (N, c);
+        float64 values are splatted in float64)."""
         dt = np.float64 if values.dtype == np.float64 else np.float32
         values = np.ascontiguousarray(values, dtype=dt)
-        ones = None if pre is not None and post is not None else np.ones(self.N, dt)
-        pre = ones if pre is None else np.ascontiguousarray(pre, dtype=dt)
-        post = ((ones if post is None else post) * self.alpha).astype(dt)
+        pre = np.ones(self.N, dt) if pre is None else np.ascontiguousarray(pre, dtype=dt)
+        buf, scratch, rows = self._work_buffers(values.shape[1], dt)
+        if rows is not None:
+            _splat_scatter_cpu(values, pre, self.bary, self.offsets, *self._bands(), rows)
+        else:
+            starts, members = self.members_by_vertex()
+            _splat_gather_cpu(values, pre, self.bary, starts, members, buf)
+        self._splatted = buf, scratch
+
+    def blur(self, reverse=False):
+        """Step 5 on the buffer of the last splat; returns the blurred vertex buffer."""
+        buf, scratch = self._splatted
+        return self._blur(buf, scratch, reverse)
+
+    def slice(self, blurred, post=None, out=None, base=None):
+        """Step 6: (N, c) values read back from the vertex buffer ``blurred`` (from ``blur``),
+        with ``post``, ``out`` and ``base`` as in ``filter``."""
+        dt = blurred.dtype.type
+        post = ((np.ones(self.N, dt) if post is None else post) * self.alpha).astype(dt)
         if out is not None and base is None:
             base = out  # accumulate
         if out is None:
-            out = np.empty(values.shape, dtype=dt)
-        with self._lock:
-            buf, tmp, private = self._work_buffers(values.shape[1], dt)
-            if private is not None:
-                _splat_scatter_cpu(values, pre, self.bary, self.offsets, *self._bands(),
-                                   private, buf)
-            else:
-                starts, members = self.members_by_vertex()
-                _splat_gather_cpu(values, pre, self.bary, starts, members, buf)
-            blurred = self._blur(buf, tmp, reverse)
-            _slice_cpu(blurred, self.bary, self.offsets, post, base, out)
+            out = np.empty((self.N, blurred.shape[1]), dtype=dt)
+        _slice_cpu(blurred, self.bary, self.offsets, post, base, out)
         return out
 
     def members_by_vertex(self):
@@ -848,20 +867,15 @@ class LatticeCPU:
         """Blur along the d+1 directions (in reverse order for the transposed filter); returns
         the array holding the result, rows in buffer order like ``buf``.
 
-        Visiting in sorted order: the first pass gathers ``buf`` into sorted order, passes in
-        between alternate the two ``scratch`` arrays, the last scatters back into ``buf``.
-        Visiting in buffer order: the passes alternate ``scratch[0]`` and ``buf``."""
+        The passes alternate ``buf`` and ``scratch``.  Visiting in sorted order, the first
+        pass gathers ``buf`` into sorted order, the passes in between keep that order and the
+        last one scatters back into buffer order."""
         directions = list(range(self.d, -1, -1) if reverse else range(self.d + 1))
         last = len(directions) - 1
         src, src_rows = buf, self.rows
         for i, j in enumerate(directions):
             neighbours = self.buffer_neighbours[j] if i == 0 else self.neighbours[j]
-            if not self.sorted:
-                dst = scratch[0] if i % 2 == 0 else buf
-            elif i == last:
-                dst = buf
-            else:
-                dst = scratch[i % 2]
+            dst = scratch if i % 2 == 0 else buf
             dst_rows = self.rows if self.sorted and i == last else self.places
             gathering = self.sorted and i == 0  # reads buf in an order of its own
             _blur_direction_cpu(src, src_rows, dst, dst_rows, neighbours, gathering)
@@ -872,21 +886,19 @@ class LatticeCPU:
         """The vertex buffers for c channels of dtype dt, allocated on first use and kept: the
         CRF filters with the same lattice every iteration, and fresh tens of megabytes each
         time cost more in page faults than the blur itself.  (So filter one lattice from one
-        thread at a time — ``_lock`` sees to that.)"""
+        thread at a time — ``lock`` sees to that.)"""
         key = (c, np.dtype(dt).str, numba.get_num_threads())
         if key not in self._work:
-            buf = np.empty((self.M + 1, c), dtype=dt)
+            # splat by scatter, unless its private rows would need more than one copy of the
+            # buffer (or 256 MB): then by gather.  The scatter's private rows follow the
+            # buffer's in one array (``rows``; ``buf`` is its first M + 1 rows).
+            extra = self._bands()[2][-1]
+            scatter = extra <= self.M and extra * c * np.dtype(dt).itemsize <= 256 << 20
+            rows = np.empty((self.M + 1 + (extra if scatter else 0), c), dtype=dt)
+            buf = rows[: self.M + 1]
             buf[0] = 0  # row 0: the "missing neighbour" zero row
-            # scratch for the blur: two arrays if it visits in sorted order with passes
-            # between the first and the last, else one
-            tmp = tuple(np.zeros_like(buf) for _ in range(2 if self.sorted and self.d > 1 else 1))
-            # splat by scatter, unless its shared rows would need more than one copy of the
-            # buffer (or 256 MB): then by gather
-            rows = self._bands()[2][-1]
-            private = None
-            if rows <= self.M and rows * c * np.dtype(dt).itemsize <= 256 << 20:
-                private = np.empty((rows, c), dtype=dt)
-            self._work[key] = (buf, tmp, private)
+            scratch = np.zeros_like(buf)  # the blur's other array
+            self._work[key] = (buf, scratch, rows if scatter else None)
         return self._work[key]
 
     def _bands(self):

@@ -11,6 +11,7 @@ Every kernel gathers (one thread per output element), so none needs atomics.  Th
 take NumPy arrays under Numba's CUDA simulator.
 """
 import math
+import threading
 
 import numba
 import numpy as np
@@ -203,25 +204,42 @@ class LatticeCUDA:
         self.neighbours = xp.empty((d + 1, M, 2), dtype=xp.int32)
         launch(_neighbours_kernel, (d + 1) * M, self.vertex_keys, self.neighbours)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
+        self.lock = threading.RLock()  # held from splat to slice (LatticeCPU.filter)
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None, base=None):
+        with self.lock:
+            self.splat(values, pre)
+            return self.slice(self.blur(reverse), post, out, base)
+
+    def splat(self, values, pre=None):
         xp = self.xp
         dt = xp.float64 if values.dtype == xp.float64 else xp.float32
         values = xp.ascontiguousarray(values, dtype=dt)
         c = values.shape[1]
         pre = xp.ones(self.N, dt) if pre is None else xp.asarray(pre, dt)
-        post = ((xp.ones(self.N, dt) if post is None else post) * self.alpha).astype(dt)
-        buf = xp.zeros((self.M + 1, c), dtype=dt)
-        tmp = xp.zeros_like(buf)
+        self._buf = xp.zeros((self.M + 1, c), dtype=dt)
         launch(_splat_kernel, self.M * c, values, pre, self.bary, self.starts, self.members,
-                buf)
+               self._buf)
+
+    def blur(self, reverse=False):
+        buf = self._buf
+        c = buf.shape[1]
+        tmp = self.xp.zeros_like(buf)
         for j in (range(self.d, -1, -1) if reverse else range(self.d + 1)):
             launch(_blur_kernel, self.M * c, buf, tmp, self.neighbours, j)
             buf, tmp = tmp, buf
+        return buf
+
+    def slice(self, blurred, post=None, out=None, base=None):
+        xp = self.xp
+        dt = blurred.dtype
+        c = blurred.shape[1]
+        post = ((xp.ones(self.N, dt) if post is None else post) * self.alpha).astype(dt)
         accumulate = out is not None
         if out is None:
             out = xp.empty((self.N, c), dtype=dt)
         elif base is not None and base is not out:
             out[...] = base
-        launch(_slice_kernel, self.N * c, buf, self.bary, self.offsets, post, accumulate, out)
+        launch(_slice_kernel, self.N * c, blurred, self.bary, self.offsets, post, accumulate,
+               out)
         return out

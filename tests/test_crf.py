@@ -251,12 +251,10 @@ def test_splat_by_scatter_equals_splat_by_gather(blocks, grid):
     assert ends[0] == 0 and ends[-1] == lattice.M and (np.diff(ends) >= 0).all()
     if grid and blocks > 1:  # neighbouring blocks share about a row of the image
         assert 0 < start[-1] < 3 * 69 * (blocks - 1)
-    scattered = np.full_like(gathered, np.nan)
-    scattered[0] = 0
-    private = np.full((start[-1], 3), np.nan, np.float32)
-    P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, low, ends, start, private,
-                         scattered)
-    np.testing.assert_allclose(scattered[1:], gathered[1:], rtol=1e-5, atol=1e-6)
+    rows = np.full((lattice.M + 1 + start[-1], 3), np.nan, np.float32)  # buffer, private rows
+    rows[0] = 0
+    P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, low, ends, start, rows)
+    np.testing.assert_allclose(rows[1: lattice.M + 1], gathered[1:], rtol=1e-5, atol=1e-6)
 
 
 # ---- against pydensecrf -----------------------------------------------------------------------

@@ -14,6 +14,8 @@ D = K·1), and a Potts compatibility of weight w contributes  +w · k̃ Q  to th
 ``DenseCRF2D`` copies pydensecrf's interface and semantics, so switching is one import line;
 ``dense_crf`` is DeepLab v2's post-processing with its ResNet-101 VOC parameters.
 """
+import contextlib
+
 import numpy as np
 
 from .autograd import Function, Tensor, is_grad_enabled
@@ -102,11 +104,6 @@ class PermutohedralLattice:
         out = self._impl.filter(values, reverse)
         return out[:, 0] if vector else out
 
-    def _filter(self, values, pre=None, post=None, out=None, base=None):
-        """Fused form for the CRF: out (+)= post ⊙ filter(pre ⊙ values), all (N, c)/(N,);
-        with ``base``: out = base + post ⊙ filter(pre ⊙ values)."""
-        return self._impl.filter(values, False, pre, post, out, base)
-
 
 class _Pairwise:
     """One Gaussian kernel with its normalisation and label compatibility."""
@@ -131,16 +128,23 @@ class _Pairwise:
         self.pre = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else ones
         self.post = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else ones
 
-    def add_message(self, Q, logits, base=None):
-        """Add this kernel's contribution to the log-potentials: logits (N, C) += f(Q), or
-        logits = base + f(Q) when ``base`` is given."""
-        pre, post, (kind, w) = self.pre, self.post, self.compat
+    def splat(self, Q):
+        """The first step of this kernel's message: Q (N, C), normalised, onto its lattice."""
+        self.lattice._impl.splat(Q, self.pre)
+
+    def blur(self):
+        return self.lattice._impl.blur()
+
+    def add_message(self, blurred, logits, base=None):
+        """Add this kernel's contribution, sliced from its ``blurred`` vertex buffer, to the
+        log-potentials: logits (N, C) += f(Q), or logits = base + f(Q) when ``base`` is given."""
+        lattice, post, (kind, w) = self.lattice._impl, self.post, self.compat
         if kind == "potts":  # +w · k̃Q: the weight rides along with the output scaling
-            self.lattice._filter(Q, pre, post * w, out=logits, base=base)
+            lattice.slice(blurred, post * w, out=logits, base=base)
             return
         if base is not None:
             logits[...] = base
-        x = self.lattice._filter(Q, pre, post)
+        x = lattice.slice(blurred, post)
         # Signs as in densecrf (checked against pydensecrf): a Potts weight w rewards agreeing
         # with the neighbours (+w·x above); a diagonal or full compatibility μ is an energy
         # and enters as −μ x.
@@ -221,13 +225,23 @@ class DenseCRF:
         else:
             neg_unary = transpose(self.unary, -1.0)
         Q = softmax_rows(neg_unary, xp.empty_like(neg_unary), cuda)
-        logits = xp.empty_like(neg_unary)
-        for _ in range(int(n_iterations)):
-            for i, p in enumerate(self.pairwise):  # the first starts from the unary
-                p.add_message(Q, logits, base=neg_unary if i == 0 else None)
-            if not self.pairwise:
-                logits[...] = neg_unary
-            softmax_rows(logits, Q, cuda)
+        with contextlib.ExitStack() as held:  # each lattice's buffers, from splat to slice
+            for p in self.pairwise:
+                held.enter_context(p.lattice._impl.lock)
+            for _ in range(int(n_iterations)):
+                # Every kernel splats Q before any writes its message, so the new
+                # log-potentials can go into Q's own array and the softmax normalises them
+                # in place: one (N, C) array less to stream through memory per iteration.
+                # The blurs run last-splatted first (its buffer is the one still in cache),
+                # so the first kernel's blurred buffer is fresh for its slice.
+                for p in self.pairwise:
+                    p.splat(Q)
+                blurred = [p.blur() for p in reversed(self.pairwise)][::-1]
+                for i, p in enumerate(self.pairwise):  # the first starts from the unary
+                    p.add_message(blurred[i], Q, base=neg_unary if i == 0 else None)
+                if not self.pairwise:
+                    Q[...] = neg_unary
+                softmax_rows(Q, Q, cuda)
         return xp.ascontiguousarray(Q.T) if cuda else transpose(Q)
 
 
