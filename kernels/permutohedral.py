@@ -45,6 +45,8 @@ from numba.extending import intrinsic
 
 from . import parallel_njit
 from ._simd import row_map, rows_of
+from .softmax import BLOCK as SOFTMAX_BLOCK
+from .softmax import softmax_block, softmax_rows
 
 EMPTY = -1
 
@@ -645,41 +647,49 @@ def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
         _row_blur(dst, t, src, s, a, b)
 
 
-def _slice(buf, bary, offsets, post, base, out):
-    # out[n] = base[n] + post[n] · Σ_r bary[n, r] · buf[vertex(n, r)]   (post includes α;
-    # base None: 0, base out: accumulate).  The d+1 rows are summed three at a time inside
-    # one loop over the channels: out[n] is then read and written once per three rows, not
-    # once per row (each round trip through memory is a dependency the CPU must wait for).
+def _slice(buf, bary, offsets, post, alpha, base, out, softmax):
+    # out[n] = base[n] + post[n] · α · Σ_r bary[n, r] · buf[vertex(n, r)]   (base None: 0,
+    # base out: accumulate); with softmax, then every row of out is replaced by its softmax
+    # (the CRF's last message of an iteration: each block of pixels is normalised while it is
+    # in the cache, not in another pass over all of them).  The d+1 rows are summed three at
+    # a time inside one loop over the channels: out[n] is then read and written once per
+    # three rows, not once per row (each round trip through memory is a dependency the CPU
+    # must wait for).
     N, d1 = bary.shape
     c = buf.shape[1]
     # decided once, not per point: ``base is out`` inside the loop would update both arrays'
     # reference counts (atomic, and contended between the threads) for every point
     start = 0 if base is None else 1 if base is out else 2  # from 0, accumulate, from base
-    for n in prange(N):
-        if n + AHEAD < N:
-            for r in range(d1):
-                _prefetch_row(buf, offsets[(n + AHEAD) * d1 + r] + 1)
-        if start == 0:
-            for k in range(c):
-                out[n, k] = 0
-        elif start == 2:
-            for k in range(c):
-                out[n, k] = base[n, k]
-        p = post[n]
-        r = 0
-        while r + 3 <= d1:
-            w0, w1, w2 = bary[n, r] * p, bary[n, r + 1] * p, bary[n, r + 2] * p
-            e = n * d1 + r
-            a, b, g = offsets[e] + 1, offsets[e + 1] + 1, offsets[e + 2] + 1
-            if c == 1:  # the kernel normalisation: one number per row
-                out[n, 0] += w0 * buf[a, 0] + w1 * buf[b, 0] + w2 * buf[g, 0]
-            else:
-                _row_add_three(out, n, w0, w1, w2, buf, a, b, g)
-            r += 3
-        for r in range(r, d1):
-            w = bary[n, r] * p
-            a = offsets[n * d1 + r] + 1
-            _row_add_scaled(out, n, w, buf, a)
+    for block in prange((N + SOFTMAX_BLOCK - 1) // SOFTMAX_BLOCK):
+        n0 = block * SOFTMAX_BLOCK
+        n1 = min(N, n0 + SOFTMAX_BLOCK)
+        for n in range(n0, n1):
+            if n + AHEAD < N:
+                for r in range(d1):
+                    _prefetch_row(buf, offsets[(n + AHEAD) * d1 + r] + 1)
+            if start == 0:
+                for k in range(c):
+                    out[n, k] = 0
+            elif start == 2:
+                for k in range(c):
+                    out[n, k] = base[n, k]
+            p = post[n] * alpha
+            r = 0
+            while r + 3 <= d1:
+                w0, w1, w2 = bary[n, r] * p, bary[n, r + 1] * p, bary[n, r + 2] * p
+                e = n * d1 + r
+                a, b, g = offsets[e] + 1, offsets[e + 1] + 1, offsets[e + 2] + 1
+                if c == 1:  # the kernel normalisation: one number per row
+                    out[n, 0] += w0 * buf[a, 0] + w1 * buf[b, 0] + w2 * buf[g, 0]
+                else:
+                    _row_add_three(out, n, w0, w1, w2, buf, a, b, g)
+                r += 3
+            for r in range(r, d1):
+                w = bary[n, r] * p
+                a = offsets[n * d1 + r] + 1
+                _row_add_scaled(out, n, w, buf, a)
+        if softmax:
+            softmax_block(out, out, n0, n1)
 
 
 _hash = njit(inline="always", cache=True)(_hash)
@@ -840,16 +850,20 @@ class LatticeCPU:
         buf, scratch = self._splatted
         return self._blur(buf, scratch, reverse)
 
-    def slice(self, blurred, post=None, out=None, base=None):
+    def slice(self, blurred, post=None, out=None, base=None, softmax=False):
         """Step 6: (N, c) values read back from the vertex buffer ``blurred`` (from ``blur``),
-        with ``post``, ``out`` and ``base`` as in ``filter``."""
+        with ``post``, ``out`` and ``base`` as in ``filter``; ``softmax``: then each row of
+        the result replaced by its softmax (the CRF's normalisation, fused)."""
         dt = blurred.dtype.type
-        post = ((np.ones(self.N, dt) if post is None else post) * self.alpha).astype(dt)
+        post = np.ones(self.N, dt) if post is None else np.ascontiguousarray(post, dtype=dt)
         if out is not None and base is None:
             base = out  # accumulate
         if out is None:
             out = np.empty((self.N, blurred.shape[1]), dtype=dt)
-        _slice_cpu(blurred, self.bary, self.offsets, post, base, out)
+        fused = softmax and dt == np.float32  # the fused softmax is float32's
+        _slice_cpu(blurred, self.bary, self.offsets, post, dt(self.alpha), base, out, fused)
+        if softmax and not fused:
+            softmax_rows(out, out)
         return out
 
     def members_by_vertex(self):

@@ -22,6 +22,7 @@ from tinydeeplab.backend import array_module
 from ._common import launch
 
 from .permutohedral import canonical_simplex, elevation_scale
+from .softmax import softmax_rows
 
 D_MAX = 16  # local arrays need a compile-time size: features of up to 15 dimensions
 
@@ -230,7 +231,7 @@ class LatticeCUDA:
             buf, tmp = tmp, buf
         return buf
 
-    def slice(self, blurred, post=None, out=None, base=None):
+    def slice(self, blurred, post=None, out=None, base=None, softmax=False):
         xp = self.xp
         dt = blurred.dtype
         c = blurred.shape[1]
@@ -242,4 +243,6 @@ class LatticeCUDA:
             out[...] = base
         launch(_slice_kernel, self.N * c, blurred, self.bary, self.offsets, post, accumulate,
                out)
+        if softmax:
+            softmax_rows(out, out, cuda=True)
         return out

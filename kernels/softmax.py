@@ -194,6 +194,9 @@ def _softmax_block(a, out, n0, n1):
 
 
 _softmax_block = njit(inline="always", fastmath=True, cache=True)(_softmax_block)
+# the same as a function of its own, for kernels compiled without fastmath (an inlined copy
+# would take its caller's flags; called, it keeps its own): the CRF's slice
+softmax_block = njit(fastmath=True, cache=True)(getattr(_softmax_block, "py_func", _softmax_block))
 BLOCK = 32  # rows per block
 
 

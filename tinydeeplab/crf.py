@@ -127,6 +127,8 @@ class _Pairwise:
         ones = xp.ones(features.shape[0], dtype=xp.float32)
         self.pre = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else ones
         self.post = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else ones
+        if self.compat[0] == "potts":
+            self.post_w = self.post * self.compat[1]  # float32 (the weight is a Python float)
 
     def splat(self, Q):
         """The first step of this kernel's message: Q (N, C), normalised, onto its lattice."""
@@ -135,16 +137,18 @@ class _Pairwise:
     def blur(self):
         return self.lattice._impl.blur()
 
-    def add_message(self, blurred, logits, base=None):
+    def add_message(self, blurred, logits, base=None, softmax=False):
         """Add this kernel's contribution, sliced from its ``blurred`` vertex buffer, to the
-        log-potentials: logits (N, C) += f(Q), or logits = base + f(Q) when ``base`` is given."""
-        lattice, post, (kind, w) = self.lattice._impl, self.post, self.compat
+        log-potentials: logits (N, C) += f(Q), or logits = base + f(Q) when ``base`` is given.
+        With ``softmax``, a Potts kernel then normalises the rows too (in the same pass);
+        returns whether it did."""
+        lattice, (kind, w) = self.lattice._impl, self.compat
         if kind == "potts":  # +w · k̃Q: the weight rides along with the output scaling
-            lattice.slice(blurred, post * w, out=logits, base=base)
-            return
+            lattice.slice(blurred, self.post_w, out=logits, base=base, softmax=softmax)
+            return softmax
         if base is not None:
             logits[...] = base
-        x = lattice.slice(blurred, post)
+        x = lattice.slice(blurred, self.post)
         # Signs as in densecrf (checked against pydensecrf): a Potts weight w rewards agreeing
         # with the neighbours (+w·x above); a diagonal or full compatibility μ is an energy
         # and enters as −μ x.
@@ -152,6 +156,7 @@ class _Pairwise:
             logits -= x * w[None, :]
         else:
             logits -= x @ w  # w symmetrised, so x @ w is (μ xᵀ)ᵀ
+        return False
 
 
 def _compatibility(compat, C, xp):
@@ -237,11 +242,14 @@ class DenseCRF:
                 for p in self.pairwise:
                     p.splat(Q)
                 blurred = [p.blur() for p in reversed(self.pairwise)][::-1]
+                normalised = False  # the last kernel's slice may normalise as it goes
                 for i, p in enumerate(self.pairwise):  # the first starts from the unary
-                    p.add_message(blurred[i], Q, base=neg_unary if i == 0 else None)
+                    normalised = p.add_message(blurred[i], Q, neg_unary if i == 0 else None,
+                                               softmax=i == len(self.pairwise) - 1)
                 if not self.pairwise:
                     Q[...] = neg_unary
-                softmax_rows(Q, Q, cuda)
+                if not normalised:
+                    softmax_rows(Q, Q, cuda)
         return xp.ascontiguousarray(Q.T) if cuda else transpose(Q)
 
 
