@@ -439,6 +439,12 @@ def _group_by_vertex(offsets, M, starts, members):
 
 
 # ---- CPU: splat, blur, slice ---------------------------------------------------------------------
+# Indices in the hot loops below are unsigned (np.uint64): an index Numba cannot prove ≥ 0 —
+# one read from an array, like a vertex row — is first tested for being negative and wrapped
+# around (Python's a[-1]), a compare and an add per access; for unsigned ones it skips that.
+# (Mixing uint64 and int64 in one expression gives float64 in Numba: every term is converted.)
+_u = np.uint64
+
 @intrinsic
 def _prefetch_row_llvm(typingctx, array, row):
     """Ask the CPU to start loading row ``row`` of a C-contiguous 2-D array into its caches
@@ -616,12 +622,12 @@ def _splat_scatter(values, pre, bary, offsets, low, ends, start, rows):
         for i in range(M + 1 + start[t], M + 1 + start[t + 1]):
             for k in range(c):
                 rows[i, k] = 0
-        shared, shift = ends[t], M + 1 + start[t] - low[t]
-        for n in range(t * N // T, (t + 1) * N // T):
+        shared, shift, D = _u(ends[t]), _u(M + 1 + start[t] - low[t]), _u(d1)
+        for n in range(_u(t * N // T), _u((t + 1) * N // T)):
             s = pre[n]
-            for r in range(d1):
+            for r in range(D):
                 w = bary[n, r] * s
-                row = offsets[n * d1 + r] + 1
+                row = _u(offsets[n * D + r]) + _u(1)
                 row = row if row > shared else row + shift
                 if c == 1:  # the kernel normalisation: one number per row
                     rows[row, 0] += w * values[n, 0]
@@ -636,12 +642,13 @@ def _splat_scatter(values, pre, bary, offsets, low, ends, start, rows):
 def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
     # dst[dst_rows[u]] = src[src_rows[u]] + ½ (src[a] + src[b]),  (a, b) = neighbours[u];
     # with prefetch, the rows of vertex u + AHEAD are asked for first (when src_rows jump)
-    M = src_rows.shape[0]
-    for u in prange(M):
-        if prefetch and u + AHEAD < M:
-            _prefetch_row(src, src_rows[u + AHEAD])
-            _prefetch_row(src, neighbours[u + AHEAD, 0])
-            _prefetch_row(src, neighbours[u + AHEAD, 1])
+    M = _u(src_rows.shape[0])
+    for i in prange(src_rows.shape[0]):
+        u = _u(i)
+        if prefetch and u + _u(AHEAD) < M:
+            _prefetch_row(src, src_rows[u + _u(AHEAD)])
+            _prefetch_row(src, neighbours[u + _u(AHEAD), 0])
+            _prefetch_row(src, neighbours[u + _u(AHEAD), 1])
         s, t = src_rows[u], dst_rows[u]
         a, b = neighbours[u, 0], neighbours[u, 1]
         _row_blur(dst, t, src, s, a, b)
@@ -660,13 +667,14 @@ def _slice(buf, bary, offsets, post, alpha, base, out, softmax):
     # decided once, not per point: ``base is out`` inside the loop would update both arrays'
     # reference counts (atomic, and contended between the threads) for every point
     start = 0 if base is None else 1 if base is out else 2  # from 0, accumulate, from base
+    D, one = _u(d1), _u(1)
     for block in prange((N + SOFTMAX_BLOCK - 1) // SOFTMAX_BLOCK):
         n0 = block * SOFTMAX_BLOCK
         n1 = min(N, n0 + SOFTMAX_BLOCK)
-        for n in range(n0, n1):
-            if n + AHEAD < N:
-                for r in range(d1):
-                    _prefetch_row(buf, offsets[(n + AHEAD) * d1 + r] + 1)
+        for n in range(_u(n0), _u(n1)):
+            if n + _u(AHEAD) < _u(N):
+                for r in range(D):
+                    _prefetch_row(buf, _u(offsets[(n + _u(AHEAD)) * D + r]) + one)
             if start == 0:
                 for k in range(c):
                     out[n, k] = 0
@@ -674,19 +682,19 @@ def _slice(buf, bary, offsets, post, alpha, base, out, softmax):
                 for k in range(c):
                     out[n, k] = base[n, k]
             p = post[n] * alpha
-            r = 0
-            while r + 3 <= d1:
-                w0, w1, w2 = bary[n, r] * p, bary[n, r + 1] * p, bary[n, r + 2] * p
-                e = n * d1 + r
-                a, b, g = offsets[e] + 1, offsets[e + 1] + 1, offsets[e + 2] + 1
+            r = _u(0)
+            while r + _u(3) <= D:
+                w0, w1, w2 = bary[n, r] * p, bary[n, r + one] * p, bary[n, r + _u(2)] * p
+                e = n * D + r
+                a, b, g = _u(offsets[e]) + one, _u(offsets[e + one]) + one, _u(offsets[e + _u(2)]) + one
                 if c == 1:  # the kernel normalisation: one number per row
                     out[n, 0] += w0 * buf[a, 0] + w1 * buf[b, 0] + w2 * buf[g, 0]
                 else:
                     _row_add_three(out, n, w0, w1, w2, buf, a, b, g)
-                r += 3
-            for r in range(r, d1):
+                r += _u(3)
+            for r in range(r, D):
                 w = bary[n, r] * p
-                a = offsets[n * d1 + r] + 1
+                a = _u(offsets[n * D + r]) + one
                 _row_add_scaled(out, n, w, buf, a)
         if softmax:
             softmax_block(out, out, n0, n1)
