@@ -49,6 +49,12 @@ from .softmax import BLOCK as SOFTMAX_BLOCK
 from .softmax import softmax_block, softmax_rows
 
 EMPTY = -1
+# Indices in the hot loops are unsigned (np.uint64) where it pays: an index Numba cannot prove
+# ≥ 0 — one read from an array, like a vertex row — is first tested for being negative and
+# wrapped around (Python's a[-1]), a compare and an add per access; unsigned ones it uses as
+# they are.  (Mixing uint64 and int64 in one expression gives float64 in Numba: every term
+# of an index expression is converted.)
+_u = np.uint64
 
 
 def elevation_scale(d):
@@ -271,22 +277,67 @@ def _grow(table, keys, M):
     return bigger
 
 
-def _number_blocks(words, table_size, block_keys, counts, local):
+def _number_blocks(words, table_size, block_keys, counts, local, tables, sizes):
     # block b = corners b·K/B .. (b+1)·K/B − 1: local[e] its vertex among the block's own
+    # counts[b] distinct keys block_keys[b, :counts[b]]; its final table is kept in
+    # tables[b, :sizes[b]] for the merge
     B, K = counts.shape[0], words.shape[0]
     for b in prange(B):
         table = np.full(table_size, EMPTY, dtype=np.int32)
         counts[b], table = _number_keys(words, b * K // B, (b + 1) * K // B, table,
                                         block_keys[b], 0, local)
+        sizes[b] = table.shape[0]
+        for i in range(table.shape[0]):
+            tables[b, i] = table[i]
 
 
-def _merge_blocks(block_keys, counts, number, vertex_words):
+def _find(keys, row, tables, a, size, key_rows, base):
+    # the number of key keys[row] among block a's keys (key_rows[base + v], found through
+    # its table tables[a, :size]), or −1
+    W = keys.shape[1]
+    mask = np.uint64(size - 1)
+    slot = _hash(keys, row) & mask
+    while True:
+        v = tables[a, slot]
+        if v == EMPTY:
+            return -1
+        same = True
+        for w in range(W):
+            if key_rows[base + v, w] != keys[row, w]:
+                same = False
+                break
+        if same:
+            return v
+        slot = (slot + np.uint64(1)) & mask
+
+
+def _merge_blocks(block_keys, counts, tables, sizes, number, vertex_words):
     # number[b, m]: the global number of vertex m of block b, the blocks taken in order;
-    # vertex_words: the keys of the global vertices.  Returns M.
-    table = np.full(16, EMPTY, dtype=np.int32)
-    M = 0
-    for b in range(counts.shape[0]):
-        M, table = _number_keys(block_keys[b], 0, counts[b], table, vertex_words, M, number[b])
+    # vertex_words: the keys of the global vertices.  Returns M.  Block 0's vertices keep
+    # their numbers; each later block looks its keys up in the tables of the blocks before
+    # it (in parallel: the tables are only read), then numbers the ones none of them holds
+    # in its own order (they are distinct within a block).
+    B, S = block_keys.shape[0], block_keys.shape[1]
+    keys = block_keys.reshape(B * S, block_keys.shape[2])  # row b·S + m: key m of block b
+    for m in prange(counts[0]):
+        number[0, m] = m
+        for w in range(keys.shape[1]):
+            vertex_words[m, w] = keys[m, w]
+    M = counts[0]
+    for b in range(1, B):
+        for m in prange(counts[b]):
+            number[b, m] = -1
+            for a in range(b):
+                v = _find(keys, b * S + m, tables, a, sizes[a], keys, a * S)
+                if v >= 0:
+                    number[b, m] = number[a, v]
+                    break
+        for m in range(counts[b]):
+            if number[b, m] < 0:
+                number[b, m] = M
+                for w in range(keys.shape[1]):
+                    vertex_words[M, w] = keys[b * S + m, w]
+                M += 1
     return M
 
 
@@ -295,6 +346,28 @@ def _global_offsets(local, number, offsets):
     for b in prange(B):
         for e in range(b * K // B, (b + 1) * K // B):
             offsets[e] = number[b, local[e]]
+
+
+def number_corners(words, B, table_size):
+    """(M, vertex_words, offsets): the M distinct keys among the rows of ``words`` (K, W),
+    numbered in order of first appearance, and the number of each row's key — hashed in B
+    blocks of rows, tables starting at table_size slots."""
+    K, W = words.shape
+    S = (K + B - 1) // B  # rows per block, at most
+    block_keys = np.empty((B, S, W), dtype=np.int64)
+    counts = np.zeros(B, dtype=np.int64)
+    local = np.empty(K, dtype=np.int32)
+    # a table doubles when half full, so it ends below 4 (rows + 1) slots (np.empty: pages
+    # never written cost nothing)
+    tables = np.empty((B, max(table_size, 1 << int(np.ceil(np.log2(2 * (S + 1)))))), np.int32)
+    sizes = np.empty(B, dtype=np.int64)
+    _number_blocks_cpu(words, table_size, block_keys, counts, local, tables, sizes)
+    number = np.empty((B, int(counts.max())), dtype=np.int32)
+    vertex_words = np.empty((int(counts.sum()), W), dtype=np.int64)
+    M = _merge_blocks_cpu(block_keys, counts, tables, sizes, number, vertex_words)
+    offsets = np.empty(K, dtype=np.int32)
+    _global_offsets_cpu(local, number, offsets)
+    return M, vertex_words[:M].copy(), offsets
 
 
 # ---- CPU: the vertices in sorted order (for the blur neighbours) --------------------------------
@@ -391,6 +464,19 @@ def _merge_neighbours(sorted_words, steps, neighbours):
     # int64s; the d+1 directions are independent (one thread each).
     M = sorted_words.shape[0]
     for j in prange(neighbours.shape[0]):
+        if sorted_words.shape[1] == 1:  # one word per key (images): plain int64 compares
+            step = steps[j, 0]
+            w = _u(0)
+            for u in range(_u(M)):
+                target = sorted_words[u, 0] + step
+                while w < _u(M) and sorted_words[w, 0] < target:
+                    w += _u(1)
+                if w == _u(M):
+                    break
+                if sorted_words[w, 0] == target:
+                    neighbours[j, u, 0] = w + _u(1)
+                    neighbours[j, w, 1] = u + _u(1)
+            continue
         step = steps[j]
         w = 0
         for u in range(M):
@@ -439,11 +525,6 @@ def _group_by_vertex(offsets, M, starts, members):
 
 
 # ---- CPU: splat, blur, slice ---------------------------------------------------------------------
-# Indices in the hot loops below are unsigned (np.uint64): an index Numba cannot prove ≥ 0 —
-# one read from an array, like a vertex row — is first tested for being negative and wrapped
-# around (Python's a[-1]), a compare and an add per access; for unsigned ones it skips that.
-# (Mixing uint64 and int64 in one expression gives float64 in Numba: every term is converted.)
-_u = np.uint64
 
 @intrinsic
 def _prefetch_row_llvm(typingctx, array, row):
@@ -705,7 +786,8 @@ _simplices_cpu = parallel_njit(_simplices)
 _grow = njit(cache=True)(_grow)
 _number_keys = njit(cache=True)(_number_keys)
 _number_blocks_cpu = parallel_njit(_number_blocks)
-_merge_blocks_cpu = njit(cache=True)(_merge_blocks)
+_find = njit(inline="always", cache=True)(_find)
+_merge_blocks_cpu = parallel_njit(_merge_blocks)
 _global_offsets_cpu = parallel_njit(_global_offsets)
 _key_ranges_cpu = njit(cache=True)(_key_ranges)
 _radix_argsort_cpu = njit(cache=True)(_radix_argsort)
@@ -756,19 +838,9 @@ class LatticeCPU:
         """M, vertex_words (M, W) and offsets (K,): the vertex of each of the K = N·(d+1)
         simplex corners (their keys packed in ``words``), vertices numbered in order of first
         appearance."""
-        K, W = words.shape
-        B = max(1, min(numba.get_num_threads(), K))
+        B = max(1, min(numba.get_num_threads(), words.shape[0]))
         table_size = 1 << max(4, int(np.ceil(np.log2(max(self.N // B, 1)))))
-        block_keys = np.empty((B, (K + B - 1) // B, W), dtype=np.int64)
-        counts = np.zeros(B, dtype=np.int64)
-        local = np.empty(K, dtype=np.int32)
-        _number_blocks_cpu(words, table_size, block_keys, counts, local)
-        number = np.empty((B, int(counts.max())), dtype=np.int32)
-        vertex_words = np.empty((int(counts.sum()), W), dtype=np.int64)
-        self.M = _merge_blocks_cpu(block_keys, counts, number, vertex_words)
-        self.vertex_words = vertex_words[: self.M].copy()
-        self.offsets = np.empty(K, dtype=np.int32)
-        _global_offsets_cpu(local, number, self.offsets)
+        self.M, self.vertex_words, self.offsets = number_corners(words, B, table_size)
 
     @property
     def vertex_keys(self):

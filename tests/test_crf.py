@@ -137,16 +137,7 @@ def test_vertices_numbered_in_order_of_first_appearance(blocks):
     first_seen = {}
     expected = np.array([first_seen.setdefault(tuple(w), len(first_seen)) for w in words])
     assert len(first_seen) > 997  # tables of 16 slots at first had to grow many times
-    K = len(words)
-    block_keys = np.empty((blocks, (K + blocks - 1) // blocks, words.shape[1]), np.int64)
-    counts = np.zeros(blocks, np.int64)
-    local = np.empty(K, np.int32)
-    P._number_blocks_cpu(words, 16, block_keys, counts, local)
-    number = np.empty((blocks, counts.max()), np.int32)
-    vertex_words = np.empty((counts.sum(), words.shape[1]), np.int64)
-    M = P._merge_blocks_cpu(block_keys, counts, number, vertex_words)
-    offsets = np.empty(K, np.int32)
-    P._global_offsets_cpu(local, number, offsets)
+    M, vertex_words, offsets = P.number_corners(words, blocks, 16)
     assert M == len(first_seen) == lattice.M
     np.testing.assert_array_equal(offsets, expected)
     np.testing.assert_array_equal(offsets, lattice.offsets)
