@@ -323,10 +323,43 @@ def unary_from_softmax(sm, scale=None, clip=1e-5):
         # mix with the uniform distribution, in float64 as pydensecrf (its uniform is float64)
         sm = scale * sm + (1 - scale) * xp.full(sm.shape, 1.0 / C)
     # −log(clip(sm)) computed in sm's dtype (as pydensecrf) in one new array, then float32
-    U = xp.clip(sm, clip, 1.0) if clip is not None else sm.copy()
-    xp.log(U, out=U)
-    xp.negative(U, out=U)
+    U = xp.empty(sm.shape, dtype=sm.dtype)
+
+    def minus_log(part):  # of the flat range part, in place
+        u = U.reshape(-1)[part]
+        if clip is not None:
+            xp.clip(sm.reshape(-1)[part], clip, 1.0, out=u)
+        else:
+            u[...] = sm.reshape(-1)[part]
+        xp.log(u, out=u)
+        xp.negative(u, out=u)
+
+    if xp is np and U.size >= 1 << 20:
+        # NumPy's float32 log takes ~3 ns a value here, one core: the image's share of the
+        # CRF's time is worth both cores (NumPy lets go of the GIL inside a ufunc; the values
+        # are the same however the array is split)
+        sm = np.ascontiguousarray(sm)
+        pool, T = _thread_pool()
+        bounds = [U.size * t // T for t in range(T + 1)]
+        list(pool.map(minus_log, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+    else:
+        minus_log(slice(None))
     return U.reshape(C, -1).astype(xp.float32, copy=False)
+
+
+_pool = []
+
+
+def _thread_pool():
+    """(pool, workers): a thread pool with one worker per Numba thread, made on first use."""
+    if not _pool:
+        import concurrent.futures
+
+        import numba
+
+        T = numba.get_num_threads()
+        _pool.append((concurrent.futures.ThreadPoolExecutor(T), T))
+    return _pool[0]
 
 
 def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
