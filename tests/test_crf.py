@@ -371,13 +371,16 @@ def test_matches_pydensecrf_on_real_photographs(n):
 
 def test_unary_helpers_match_pydensecrf():
     rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.float64):  # the same float32 bits, whatever the input dtype
-        probs = rng.random((4, 5, 6)).astype(dtype)
-        probs /= probs.sum(0)
-        for kw in ({}, {"scale": 0.9}, {"clip": None}):
-            ours = crf.unary_from_softmax(probs, **kw)
-            assert ours.dtype == np.float32 and ours.shape == (4, 30)
-            np.testing.assert_array_equal(ours, dcrf_utils.unary_from_softmax(probs, **kw))
+    # small arrays in one piece, large ones (≥ 2^20 values) split between threads
+    for shape in ((4, 5, 6), (7, 401, 377)):
+        for dtype in (np.float32, np.float64):  # the same float32 bits, whatever the dtype
+            probs = rng.random(shape).astype(dtype)
+            probs /= probs.sum(0)
+            probs[0, 0, :2] = 1e-9  # clipped to 1e-5
+            for kw in ({}, {"scale": 0.9}, {"clip": None}):
+                ours = crf.unary_from_softmax(probs, **kw)
+                assert ours.dtype == np.float32 and ours.shape == (shape[0], shape[1] * shape[2])
+                np.testing.assert_array_equal(ours, dcrf_utils.unary_from_softmax(probs, **kw))
     labels = rng.integers(0, 5, (5, 6))
     for zero_unsure in (True, False):
         n = 4 if zero_unsure else 5
