@@ -219,7 +219,13 @@ def key_bounds(features, scale):
 # first appearance over all corners, whatever the number of threads (neighbouring pixels get
 # neighbouring rows, which splat and slice want).  Tables start small and double whenever they
 # are half full: one sized for the worst case (every point its own d+1 vertices) would be 10-20×
-# too large and every probe a cache miss.
+# too large and every probe a cache miss.  Even so a table of 10^5 vertices is larger than the
+# L2 cache, and a probe there waits for the L3; but a vertex comes back soon (the next pixel,
+# the next image row), so a small table of recently seen keys in front of it (2^RECENT_BITS slots,
+# one key each, a new key evicting the old: 192 KB, L2) answers most lookups.
+RECENT_BITS = 14
+
+
 def _hash(words, e):
     # 64 mixed bits of the packed key words[e]: a multiplication by a large odd constant
     # carries every key bit into the high half, the xor folds the high half back into the low
@@ -232,14 +238,27 @@ def _hash(words, e):
     return h
 
 
-def _number_keys(words, e0, e1, table, keys, M, index):
+def _number_keys(words, e0, e1, table, keys, M, index, recent_keys, recent, recent_bits):
     # index[e] for e in e0..e1−1: the number of key words[e] among the distinct keys, new
     # keys numbered M, M+1, .. in order of first appearance; keys[m]: key m; table: slots
-    # holding the numbers of the M keys seen so far (EMPTY if free).  Returns (M, the table,
-    # grown or not).
+    # holding the numbers of the M keys seen so far (EMPTY if free); recent[i] (EMPTY if
+    # none) the number of key recent_keys[i], a recently seen key whose hash has i in its
+    # top recent_bits bits.  Returns (M, the table, grown or not).
     W = words.shape[1]
+    shift = np.uint64(64 - recent_bits)
     for e in range(e0, e1):
         h = _hash(words, e)
+        i = h >> shift
+        v = recent[i]
+        if v != EMPTY:
+            same = True
+            for w in range(W):
+                if recent_keys[i, w] != words[e, w]:
+                    same = False
+                    break
+            if same:
+                index[e] = v
+                continue
         if 2 * (M + 1) > table.shape[0]:
             table = _grow(table, keys, M)
         mask = np.uint64(table.shape[0] - 1)
@@ -250,7 +269,7 @@ def _number_keys(words, e0, e1, table, keys, M, index):
                 table[slot] = M
                 for w in range(W):
                     keys[M, w] = words[e, w]
-                index[e] = M
+                v = M
                 M += 1
                 break
             same = True
@@ -259,9 +278,12 @@ def _number_keys(words, e0, e1, table, keys, M, index):
                     same = False
                     break
             if same:
-                index[e] = v
                 break
             slot = (slot + np.uint64(1)) & mask
+        index[e] = v
+        recent[i] = v
+        for w in range(W):
+            recent_keys[i, w] = words[e, w]
     return M, table
 
 
@@ -277,15 +299,18 @@ def _grow(table, keys, M):
     return bigger
 
 
-def _number_blocks(words, table_size, block_keys, counts, local, tables, sizes):
+def _number_blocks(words, table_size, recent_bits, block_keys, counts, local, tables, sizes):
     # block b = corners b·K/B .. (b+1)·K/B − 1: local[e] its vertex among the block's own
     # counts[b] distinct keys block_keys[b, :counts[b]]; its final table is kept in
     # tables[b, :sizes[b]] for the merge
     B, K = counts.shape[0], words.shape[0]
     for b in prange(B):
         table = np.full(table_size, EMPTY, dtype=np.int32)
+        recent = np.full(1 << recent_bits, EMPTY, dtype=np.int32)
+        recent_keys = np.empty((1 << recent_bits, words.shape[1]), dtype=np.int64)
         counts[b], table = _number_keys(words, b * K // B, (b + 1) * K // B, table,
-                                        block_keys[b], 0, local)
+                                        block_keys[b], 0, local, recent_keys, recent,
+                                        recent_bits)
         sizes[b] = table.shape[0]
         for i in range(table.shape[0]):
             tables[b, i] = table[i]
@@ -348,10 +373,10 @@ def _global_offsets(local, number, offsets):
             offsets[e] = number[b, local[e]]
 
 
-def number_corners(words, B, table_size):
+def number_corners(words, B, table_size, recent_bits=RECENT_BITS):
     """(M, vertex_words, offsets): the M distinct keys among the rows of ``words`` (K, W),
     numbered in order of first appearance, and the number of each row's key — hashed in B
-    blocks of rows, tables starting at table_size slots."""
+    blocks of rows, tables starting at table_size slots, 2^recent_bits recent keys."""
     K, W = words.shape
     S = (K + B - 1) // B  # rows per block, at most
     block_keys = np.empty((B, S, W), dtype=np.int64)
@@ -361,7 +386,7 @@ def number_corners(words, B, table_size):
     # never written cost nothing)
     tables = np.empty((B, max(table_size, 1 << int(np.ceil(np.log2(2 * (S + 1)))))), np.int32)
     sizes = np.empty(B, dtype=np.int64)
-    _number_blocks_cpu(words, table_size, block_keys, counts, local, tables, sizes)
+    _number_blocks_cpu(words, table_size, recent_bits, block_keys, counts, local, tables, sizes)
     number = np.empty((B, int(counts.max())), dtype=np.int32)
     vertex_words = np.empty((int(counts.sum()), W), dtype=np.int64)
     M = _merge_blocks_cpu(block_keys, counts, tables, sizes, number, vertex_words)

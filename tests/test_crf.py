@@ -137,9 +137,12 @@ def test_vertices_numbered_in_order_of_first_appearance(blocks):
     first_seen = {}
     expected = np.array([first_seen.setdefault(tuple(w), len(first_seen)) for w in words])
     assert len(first_seen) > 997  # tables of 16 slots at first had to grow many times
-    M, vertex_words, offsets = P.number_corners(words, blocks, 16)
-    assert M == len(first_seen) == lattice.M
-    np.testing.assert_array_equal(offsets, expected)
+    twice = np.concatenate([words, words ^ 0x5A5A], 1)  # keys of twice as many words
+    for recent_bits in (1, 4, P.RECENT_BITS):  # few recent keys: many evicted
+        for w in (twice, words):
+            M, vertex_words, offsets = P.number_corners(w, blocks, 16, recent_bits)
+            assert M == len(first_seen) == lattice.M
+            np.testing.assert_array_equal(offsets, expected)
     np.testing.assert_array_equal(offsets, lattice.offsets)
     np.testing.assert_array_equal(vertex_words[:M], np.array(list(first_seen), np.int64))
     # the packed corners unpack to the vertex keys
