@@ -1024,7 +1024,8 @@ class LatticeCPU:
             rows = np.empty((self.M + 1 + (extra if scatter else 0), c), dtype=dt)
             buf = rows[: self.M + 1]
             buf[0] = 0  # row 0: the "missing neighbour" zero row
-            scratch = np.zeros_like(buf)  # the blur's other array
+            scratch = np.empty_like(buf)  # the blur's other array: every pass writes rows
+            scratch[0] = 0  # 1..M before the next reads them; row 0 stays the zero row
             self._work[key] = (buf, scratch, rows if scatter else None)
         return self._work[key]
 
