@@ -238,6 +238,14 @@ def _hash(words, e):
     return h
 
 
+def _same_key(a, i, b, j):
+    """Whether row i of a and row j of b (packed keys, read in place) are equal."""
+    for w in range(a.shape[1]):
+        if a[i, w] != b[j, w]:
+            return False
+    return True
+
+
 def _number_keys(words, e0, e1, table, keys, M, index, recent_keys, recent, recent_bits):
     # index[e] for e in e0..e1−1: the number of key words[e] among the distinct keys, new
     # keys numbered M, M+1, .. in order of first appearance; keys[m]: key m; table: slots
@@ -250,15 +258,9 @@ def _number_keys(words, e0, e1, table, keys, M, index, recent_keys, recent, rece
         h = _hash(words, e)
         i = h >> shift
         v = recent[i]
-        if v != EMPTY:
-            same = True
-            for w in range(W):
-                if recent_keys[i, w] != words[e, w]:
-                    same = False
-                    break
-            if same:
-                index[e] = v
-                continue
+        if v != EMPTY and _same_key(recent_keys, i, words, e):
+            index[e] = v
+            continue
         if 2 * (M + 1) > table.shape[0]:
             table = _grow(table, keys, M)
         mask = np.uint64(table.shape[0] - 1)
@@ -272,12 +274,7 @@ def _number_keys(words, e0, e1, table, keys, M, index, recent_keys, recent, rece
                 v = M
                 M += 1
                 break
-            same = True
-            for w in range(W):
-                if keys[v, w] != words[e, w]:
-                    same = False
-                    break
-            if same:
+            if _same_key(keys, v, words, e):
                 break
             slot = (slot + np.uint64(1)) & mask
         index[e] = v
@@ -319,19 +316,13 @@ def _number_blocks(words, table_size, recent_bits, block_keys, counts, local, ta
 def _find(keys, row, tables, a, size, key_rows, base):
     # the number of key keys[row] among block a's keys (key_rows[base + v], found through
     # its table tables[a, :size]), or −1
-    W = keys.shape[1]
     mask = np.uint64(size - 1)
     slot = _hash(keys, row) & mask
     while True:
         v = tables[a, slot]
         if v == EMPTY:
             return -1
-        same = True
-        for w in range(W):
-            if key_rows[base + v, w] != keys[row, w]:
-                same = False
-                break
-        if same:
+        if _same_key(key_rows, base + v, keys, row):
             return v
         slot = (slot + np.uint64(1)) & mask
 
@@ -814,6 +805,7 @@ def _slice(buf, bary, offsets, post, alpha, base, out, softmax, prefetch):
 
 
 _hash = njit(inline="always", cache=True)(_hash)
+_same_key = njit(inline="always", cache=True)(_same_key)
 _simplices_cpu = parallel_njit(_simplices)
 _grow = njit(cache=True)(_grow)
 _number_keys = njit(cache=True)(_number_keys)
@@ -865,6 +857,7 @@ class LatticeCPU:
         self._work = {}
         self._band_plans = {}
         self.lock = threading.RLock()  # see filter and _work_buffers
+        self._splatted = None  # (buffer, scratch) of the last splat
 
     def _number_vertices(self, words):
         """M, vertex_words (M, W) and offsets (K,): the vertex of each of the K = N·(d+1)
@@ -959,6 +952,8 @@ class LatticeCPU:
 
     def blur(self, reverse=False):
         """Step 5 on the buffer of the last splat; returns the blurred vertex buffer."""
+        if self._splatted is None:
+            raise RuntimeError("blur needs a splat first (LatticeCPU.splat)")
         buf, scratch = self._splatted
         return self._blur(buf, scratch, reverse)
 
