@@ -206,6 +206,7 @@ class LatticeCUDA:
         launch(_neighbours_kernel, (d + 1) * M, self.vertex_keys, self.neighbours)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
         self.lock = threading.RLock()  # held from splat to slice (LatticeCPU.filter)
+        self._buf = None  # the vertex buffer of the last splat
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None, base=None):
         with self.lock:
@@ -223,6 +224,8 @@ class LatticeCUDA:
                self._buf)
 
     def blur(self, reverse=False):
+        if self._buf is None:
+            raise RuntimeError("blur needs a splat first (LatticeCUDA.splat)")
         buf = self._buf
         c = buf.shape[1]
         tmp = self.xp.zeros_like(buf)

@@ -415,6 +415,23 @@ def test_cuda_lattice_equals_cpu(d):
         np.testing.assert_allclose(out, cpu.filter(v, reverse=reverse), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_lattice_steps_in_order(device):
+    """splat, blur, slice one at a time equal filter; a blur before any splat is a clear
+    error, not an AttributeError."""
+    rng = np.random.default_rng(7)
+    f = (rng.random((31, 3)) * 4).astype(np.float32)
+    v = rng.random((31, 5)).astype(np.float32)
+    lattice = crf.PermutohedralLattice(f, device=device)._impl
+    with pytest.raises(RuntimeError, match="splat first"):
+        lattice.blur()
+    lattice.splat(v)
+    stepped = lattice.slice(lattice.blur())
+    whole = lattice.filter(v)
+    get = (lambda a: a.get() if hasattr(a, "get") else a)
+    np.testing.assert_array_equal(get(stepped), get(whole))
+
+
 def test_cuda_dense_crf_equals_cpu():
     H, W, C = 7, 9, 3
     image, probs = synthetic_scene(H, W, C, seed=3)
