@@ -8,7 +8,7 @@ import math
 
 import numba
 import numpy as np
-from numba import cuda
+from ._cuda import cuda
 
 from tinydeeplab.backend import array_module
 

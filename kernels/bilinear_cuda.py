@@ -1,5 +1,5 @@
 """CUDA version of ``bilinear`` (the tables and the math are in that module)."""
-from numba import cuda
+from ._cuda import cuda
 
 from tinydeeplab.backend import array_module
 

@@ -1,5 +1,5 @@
 """CUDA version of ``max_pool`` (math and tie rule in that module's docstring)."""
-from numba import cuda
+from ._cuda import cuda
 
 from tinydeeplab.backend import array_module
 

@@ -4,10 +4,10 @@ The lattice is built on the device.  Steps 1-3 (elevate, enclosing simplex, bary
 weights) run one thread per point, exactly the float32 arithmetic of the CPU kernel.  Instead of
 a hash table, the N·(d+1) vertex keys are deduplicated by a stable lexicographic *sort*
 (``xp.lexsort``): equal keys become neighbours, a vertex is a run of equal keys, and — because
-the sort is stable — each vertex's points stay in point order, so splatting adds them in the
-same order as the CPU does.  Blur neighbours are found by binary search in the sorted keys.
+the sort is stable — each vertex's points stay in point order, as on the CPU.  Blur neighbours are found by binary search in the sorted keys.
 
-Every kernel gathers (one thread per output element), so none needs atomics.  The same kernels
+Every kernel gathers (one thread per output element), so none needs atomics; splatting cuts
+each vertex's list of members into chunks (see SPLAT_CHUNK).  The same kernels
 take NumPy arrays under Numba's CUDA simulator.
 """
 import math
@@ -15,9 +15,9 @@ import threading
 
 import numba
 import numpy as np
-from numba import cuda
+from ._cuda import cuda
 
-from tinydeeplab.backend import array_module
+from tinydeeplab.backend import array_module, is_cupy_array
 
 from ._common import launch
 
@@ -25,6 +25,12 @@ from .permutohedral import canonical_simplex, elevation_scale
 from .softmax import softmax_rows
 
 D_MAX = 16  # local arrays need a compile-time size: features of up to 15 dimensions
+D_MAX_2 = D_MAX + 1  # (an expression inside the kernel would not be a compile-time constant)
+# Splatting gathers each vertex's members.  Their number varies wildly (a few for most vertices;
+# tens of thousands where wide kernels meet flat image regions), and one thread summing a long
+# list alone would hold up the whole launch: so the lists are cut into chunks of at most
+# SPLAT_CHUNK members, summed in parallel, and the chunks' sums then added in order.
+SPLAT_CHUNK = 32
 
 
 @cuda.jit
@@ -37,7 +43,7 @@ def _simplices_kernel(features, scale, canonical, keys, bary):
     elevated = cuda.local.array(D_MAX, numba.float32)
     rem0 = cuda.local.array(D_MAX, numba.float32)
     rank = cuda.local.array(D_MAX, numba.int32)
-    b = cuda.local.array(D_MAX + 1, numba.float32)
+    b = cuda.local.array(D_MAX_2, numba.float32)
     down, up = f32(1.0) / f32(d + 1), f32(d + 1)
     sm = f32(0.0)
     for j in range(d, 0, -1):
@@ -129,18 +135,41 @@ def _neighbours_kernel(vertex_keys, neighbours):
 
 
 @cuda.jit
-def _splat_kernel(values, pre, bary, starts, members, buf):
+def _splat_chunk_kernel(values, pre, bary, members, chunk_begin, chunk_vertex, chunk_first,
+                        partial, buf):
+    # One thread per (chunk, channel): the sum over one chunk of at most SPLAT_CHUNK of a
+    # vertex's members (in point order).  A vertex of a single chunk (most of them) is done:
+    # its sum goes straight into the buffer; the others' partial sums wait for
+    # _splat_sum_kernel.
     t = cuda.grid(1)
-    M, c = buf.shape[0] - 1, values.shape[1]
-    if t >= M * c:
+    n_chunks, c = chunk_begin.shape[0] - 1, values.shape[1]
+    if t >= n_chunks * c:
         return
-    v, k = t // c, t % c
+    ch, k = t // c, t % c
+    v = chunk_vertex[ch]
     d1 = bary.shape[1]
     acc = buf[0, k]  # row 0 is the zero row: a zero of the buffer's type
-    for m in range(starts[v], starts[v + 1]):
+    for m in range(chunk_begin[ch], chunk_begin[ch + 1]):
         e = members[m]
         n, r = e // d1, e % d1
         acc += bary[n, r] * pre[n] * values[n, k]
+    if chunk_first[v + 1] - chunk_first[v] == 1:
+        buf[v + 1, k] = acc
+    else:
+        partial[ch, k] = acc
+
+
+@cuda.jit
+def _splat_sum_kernel(partial, chunk_first, multi, buf):
+    # one thread per (vertex of several chunks, channel): its chunks' partial sums, in order
+    t = cuda.grid(1)
+    c = buf.shape[1]
+    if t >= multi.shape[0] * c:
+        return
+    v, k = multi[t // c], t % c
+    acc = buf[0, k]
+    for ch in range(chunk_first[v], chunk_first[v + 1]):
+        acc += partial[ch, k]
     buf[v + 1, k] = acc
 
 
@@ -156,20 +185,48 @@ def _blur_kernel(buf, out, neighbours, j):
 
 
 @cuda.jit
-def _slice_kernel(buf, bary, offsets, post, accumulate, out):
+def _slice_kernel(buf, bary, offsets, post, alpha, base, mode, out):
+    # out[n, k] = (0 | out[n, k] | base[n, k]) + post[n] · α · Σ_r bary[n, r] · buf[vertex, k]
+    # for mode 0 | 1 | 2 (as the CPU's _slice: from zero, accumulate, from base)
     t = cuda.grid(1)
     N, c = out.shape
     if t >= N * c:
         return
     n, k = t // c, t % c
     d1 = bary.shape[1]
+    p = post[n] * alpha
     acc = buf[0, k]  # zero, in the buffer's type
     for r in range(d1):
-        acc += bary[n, r] * post[n] * buf[offsets[n * d1 + r] + 1, k]
-    if accumulate:
+        acc += bary[n, r] * p * buf[offsets[n * d1 + r] + 1, k]
+    if mode == 1:
         out[n, k] += acc
+    elif mode == 2:
+        out[n, k] = base[n, k] + acc
     else:
         out[n, k] = acc
+
+
+def _packed_keys(keys):
+    """The rows of an integer key array as single int64 numbers in the same lexicographic
+    order — (keys[:, 0] − min) · span_1 · span_2 ⋯ + … — when their ranges allow it (spans
+    multiplying to under 2^62; true of image features unless sxy or srgb is tiny), else None."""
+    xp = array_module(keys)
+    lo, hi = xp.stack([keys.min(axis=0), keys.max(axis=0)]).tolist()
+    spans = [h - l + 1 for l, h in zip(lo, hi)]
+    if math.prod(spans) >= 2**62:
+        return None
+    packed = keys[:, 0].astype(xp.int64) - lo[0]
+    for i in range(1, keys.shape[1]):
+        packed *= spans[i]
+        packed += keys[:, i] - lo[i]
+    return packed
+
+
+def _view(a):
+    """A CuPy array as a Numba device array (same memory): Numba launches a kernel faster with
+    its own arrays than with objects it must read ``__cuda_array_interface__`` from each time.
+    NumPy arrays (the simulator) pass through."""
+    return cuda.as_cuda_array(a) if is_cupy_array(a) else a
 
 
 class LatticeCUDA:
@@ -188,12 +245,19 @@ class LatticeCUDA:
         keys = xp.empty((K, d), dtype=xp.int32)
         self.bary = xp.empty((N, d + 1), dtype=xp.float32)
         launch(_simplices_kernel, N, features, xp.asarray(elevation_scale(d)),
-                xp.asarray(canonical_simplex(d)), keys, self.bary)
-        # dedupe by a stable sort: lexsort's last key is the primary one
-        order = xp.lexsort(keys.T[::-1])
-        sorted_keys = keys[order]
+               xp.asarray(canonical_simplex(d)), keys, self.bary)
+        # dedupe by a stable sort, in lexicographic key order
+        packed = _packed_keys(keys)
         new_vertex = xp.ones(K, dtype=bool)
-        new_vertex[1:] = (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)
+        if packed is not None:  # one 64-bit sort key per row: a sort several times faster
+            order = xp.argsort(packed, kind="stable")
+            sorted_packed = packed[order]
+            new_vertex[1:] = sorted_packed[1:] != sorted_packed[:-1]
+            sorted_keys = keys[order]
+        else:  # lexsort's last key is the primary one
+            order = xp.lexsort(keys.T[::-1])
+            sorted_keys = keys[order]
+            new_vertex[1:] = (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)
         vertex_of_sorted = xp.cumsum(new_vertex, dtype=xp.int64) - 1
         self.offsets = xp.empty(K, dtype=xp.int32)
         self.offsets[order] = vertex_of_sorted.astype(xp.int32)
@@ -202,11 +266,54 @@ class LatticeCUDA:
         self.vertex_keys = xp.ascontiguousarray(sorted_keys[first])
         self.starts = xp.concatenate([first, xp.asarray([K])]).astype(xp.int64)
         self.members = order.astype(xp.int64)
+        # the members of vertex v, starts[v]..starts[v+1], cut into chunks of SPLAT_CHUNK:
+        # chunk_first[v] is v's first chunk, chunk_begin[ch] a chunk's first member; a chunk
+        # ends where the next begins (chunk_begin[n_chunks] = K)
+        counts = self.starts[1:] - self.starts[:-1]
+        per_vertex = (counts + SPLAT_CHUNK - 1) // SPLAT_CHUNK
+        self.chunk_first = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(per_vertex)])
+        n_chunks = int(self.chunk_first[-1])
+        chunk = xp.arange(n_chunks, dtype=xp.int64)
+        self.chunk_vertex = xp.searchsorted(self.chunk_first, chunk, side="right") - 1
+        self.chunk_begin = xp.concatenate([
+            self.starts[self.chunk_vertex] +
+            (chunk - self.chunk_first[self.chunk_vertex]) * SPLAT_CHUNK,
+            xp.asarray([K], dtype=xp.int64)])
+        self.multi = xp.nonzero(per_vertex > 1)[0].astype(xp.int64)  # vertices of > 1 chunk
         self.neighbours = xp.empty((d + 1, M, 2), dtype=xp.int32)
         launch(_neighbours_kernel, (d + 1) * M, self.vertex_keys, self.neighbours)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
         self.lock = threading.RLock()  # held from splat to slice (LatticeCPU.filter)
+        # the arrays every splat, blur and slice reads, as Numba device arrays (see _view)
+        self._k = {name: _view(getattr(self, name))
+                   for name in ("bary", "offsets", "members", "neighbours", "chunk_begin",
+                                "chunk_vertex", "chunk_first", "multi")}
+        self._views = {}  # id -> (CuPy array, its view): the arrays passed again and again
+        self._ones = {}  # dtype name -> ones(N): the per-point factor when none is given
+        self._pairs = {}  # (c, dtype name) -> two (M + 1, c) vertex buffers, row 0 zero
+        self._partial = {}  # (c, dtype name) -> (chunks, c) partial sums of long vertices
         self._buf = None  # the vertex buffer of the last splat
+
+    def _view(self, a):
+        """``_view(a)``, remembered for the last few arrays: the mean-field loop passes the
+        same Q, unary and normalisation arrays every iteration, and making a view costs about
+        as much as a launch.  The entries hold their arrays, so an id is never reused while
+        remembered."""
+        if not is_cupy_array(a):
+            return a
+        hit = self._views.get(id(a))
+        if hit is None or hit[0] is not a:
+            if len(self._views) >= 6:
+                self._views.clear()
+            hit = self._views[id(a)] = (a, _view(a))
+        return hit[1]
+
+    def _factor(self, a, dt):
+        if a is None:
+            if dt.name not in self._ones:
+                self._ones[dt.name] = _view(self.xp.ones(self.N, dt))
+            return self._ones[dt.name]
+        return self._view(self.xp.ascontiguousarray(a, dtype=dt))
 
     def filter(self, values, reverse=False, pre=None, post=None, out=None, base=None):
         with self.lock:
@@ -214,38 +321,53 @@ class LatticeCUDA:
             return self.slice(self.blur(reverse), post, out, base)
 
     def splat(self, values, pre=None):
+        """values (N, c) times ``pre`` (N,) into the vertex buffer; row 0 of the buffers stays
+        zero (it stands for a missing neighbour, and every kernel writes only rows 1..M), so
+        they are zeroed once, when first made."""
         xp = self.xp
-        dt = xp.float64 if values.dtype == xp.float64 else xp.float32
+        dt = np.dtype(np.float64 if values.dtype == xp.float64 else np.float32)
         values = xp.ascontiguousarray(values, dtype=dt)
         c = values.shape[1]
-        pre = xp.ones(self.N, dt) if pre is None else xp.asarray(pre, dt)
-        self._buf = xp.zeros((self.M + 1, c), dtype=dt)
-        launch(_splat_kernel, self.M * c, values, pre, self.bary, self.starts, self.members,
-               self._buf)
+        if (c, dt.name) not in self._pairs:
+            self._pairs[(c, dt.name)] = [_view(xp.zeros((self.M + 1, c), dtype=dt))
+                                         for _ in range(2)]
+        if (c, dt.name) not in self._partial:
+            self._partial[(c, dt.name)] = _view(xp.empty((self.chunk_vertex.shape[0], c), dt))
+        self._buf = buf = self._pairs[(c, dt.name)][0]
+        partial, k = self._partial[(c, dt.name)], self._k
+        launch(_splat_chunk_kernel, self.chunk_vertex.shape[0] * c, self._view(values),
+               self._factor(pre, dt), k["bary"], k["members"], k["chunk_begin"],
+               k["chunk_vertex"], k["chunk_first"], partial, buf)
+        launch(_splat_sum_kernel, self.multi.shape[0] * c, partial, k["chunk_first"],
+               k["multi"], buf)
 
     def blur(self, reverse=False):
+        """The splatted buffer blurred along every lattice direction; the result is one of
+        this lattice's two buffers (valid until its next splat)."""
         if self._buf is None:
             raise RuntimeError("blur needs a splat first (LatticeCUDA.splat)")
         buf = self._buf
         c = buf.shape[1]
-        tmp = self.xp.zeros_like(buf)
+        pair = self._pairs[(c, np.dtype(buf.dtype).name)]
+        tmp = pair[1] if buf is pair[0] else pair[0]
         for j in (range(self.d, -1, -1) if reverse else range(self.d + 1)):
-            launch(_blur_kernel, self.M * c, buf, tmp, self.neighbours, j)
+            launch(_blur_kernel, self.M * c, buf, tmp, self._k["neighbours"], j)
             buf, tmp = tmp, buf
         return buf
 
     def slice(self, blurred, post=None, out=None, base=None, softmax=False):
+        """Interpolate the blurred buffer back to the points, times post·α: into a new array,
+        or added to ``out`` (to ``base`` first, when given)."""
         xp = self.xp
-        dt = blurred.dtype
+        dt = np.dtype(blurred.dtype)
         c = blurred.shape[1]
-        post = ((xp.ones(self.N, dt) if post is None else post) * self.alpha).astype(dt)
-        accumulate = out is not None
+        mode = 0 if out is None else 1 if base is None or base is out else 2
         if out is None:
             out = xp.empty((self.N, c), dtype=dt)
-        elif base is not None and base is not out:
-            out[...] = base
-        launch(_slice_kernel, self.N * c, blurred, self.bary, self.offsets, post, accumulate,
-               out)
+        view = self._view(out)
+        launch(_slice_kernel, self.N * c, blurred, self._k["bary"], self._k["offsets"],
+               self._factor(post, dt), self.alpha.astype(dt), view if mode != 2 else
+               self._view(base), mode, view)
         if softmax:
-            softmax_rows(out, out, cuda=True)
+            softmax_rows(view, view, cuda=True)
         return out

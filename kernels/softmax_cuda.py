@@ -1,7 +1,7 @@
 """CUDA version of ``softmax.softmax_rows``: one thread per row (rows are short: C labels)."""
 import math
 
-from numba import cuda
+from ._cuda import cuda
 
 from ._common import launch
 

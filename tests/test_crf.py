@@ -5,6 +5,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from conftest import on_device, to_numpy
+
 from tinydeeplab import crf
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "crf_examples"
@@ -423,6 +425,7 @@ def test_lattice_steps_in_order(device):
     f = (rng.random((31, 3)) * 4).astype(np.float32)
     v = rng.random((31, 5)).astype(np.float32)
     lattice = crf.PermutohedralLattice(f, device=device)._impl
+    v = on_device(v, device)  # the lattice's own methods take arrays where it lives
     with pytest.raises(RuntimeError, match="splat first"):
         lattice.blur()
     lattice.splat(v)
@@ -430,6 +433,37 @@ def test_lattice_steps_in_order(device):
     whole = lattice.filter(v)
     get = (lambda a: a.get() if hasattr(a, "get") else a)
     np.testing.assert_array_equal(get(stepped), get(whole))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_cuda_splat_in_chunks_equals_cpu(monkeypatch, chunk):
+    """The CUDA splat sums long member lists in chunks, then the chunks' sums: with chunks
+    of 1, 2 and 5 members (most vertices then need several) it still equals the CPU's."""
+    from tinydeeplab.kernels import permutohedral_cuda
+
+    monkeypatch.setattr(permutohedral_cuda, "SPLAT_CHUNK", chunk)
+    rng = np.random.default_rng(11)
+    f = (rng.random((45, 2)) * 2).astype(np.float32)  # few vertices, many members each
+    v = rng.random((45, 3)).astype(np.float32)
+    gpu = crf.PermutohedralLattice(f, device="cuda")
+    assert int(gpu._impl.multi.shape[0]) > 0  # the two-step path ran
+    out = to_numpy(gpu.filter(v))
+    np.testing.assert_allclose(out, crf.PermutohedralLattice(f, device="cpu").filter(v),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_cuda_packed_sort_keys_order_as_lexsort():
+    """The CUDA build sorts the vertex keys as one int64 each when their ranges allow: the
+    same stable order as a lexicographic sort of the rows; too wide a range falls back."""
+    from tinydeeplab.kernels.permutohedral_cuda import _packed_keys
+
+    rng = np.random.default_rng(3)
+    keys = rng.integers(-40, 60, (500, 4)).astype(np.int32)
+    keys[::7] = keys[1::7][:len(keys[::7])]  # equal rows, whose order must stay stable
+    packed = _packed_keys(keys)
+    np.testing.assert_array_equal(np.argsort(packed, kind="stable"), np.lexsort(keys.T[::-1]))
+    wide = np.array([[-2**30] * 3, [2**30] * 3], np.int32)  # spans multiply to ~2^93
+    assert _packed_keys(wide) is None
 
 
 def test_cuda_dense_crf_equals_cpu():

@@ -166,7 +166,12 @@ def test_images_outside_0_255_are_refused():
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_float64_filter_cuda_equals_cpu(reverse):
-    """The float64 path the gradchecks use, on both devices (CUDA: simulator without a GPU)."""
+    """The float64 path the gradchecks use, on both devices (CUDA: simulator without a GPU).
+
+    The simulator runs the lattice build's float32 arithmetic exactly as the CPU, so the two
+    agree to float64 rounding.  On a GPU the CUDA compiler fuses multiply-adds in the build
+    (NVVM's default), so the barycentric weights can differ from the CPU's in their last
+    float32 bits: the float64 results then agree to that, ~1e-7 relative."""
     rng = np.random.default_rng(6)
     f = (rng.random((40, 5)) * 3).astype(np.float32)
     v = rng.standard_normal((40, 3))
@@ -174,4 +179,5 @@ def test_float64_filter_cuda_equals_cpu(reverse):
     cuda = crf.PermutohedralLattice(on_device(f, "cuda"), "cuda").filter(on_device(v, "cuda"),
                                                                          reverse)
     assert cpu.dtype == np.float64 and to_numpy(cuda).dtype == np.float64
-    np.testing.assert_allclose(to_numpy(cuda), cpu, rtol=1e-12, atol=1e-12)
+    tol = 1e-12 if CUDA_MODE == "simulator" else 1e-6
+    np.testing.assert_allclose(to_numpy(cuda), cpu, rtol=tol, atol=tol)

@@ -269,12 +269,21 @@ class DenseCRF2D(DenseCRF):
         super().__init__(int(W) * int(H), C, device)
         self.W, self.H = int(W), int(H)
 
+    def _xp(self):
+        """Where to compute the pixel features: on the GPU when the CRF runs there."""
+        if self.device == "cuda" and has_cuda():
+            import cupy
+
+            return cupy
+        return np
+
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL,  # noqa: N802
                             normalization=NORMALIZE_SYMMETRIC):
         """Smoothness kernel on positions: exp(−|p_i − p_j|² / 2 sxy²)."""
         sx, sy = _pair(sxy, "sxy")
-        positions = _pixel_features(self.H, self.W, (sx, sy))
-        self.addPairwiseEnergy(np.stack(positions), compat, kernel, normalization)
+        xp = self._xp()
+        positions = _pixel_features(self.H, self.W, (sx, sy), xp=xp)
+        self.addPairwiseEnergy(xp.stack(positions), compat, kernel, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,  # noqa: N802
                              normalization=NORMALIZE_SYMMETRIC):
@@ -284,18 +293,19 @@ class DenseCRF2D(DenseCRF):
         if len(srgb) != 3 or min(srgb) <= 0:
             raise ValueError(f"srgb must be a positive number or an (r, g, b) triple, got "
                              f"{srgb!r}")
-        image = to_device(_check_image(rgbim, self.H, self.W), "cpu")
-        features = _pixel_features(self.H, self.W, (sx, sy), image, srgb)
-        self.addPairwiseEnergy(np.stack(features), compat, kernel, normalization)
+        xp = self._xp()  # (the uint8 image is a quarter of the features' size to move)
+        image = to_device(_check_image(rgbim, self.H, self.W), "cuda" if xp is not np else "cpu")
+        features = _pixel_features(self.H, self.W, (sx, sy), image, srgb, xp=xp)
+        self.addPairwiseEnergy(xp.stack(features), compat, kernel, normalization)
 
 
-def _pixel_features(H, W, sxy, image=None, srgb=None):
+def _pixel_features(H, W, sxy, image=None, srgb=None, xp=np):
     """Feature columns of an H×W image, float32 as densecrf: x / sx, y / sy and, with an image,
-    r / s_r, g / s_g, b / s_b."""
-    y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+    r / s_r, g / s_g, b / s_b (NumPy or CuPy arrays, as ``xp``; the same numbers)."""
+    y, x = xp.mgrid[0:H, 0:W].astype(xp.float32)
     columns = [x.ravel() / np.float32(sxy[0]), y.ravel() / np.float32(sxy[1])]
     if image is not None:
-        colours = np.asarray(image, dtype=np.float32).reshape(-1, 3)
+        colours = xp.asarray(image, dtype=xp.float32).reshape(-1, 3)
         columns += [colours[:, c] / np.float32(srgb[c]) for c in range(3)]
     return columns
 
