@@ -19,7 +19,10 @@ setup(
                       "tbb>=2021.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     extras_require={
         "cuda": ["cupy-cuda12x"],
-        "test": ["pytest", "hypothesis", "torch", "pydensecrf2"],
+        "test": ["pytest", "hypothesis", "torch", "pydensecrf2",
+                 # NVRTC, so that tests/test_cuda_compiles.py can compile every CUDA kernel
+                 # with the real compiler on machines without a GPU (NVVM: the CUDA toolkit)
+                 "nvidia-cuda-nvrtc-cu12; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["tinydeeplab = tinydeeplab.cli:main"]},
 )

@@ -12,14 +12,15 @@ take NumPy arrays under Numba's CUDA simulator.
 """
 import math
 import threading
+import warnings
 
 import numba
 import numpy as np
 from ._cuda import cuda
 
-from tinydeeplab.backend import array_module, is_cupy_array
+from tinydeeplab.backend import array_module, cuda_simulator, is_cupy_array
 
-from ._common import launch
+from ._common import THREADS, launch
 
 from .permutohedral import canonical_simplex, elevation_scale
 from .softmax import softmax_rows
@@ -182,6 +183,58 @@ def _blur_kernel(buf, out, neighbours, j):
     v, k = t // c, t % c
     a, b = neighbours[j, v, 0], neighbours[j, v, 1]
     out[v + 1, k] = buf[v + 1, k] + numba.float32(0.5) * (buf[a, k] + buf[b, k])
+
+
+@cuda.jit
+def _blur_all_kernel(buf, tmp, neighbours, reverse):
+    # All d+1 directions in one launch (a launch costs the host more than a direction costs
+    # the GPU): every thread walks the elements with the grid's stride, and the whole grid
+    # waits at a barrier between directions.  The passes alternate buf → tmp → buf ...
+    grid = cuda.cg.this_grid()
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    M, c = buf.shape[0] - 1, buf.shape[1]
+    d1 = neighbours.shape[0]
+    src, dst = buf, tmp
+    for step in range(d1):
+        j = d1 - 1 - step if reverse else step
+        for t in range(start, M * c, stride):
+            v, k = t // c, t % c
+            a, b = neighbours[j, v, 0], neighbours[j, v, 1]
+            dst[v + 1, k] = src[v + 1, k] + numba.float32(0.5) * (src[a, k] + src[b, k])
+        grid.sync()
+        src, dst = dst, src
+
+
+# dtype name -> how many blocks _blur_all_kernel may launch (all must be resident at once for
+# the grid barrier: the occupancy API says how many), or 0 where the one-launch blur cannot run
+# (a cooperative launch needs the CUDA toolkit's cudadevrt library): one launch per direction
+_BLUR_ALL_BLOCKS = {}
+
+
+def _blur_all(buf, tmp, neighbours, reverse, count):
+    """The whole blur in one launch when possible; False when it has to go direction by
+    direction."""
+    key = np.dtype(buf.dtype).name
+    if key not in _BLUR_ALL_BLOCKS:
+        if cuda_simulator():
+            _BLUR_ALL_BLOCKS[key] = 1  # the simulator's grid barrier takes one block
+        else:
+            args = (buf, tmp, neighbours, reverse)
+            try:
+                kernel = _blur_all_kernel.compile(
+                    tuple(_blur_all_kernel.typeof_pyval(a) for a in args))
+                _BLUR_ALL_BLOCKS[key] = kernel.max_cooperative_grid_blocks(THREADS)
+            except Exception as error:  # noqa: BLE001  (any reason: the fallback is exact)
+                warnings.warn(f"the lattice blur runs one launch per direction: a grid-wide "
+                              f"barrier is not available here ({type(error).__name__}: "
+                              f"{error})", RuntimeWarning, stacklevel=3)
+                _BLUR_ALL_BLOCKS[key] = 0
+    cap = _BLUR_ALL_BLOCKS[key]
+    if cap == 0:
+        return False
+    _blur_all_kernel[min(cap, math.ceil(count / THREADS)), THREADS](buf, tmp, neighbours,
+                                                                   reverse)
+    return True
 
 
 @cuda.jit
@@ -350,6 +403,8 @@ class LatticeCUDA:
         c = buf.shape[1]
         pair = self._pairs[(c, np.dtype(buf.dtype).name)]
         tmp = pair[1] if buf is pair[0] else pair[0]
+        if _blur_all(buf, tmp, self._k["neighbours"], bool(reverse), self.M * c):
+            return buf if (self.d + 1) % 2 == 0 else tmp  # where the last pass wrote
         for j in (range(self.d, -1, -1) if reverse else range(self.d + 1)):
             launch(_blur_kernel, self.M * c, buf, tmp, self._k["neighbours"], j)
             buf, tmp = tmp, buf

@@ -452,6 +452,23 @@ def test_cuda_splat_in_chunks_equals_cpu(monkeypatch, chunk):
                                atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_blur_in_one_launch_equals_one_launch_per_direction(monkeypatch, reverse):
+    """The blur's d+1 passes in one launch (a grid-wide barrier between them) equal one launch
+    per pass, the fallback where no grid barrier is available."""
+    from tinydeeplab.kernels import permutohedral_cuda
+
+    rng = np.random.default_rng(12)
+    f = (rng.random((37, 3)) * 3).astype(np.float32)
+    v = on_device(rng.random((37, 4)).astype(np.float32), "cuda")
+    lattice = crf.PermutohedralLattice(f, device="cuda")._impl
+    together = to_numpy(lattice.filter(v, reverse))
+    assert permutohedral_cuda._BLUR_ALL_BLOCKS["float32"] > 0  # the one-launch blur ran
+    monkeypatch.setitem(permutohedral_cuda._BLUR_ALL_BLOCKS, "float32", 0)
+    apart = to_numpy(lattice.filter(v, reverse))
+    np.testing.assert_allclose(together, apart, rtol=1e-6, atol=1e-7)
+
+
 def test_cuda_packed_sort_keys_order_as_lexsort():
     """The CUDA build sorts the vertex keys as one int64 each when their ranges allow: the
     same stable order as a lexicographic sort of the rows; too wide a range falls back."""
