@@ -1,14 +1,19 @@
 """CUDA (numba.cuda) version of the permutohedral lattice; the math is in ``permutohedral``.
 
 The lattice is built on the device.  Steps 1-3 (elevate, enclosing simplex, barycentric
-weights) run one thread per point, exactly the float32 arithmetic of the CPU kernel.  Instead of
-a hash table, the N·(d+1) vertex keys are deduplicated by a stable lexicographic *sort*
-(``xp.lexsort``): equal keys become neighbours, a vertex is a run of equal keys, and — because
-the sort is stable — each vertex's points stay in point order, as on the CPU.  Blur neighbours are found by binary search in the sorted keys.
+weights) run one thread per point, the float32 arithmetic of the CPU kernel (on a real GPU the
+compiler fuses multiply-adds, so the weights can differ from the CPU's in their last bits).
+Instead of a hash table, the N·(d+1) vertex keys are deduplicated by a stable sort in
+lexicographic order (``_packed_keys``): equal keys become neighbours, a vertex is a run of
+equal keys, and — because the sort is stable — each vertex's points stay in point order, as
+on the CPU.  Blur neighbours are found by binary search in the sorted keys.
 
 Every kernel gathers (one thread per output element), so none needs atomics; splatting cuts
-each vertex's list of members into chunks (see SPLAT_CHUNK).  The same kernels
-take NumPy arrays under Numba's CUDA simulator.
+each vertex's list of members into chunks (``SPLAT_CHUNK``), and the blur runs all its d+1
+passes in one launch where the GPU allows (``_blur_all``).  Launching a kernel from Python
+costs more than most of these kernels take on the GPU, so the lattice keeps its buffers and
+its arrays' Numba views from call to call.  The same kernels take NumPy arrays under Numba's
+CUDA simulator.
 """
 import math
 import threading
@@ -261,8 +266,9 @@ def _slice_kernel(buf, bary, offsets, post, alpha, base, mode, out):
 
 def _packed_keys(keys):
     """The rows of an integer key array as single int64 numbers in the same lexicographic
-    order — (keys[:, 0] − min) · span_1 · span_2 ⋯ + … — when their ranges allow it (spans
-    multiplying to under 2^62; true of image features unless sxy or srgb is tiny), else None."""
+    order — (keys[:, 0] − min) · span_1 · span_2 ⋯ + … — when their ranges allow it (the
+    spans multiply to under 2^62: true of image features unless sxy or srgb is tiny), else
+    None."""
     xp = array_module(keys)
     lo, hi = xp.stack([keys.min(axis=0), keys.max(axis=0)]).tolist()
     spans = [h - l + 1 for l, h in zip(lo, hi)]

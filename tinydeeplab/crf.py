@@ -15,6 +15,7 @@ D = K·1), and a Potts compatibility of weight w contributes  +w · k̃ Q  to th
 ``dense_crf`` is DeepLab v2's post-processing with its ResNet-101 VOC parameters.
 """
 import contextlib
+import math
 
 import numpy as np
 
@@ -69,11 +70,12 @@ class PermutohedralLattice:
         if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
             raise ValueError(f"features must be a non-empty (N, d) array, got shape "
                              f"{features.shape}")
-        if not bool(xp.isfinite(features).all()):
+        top = float(abs(features).max())  # NaN and ±inf carry through max: one pass checks all
+        if not math.isfinite(top):
             raise ValueError("features hold NaN or infinite values")
         limit = 2**30 / (features.shape[1] + 1) ** 2
-        if float(abs(features).max()) > limit:
-            raise ValueError(f"features up to {float(abs(features).max()):.3g} are too large "
+        if top > limit:
+            raise ValueError(f"features up to {top:.3g} are too large "
                              f"for the lattice's int32 keys (limit {limit:.3g} for d = "
                              f"{features.shape[1]}); are they divided by the kernel widths?")
         if self.device == "cpu":
