@@ -210,30 +210,36 @@ def _blur_all_kernel(buf, tmp, neighbours, reverse):
         src, dst = dst, src
 
 
-# dtype name -> how many blocks _blur_all_kernel may launch (all must be resident at once for
-# the grid barrier: the occupancy API says how many), or 0 where the one-launch blur cannot run
-# (a cooperative launch needs the CUDA toolkit's cudadevrt library): one launch per direction
+# (dtype name, GPU) -> how many blocks _blur_all_kernel may launch there (all must be resident
+# at once for the grid barrier: the occupancy API says how many), or 0 where the one-launch
+# blur cannot run (a cooperative launch needs the CUDA toolkit's cudadevrt library)
 _BLUR_ALL_BLOCKS = {}
+ONE_LAUNCH_BLUR = True  # False: one launch per direction always (the tests compare the two)
 
 
 def _blur_all(buf, tmp, neighbours, reverse, count):
     """The whole blur in one launch when possible; False when it has to go direction by
     direction."""
-    key = np.dtype(buf.dtype).name
+    if not ONE_LAUNCH_BLUR:
+        return False
+    if cuda_simulator():
+        key = (np.dtype(buf.dtype).name, -1)
+        _BLUR_ALL_BLOCKS.setdefault(key, 1)  # the simulator's grid barrier takes one block
+    else:
+        import cupy
+
+        key = (np.dtype(buf.dtype).name, cupy.cuda.runtime.getDevice())
     if key not in _BLUR_ALL_BLOCKS:
-        if cuda_simulator():
-            _BLUR_ALL_BLOCKS[key] = 1  # the simulator's grid barrier takes one block
-        else:
-            args = (buf, tmp, neighbours, reverse)
-            try:
-                kernel = _blur_all_kernel.compile(
-                    tuple(_blur_all_kernel.typeof_pyval(a) for a in args))
-                _BLUR_ALL_BLOCKS[key] = kernel.max_cooperative_grid_blocks(THREADS)
-            except Exception as error:  # noqa: BLE001  (any reason: the fallback is exact)
-                warnings.warn(f"the lattice blur runs one launch per direction: a grid-wide "
-                              f"barrier is not available here ({type(error).__name__}: "
-                              f"{error})", RuntimeWarning, stacklevel=3)
-                _BLUR_ALL_BLOCKS[key] = 0
+        args = (buf, tmp, neighbours, reverse)
+        try:
+            kernel = _blur_all_kernel.compile(
+                tuple(_blur_all_kernel.typeof_pyval(a) for a in args))
+            _BLUR_ALL_BLOCKS[key] = kernel.max_cooperative_grid_blocks(THREADS)
+        except Exception as error:  # noqa: BLE001  (any reason: the fallback is exact)
+            warnings.warn(f"the lattice blur runs one launch per direction: a grid-wide "
+                          f"barrier is not available here ({type(error).__name__}: {error})",
+                          RuntimeWarning, stacklevel=3)
+            _BLUR_ALL_BLOCKS[key] = 0
     cap = _BLUR_ALL_BLOCKS[key]
     if cap == 0:
         return False

@@ -120,7 +120,7 @@ def every_kernel(monkeypatch):
     probs = rng.dirichlet(np.ones(3), (5, 6)).transpose(2, 0, 1).astype(np.float32)
     monkeypatch.setattr(permutohedral_cuda, "SPLAT_CHUNK", 2)  # the two-step splat too
     crf.dense_crf(image, probs, iterations=2, device="cuda")
-    monkeypatch.setitem(permutohedral_cuda._BLUR_ALL_BLOCKS, "float32", 0)  # per direction
+    monkeypatch.setattr(permutohedral_cuda, "ONE_LAUNCH_BLUR", False)  # per direction
     crf.dense_crf(image, probs, iterations=1, device="cuda")
 
 
