@@ -80,6 +80,14 @@ def blas_info():
     return ("; ".join(rows) or "unknown") + "\n# threads: " + _threads.describe()
 
 
+def quiet_small_grid_warnings():
+    """Numba warns at every CUDA launch of fewer than 128 blocks (small layers, the CRF's
+    one-channel normalisation filters); printed between a table's rows, they would break it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*will likely result in GPU under-utilization")
+
+
 def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):
     import torch  # first, so that its OpenMP runtime keeps its own defaults
     from threadpoolctl import threadpool_limits
@@ -96,6 +104,7 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):
     if device == "cuda":
         import cupy
 
+        quiet_small_grid_warnings()
         csync = cupy.cuda.Device().synchronize
     else:
         csync = lambda: None  # noqa: E731

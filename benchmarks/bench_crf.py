@@ -102,8 +102,10 @@ def peak_memory(fn):
 def run(device="cpu", repeat=5, out=sys.stdout):
     import numba
 
-    from tinydeeplab.benchmarks.bench_conv import blas_info
+    from tinydeeplab.benchmarks.bench_conv import blas_info, quiet_small_grid_warnings
 
+    if device == "cuda":
+        quiet_small_grid_warnings()
     image, probs = make_scene()
     C, H, W = probs.shape
     print(f"# dense CRF, {W}×{H} image, {C} labels, 10 iterations, device={device}, "
