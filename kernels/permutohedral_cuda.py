@@ -283,7 +283,8 @@ def _packed_keys(keys):
     packed = keys[:, 0].astype(xp.int64) - lo[0]
     for i in range(1, keys.shape[1]):
         packed *= spans[i]
-        packed += keys[:, i] - lo[i]
+        packed += keys[:, i]  # into the int64 sum first: keys[:, i] − lo[i] may pass 2^31
+        packed -= lo[i]
     return packed
 
 

@@ -482,6 +482,9 @@ def test_cuda_packed_sort_keys_order_as_lexsort():
     np.testing.assert_array_equal(np.argsort(packed, kind="stable"), np.lexsort(keys.T[::-1]))
     wide = np.array([[-2**30] * 3, [2**30] * 3], np.int32)  # spans multiply to ~2^93
     assert _packed_keys(wide) is None
+    extreme = np.array([[0, 2**31 - 1], [0, -2**31], [1, 0], [0, 5]], np.int32)  # span 2^32
+    np.testing.assert_array_equal(np.argsort(_packed_keys(extreme), kind="stable"),
+                                  np.lexsort(extreme.T[::-1]))
 
 
 def test_cuda_dense_crf_equals_cpu():
