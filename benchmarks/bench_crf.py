@@ -8,7 +8,8 @@ compiled Numba kernels), pydensecrf and ours run in turns, --repeat rounds: the 
 the median of the rounds' ratios, with their range — on a shared machine whose speed drifts,
 ratios of runs made seconds apart are steadier than ratios of separate medians.  Also: lattice
 sizes (vertices per kernel), peak memory of our run (tracemalloc: NumPy allocations;
-pydensecrf's C++ heap is not seen), agreement of the two results.
+pydensecrf's C++ heap is not seen; with --device cuda also the GPU memory from CuPy's pool),
+agreement of the two results.
 """
 import argparse
 import os
@@ -91,12 +92,23 @@ def in_turns(fns, repeat):
     return times, outs
 
 
-def peak_memory(fn):
+def peak_memory(fn, device="cpu"):
+    """Peak host memory of one call (tracemalloc: NumPy's allocations) and, on a GPU, the
+    device memory it took: CuPy's pool holds on to every block a call frees, so after
+    emptying it the pool's size at the end is the call's peak."""
+    gpu = None
+    if device == "cuda":
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        pool.free_all_blocks()
     tracemalloc.start()
     fn()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return peak
+    if device == "cuda":
+        gpu = pool.total_bytes()
+    return peak, gpu
 
 
 def run(device="cpu", repeat=5, out=sys.stdout):
@@ -120,11 +132,12 @@ def run(device="cpu", repeat=5, out=sys.stdout):
             [lambda: run_pydensecrf(image, probs, p), lambda: run_ours(image, probs, p, device)],
             repeat)
         ratios = [a / b for a, b in zip(t_ref, t_ours)]
-        peak = peak_memory(lambda: run_ours(image, probs, p, device))
+        peak, gpu = peak_memory(lambda: run_ours(image, probs, p, device), device)
+        memory = f"{peak / 2**20:.0f}" + ("" if gpu is None else f" + {gpu / 2**20:.0f} GPU")
         agree = (q.argmax(0) == q_ref.argmax(0)).mean()
         print(f"| {name} | {statistics.median(t_ref):.3f} | {statistics.median(t_ours):.3f} | "
               f"{statistics.median(ratios):.1f}× [{min(ratios):.1f}-{max(ratios):.1f}] | "
-              f"{sizes} | {peak / 2**20:.0f} | {np.abs(q - q_ref).max():.1e} | {agree:.5f} |",
+              f"{sizes} | {memory} | {np.abs(q - q_ref).max():.1e} | {agree:.5f} |",
               file=out)
 
 
