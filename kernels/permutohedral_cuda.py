@@ -179,15 +179,21 @@ def _splat_sum_kernel(partial, chunk_first, multi, buf):
     buf[v + 1, k] = acc
 
 
+@cuda.jit(device=True, inline=True)
+def _blur_element(src, dst, neighbours, j, t, c):
+    # element t = (vertex v, channel k) of one pass along direction j: 1-2-1 with v's two
+    # neighbours (row 0, the zero row, where a neighbour is missing)
+    v, k = t // c, t % c
+    a, b = neighbours[j, v, 0], neighbours[j, v, 1]
+    dst[v + 1, k] = src[v + 1, k] + numba.float32(0.5) * (src[a, k] + src[b, k])
+
+
 @cuda.jit
 def _blur_kernel(buf, out, neighbours, j):
     t = cuda.grid(1)
     M, c = buf.shape[0] - 1, buf.shape[1]
-    if t >= M * c:
-        return
-    v, k = t // c, t % c
-    a, b = neighbours[j, v, 0], neighbours[j, v, 1]
-    out[v + 1, k] = buf[v + 1, k] + numba.float32(0.5) * (buf[a, k] + buf[b, k])
+    if t < M * c:
+        _blur_element(buf, out, neighbours, j, t, c)
 
 
 @cuda.jit
@@ -203,9 +209,7 @@ def _blur_all_kernel(buf, tmp, neighbours, reverse):
     for step in range(d1):
         j = d1 - 1 - step if reverse else step
         for t in range(start, M * c, stride):
-            v, k = t // c, t % c
-            a, b = neighbours[j, v, 0], neighbours[j, v, 1]
-            dst[v + 1, k] = src[v + 1, k] + numba.float32(0.5) * (src[a, k] + src[b, k])
+            _blur_element(src, dst, neighbours, j, t, c)
         grid.sync()
         src, dst = dst, src
 
@@ -330,19 +334,19 @@ class LatticeCUDA:
         first = xp.nonzero(new_vertex)[0]
         self.M = M = int(first.shape[0])
         self.vertex_keys = xp.ascontiguousarray(sorted_keys[first])
-        self.starts = xp.concatenate([first, xp.asarray([K])]).astype(xp.int64)
+        starts = xp.concatenate([first, xp.asarray([K])]).astype(xp.int64)
         self.members = order.astype(xp.int64)
         # the members of vertex v, starts[v]..starts[v+1], cut into chunks of SPLAT_CHUNK:
         # chunk_first[v] is v's first chunk, chunk_begin[ch] a chunk's first member; a chunk
         # ends where the next begins (chunk_begin[n_chunks] = K)
-        counts = self.starts[1:] - self.starts[:-1]
+        counts = starts[1:] - starts[:-1]
         per_vertex = (counts + SPLAT_CHUNK - 1) // SPLAT_CHUNK
         self.chunk_first = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(per_vertex)])
         n_chunks = int(self.chunk_first[-1])
         chunk = xp.arange(n_chunks, dtype=xp.int64)
         self.chunk_vertex = xp.searchsorted(self.chunk_first, chunk, side="right") - 1
         self.chunk_begin = xp.concatenate([
-            self.starts[self.chunk_vertex] +
+            starts[self.chunk_vertex] +
             (chunk - self.chunk_first[self.chunk_vertex]) * SPLAT_CHUNK,
             xp.asarray([K], dtype=xp.int64)])
         self.multi = xp.nonzero(per_vertex > 1)[0].astype(xp.int64)  # vertices of > 1 chunk
@@ -356,8 +360,9 @@ class LatticeCUDA:
                                 "chunk_vertex", "chunk_first", "multi")}
         self._views = {}  # id -> (CuPy array, its view): the arrays passed again and again
         self._ones = {}  # dtype name -> ones(N): the per-point factor when none is given
-        self._pairs = {}  # (c, dtype name) -> two (M + 1, c) vertex buffers, row 0 zero
-        self._partial = {}  # (c, dtype name) -> (chunks, c) partial sums of long vertices
+        # (c, dtype name) -> [two (M + 1, c) vertex buffers (row 0 zero), the (chunks, c)
+        # partial sums of long vertices], made on the first splat of that shape
+        self._work = {}
         self._buf = None  # the vertex buffer of the last splat
 
     def _view(self, a):
@@ -394,13 +399,12 @@ class LatticeCUDA:
         dt = np.dtype(np.float64 if values.dtype == xp.float64 else np.float32)
         values = xp.ascontiguousarray(values, dtype=dt)
         c = values.shape[1]
-        if (c, dt.name) not in self._pairs:
-            self._pairs[(c, dt.name)] = [_view(xp.zeros((self.M + 1, c), dtype=dt))
-                                         for _ in range(2)]
-        if (c, dt.name) not in self._partial:
-            self._partial[(c, dt.name)] = _view(xp.empty((self.chunk_vertex.shape[0], c), dt))
-        self._buf = buf = self._pairs[(c, dt.name)][0]
-        partial, k = self._partial[(c, dt.name)], self._k
+        if (c, dt.name) not in self._work:
+            self._work[(c, dt.name)] = [_view(xp.zeros((self.M + 1, c), dtype=dt)),
+                                        _view(xp.zeros((self.M + 1, c), dtype=dt)),
+                                        _view(xp.empty((self.chunk_vertex.shape[0], c), dt))]
+        self._buf, _, partial = self._work[(c, dt.name)]
+        buf, k = self._buf, self._k
         launch(_splat_chunk_kernel, self.chunk_vertex.shape[0] * c, self._view(values),
                self._factor(pre, dt), k["bary"], k["members"], k["chunk_begin"],
                k["chunk_vertex"], k["chunk_first"], partial, buf)
@@ -414,8 +418,7 @@ class LatticeCUDA:
             raise RuntimeError("blur needs a splat first (LatticeCUDA.splat)")
         buf = self._buf
         c = buf.shape[1]
-        pair = self._pairs[(c, np.dtype(buf.dtype).name)]
-        tmp = pair[1] if buf is pair[0] else pair[0]
+        tmp = self._work[(c, np.dtype(buf.dtype).name)][1]  # (the splat fills the first)
         if _blur_all(buf, tmp, self._k["neighbours"], bool(reverse), self.M * c):
             return buf if (self.d + 1) % 2 == 0 else tmp  # where the last pass wrote
         for j in (range(self.d, -1, -1) if reverse else range(self.d + 1)):
