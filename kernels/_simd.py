@@ -69,20 +69,43 @@ class Rows:
         return self.builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
 
 
+SHORT_STEPS = 4  # rows of up to 4 steps (32 float32 columns: the CRF's 21 labels) unrolled
+
+
 def row_operation(context, builder, dtype, columns, make_step):
     """Emit a row operation over ``columns`` columns.  make_step(rows) returns step(column),
     which reads its inputs at column.. (rows.lanes of them) and returns a function that writes
     its result.  At least LANES columns: the whole 8-wide steps, then the last one at
-    columns − 8, read before the others and written after them.  Fewer: one column at a
-    time."""
+    columns − 8, read before the others and written after them — for rows of up to
+    SHORT_STEPS steps as straight-line code, one version per number of steps (chosen by one
+    switch per row: a loop over two or three steps cost more in its control than the
+    arithmetic).  Fewer than LANES: one column at a time."""
     wide = builder.icmp_unsigned(">=", columns, ir.Constant(_i64, LANES))
     with builder.if_else(wide) as (vectors, scalars):
         with vectors:
             step = make_step(Rows(context, builder, dtype, LANES))
-            write_last = step(builder.sub(columns, ir.Constant(_i64, LANES)))
+            last_column = builder.sub(columns, ir.Constant(_i64, LANES))
+            steps = builder.lshr(builder.add(columns, ir.Constant(_i64, LANES - 1)),
+                                 ir.Constant(_i64, 3))  # ⌈columns / 8⌉
+            done = builder.append_basic_block("row.done")
+            longer = builder.append_basic_block("row.long")
+            switch = builder.switch(steps, longer)
+            for n in range(1, SHORT_STEPS + 1):
+                block = builder.append_basic_block(f"row.{n}")
+                switch.add_case(ir.Constant(_i64, n), block)
+                builder.position_at_end(block)
+                write_last = step(last_column)
+                for k in range(n - 1):
+                    step(ir.Constant(_i64, LANES * k))()
+                write_last()
+                builder.branch(done)
+            builder.position_at_end(longer)
+            write_last = step(last_column)
             with cgutils.for_range(builder, builder.lshr(columns, ir.Constant(_i64, 3))) as loop:
                 step(builder.shl(loop.index, ir.Constant(_i64, 3)))()
             write_last()
+            builder.branch(done)
+            builder.position_at_end(done)
         with scalars:
             step = make_step(Rows(context, builder, dtype, 1))
             with cgutils.for_range(builder, columns) as loop:

@@ -527,6 +527,18 @@ def _mean_step(neighbours, rows):
     return total / max(count, 1)
 
 
+def _reach(neighbours, out):
+    # out[j]: the largest |w − 1 − u| over the neighbours w = neighbours[j, u, side] > 0
+    for j in prange(neighbours.shape[0]):
+        far = 0
+        for u in range(neighbours.shape[1]):
+            for side in range(2):
+                w = neighbours[j, u, side]
+                if w > 0:
+                    far = max(far, abs(w - 1 - u))
+        out[j] = far
+
+
 def _group_by_vertex(offsets, M, starts, members):
     # counting sort of the K = N·(d+1) (point, vertex) pairs by vertex, stable in point order,
     # so splatting can be done per vertex (a gather) without races: members[starts[v]:starts[v+1]]
@@ -758,6 +770,98 @@ def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
             _row_blur(dst, t, src, s, a, b)
 
 
+# ---- CPU: the whole blur in one sweep ------------------------------------------------------------
+# Pass by pass, the blur streams the vertex buffer through memory 2(d+1) times (read, write) —
+# tens of megabytes each time for the CRF's lattices, at the speed of a memory copy.  But in the
+# order the blur visits the vertices, a neighbour along direction j lies at most Δ_j places away
+# (a few hundred to a few thousand: image rows for a grid, slabs of the sorted keys for the
+# bilateral lattice).  So pass i can follow pass i−1 at a distance: once pass i−1 has reached
+# place u + Δ, pass i can do place u.  The d+1 passes then sweep the vertices together, each a
+# little behind the one before, and a pass's results are needed only until the next pass has
+# gone Δ beyond them: they live in a small ring of rows (place u in row u mod R), which stays in
+# the caches.  Only the first pass reads the buffer, and only the last writes the result.
+# Each thread sweeps its own share of places; the passes before the last also cover the places
+# within reach of that share (Σ of the later passes' Δ), recomputed in the thread's own rings
+# instead of waiting for the neighbouring thread.
+FUSED_TILE = 32  # places the first pass moves ahead per round (the rest follow)
+FUSED_BLUR = True  # False: always pass by pass; "always": one sweep for any lattice (tests)
+
+
+def _blur_span(src, dst, u0, u1, src_rows, neighbours, j, in_base, in_mask, dst_rows,
+               out_base, out_mask, ring_in, ring_out, prefetch):
+    # one pass over places u0..u1−1: dst[t] = src[s] + ½ (src[a] + src[b]).  From the buffer
+    # (ring_in False): s = src_rows[u], (a, b) = neighbours[j, u] — buffer rows; from a ring:
+    # s, a, b the ring rows of place u and of the places neighbours[j, u] − 1 (0: none, the
+    # zero row 0).  To dst_rows[u], or ring row out_base + (u mod R).
+    M = _u(src_rows.shape[0])
+    for i in range(u0, u1):
+        u = _u(i)
+        w0, w1 = neighbours[j, u, 0], neighbours[j, u, 1]
+        if ring_in:
+            s = in_base + (u & in_mask)
+            a = in_base + (_u(w0 - 1) & in_mask) if w0 > 0 else _u(0)
+            b = in_base + (_u(w1 - 1) & in_mask) if w1 > 0 else _u(0)
+        else:
+            if prefetch and u + _u(AHEAD) < M:
+                _prefetch_row(src, src_rows[u + _u(AHEAD)])
+                _prefetch_row(src, neighbours[j, u + _u(AHEAD), 0])
+                _prefetch_row(src, neighbours[j, u + _u(AHEAD), 1])
+            s, a, b = _u(src_rows[u]), _u(w0), _u(w1)
+        t = out_base + (u & out_mask) if ring_out else _u(dst_rows[u])
+        if src.shape[1] == 1:  # the kernel normalisation: one number per row
+            dst[t, 0] = src[s, 0] + src.dtype.type(0.5) * (src[a, 0] + src[b, 0])
+        else:
+            _row_blur(dst, t, src, s, a, b)
+
+
+def _blur_fused(src, rows, first_neighbours, neighbours, directions, reach, masks, bases,
+                rings, dst, prefetch):
+    # The blur along directions[0], directions[1], .. of src (buffer rows ``rows[u]`` for
+    # place u) into dst (the same rows).  first_neighbours (1, M, 2): the first direction's
+    # neighbours as buffer rows; neighbours (d+1, M, 2): 1 + their places.  reach[i]: the
+    # largest |place distance| to a neighbour along directions[i].  rings (T, ., c): thread
+    # t's rings, row 0 zero; pass i < P−1 writes place u to row bases[i] + (u & masks[i]).
+    M = rows.shape[0]
+    P = directions.shape[0]
+    T = rings.shape[0]
+    for t in prange(T):
+        ring = rings[t]
+        lo, hi = t * M // T, (t + 1) * M // T
+        begin = np.empty(P, np.int64)
+        end = np.empty(P, np.int64)
+        done = np.empty(P, np.int64)  # each pass's next place
+        halo = 0  # places beyond the thread's share that pass i must cover for the later ones
+        for i in range(P - 1, -1, -1):
+            begin[i], end[i] = max(0, lo - halo), min(M, hi + halo)
+            done[i] = begin[i]
+            halo += reach[i]
+        while done[P - 1] < end[P - 1]:
+            for i in range(P):
+                # a tile at most per round, even where the pass before has finished: so a ring
+                # never receives more than a tile of new rows while its reader is behind
+                target = min(end[i], done[i] + FUSED_TILE)
+                if i > 0 and done[i - 1] < end[i - 1]:  # pass i − 1 must be reach[i] ahead
+                    target = min(target, done[i - 1] - reach[i])
+                if target <= done[i]:
+                    continue
+                ring_out = i < P - 1
+                out_base = _u(bases[i]) if ring_out else _u(0)
+                out_mask = _u(masks[i]) if ring_out else _u(0)
+                if i == 0:
+                    _blur_span(src, dst if not ring_out else ring, done[0], target, rows,
+                               first_neighbours, 0, _u(0), _u(0), rows, out_base, out_mask,
+                               False, ring_out, prefetch)
+                elif ring_out:
+                    _blur_span(ring, ring, done[i], target, rows, neighbours, directions[i],
+                               _u(bases[i - 1]), _u(masks[i - 1]), rows, out_base, out_mask,
+                               True, True, False)
+                else:
+                    _blur_span(ring, dst, done[i], target, rows, neighbours, directions[i],
+                               _u(bases[i - 1]), _u(masks[i - 1]), rows, out_base, out_mask,
+                               True, False, False)
+                done[i] = target
+
+
 def _slice(buf, bary, offsets, post, alpha, base, out, softmax, prefetch):
     # out[n] = base[n] + post[n] · α · Σ_r bary[n, r] · buf[vertex(n, r)]   (base None: 0,
     # base out: accumulate); with softmax, then every row of out is replaced by its softmax
@@ -819,11 +923,14 @@ _compare_step = njit(inline="always", cache=True)(_compare_step)
 _merge_neighbours_cpu = parallel_njit(_merge_neighbours)
 _mean_step = njit(cache=True)(_mean_step)
 _to_buffer_order_cpu = parallel_njit(_to_buffer_order)
+_reach_cpu = parallel_njit(_reach)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
 _splat_gather_cpu = parallel_njit(_splat_gather)
 _point_block_rows_cpu = parallel_njit(_point_block_rows)
 _splat_scatter_cpu = parallel_njit(_splat_scatter)
 _blur_direction_cpu = parallel_njit(_blur_direction)
+_blur_span = njit(inline="always", cache=True)(_blur_span)
+_blur_fused_cpu = parallel_njit(_blur_fused)
 _slice_cpu = parallel_njit(_slice)
 
 
@@ -856,6 +963,7 @@ class LatticeCPU:
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** (-d)))
         self._work = {}
         self._band_plans = {}
+        self._ring_plans = {}
         self.lock = threading.RLock()  # see filter and _work_buffers
         self._splatted = None  # (buffer, scratch) of the last splat
 
@@ -987,12 +1095,20 @@ class LatticeCPU:
 
     def _blur(self, buf, scratch, reverse):
         """Blur along the d+1 directions (in reverse order for the transposed filter); returns
-        the array holding the result, rows in buffer order like ``buf``.
+        the array holding the result, rows in buffer order like ``buf``: in one sweep where
+        the rings it needs are small (_blur_fused), else pass by pass.
 
-        The passes alternate ``buf`` and ``scratch``.  Visiting in sorted order, the first
-        pass gathers ``buf`` into sorted order, the passes in between keep that order and the
-        last one scatters back into buffer order."""
+        Pass by pass, the passes alternate ``buf`` and ``scratch``.  Visiting in sorted order,
+        the first pass gathers ``buf`` into sorted order, the passes in between keep that order
+        and the last one scatters back into buffer order."""
         directions = list(range(self.d, -1, -1) if reverse else range(self.d + 1))
+        rings = self._rings(directions, buf.shape[1], buf.dtype) if FUSED_BLUR else None
+        if rings is not None:
+            reach, masks, bases, ring_rows = rings
+            _blur_fused_cpu(buf, self.rows, self.buffer_neighbours[directions[0]][None],
+                            self.neighbours, np.array(directions, np.int64), reach, masks,
+                            bases, ring_rows, scratch, self.sorted)
+            return scratch
         last = len(directions) - 1
         src, src_rows = buf, self.rows
         for i, j in enumerate(directions):
@@ -1003,6 +1119,31 @@ class LatticeCPU:
             _blur_direction_cpu(src, src_rows, dst, dst_rows, neighbours, gathering)
             src, src_rows = dst, self.places
         return src
+
+    def _rings(self, directions, c, dt):
+        """(reach, masks, bases, rows) for _blur_fused in this order of directions, c channels
+        of dtype dt and the current number of threads, made on first use and kept; None where
+        the rings would not be much smaller than the buffer (then pass by pass is as good)."""
+        T = max(1, min(numba.get_num_threads(), self.M))
+        key = (tuple(directions), c, np.dtype(dt).str, T)
+        if key not in self._ring_plans:
+            if not hasattr(self, "_reach_of"):
+                self._reach_of = np.zeros(self.d + 1, np.int64)
+                _reach_cpu(self.neighbours, self._reach_of)
+            reach = self._reach_of[directions]
+            # pass i's ring is read by pass i+1, which runs reach[i+1] places behind it and
+            # reads up to reach[i+1] places on either side, while pass i moves a tile ahead
+            sizes = [1 << int(2 * reach[i + 1] + FUSED_TILE + 1).bit_length()
+                     for i in range(len(directions) - 1)]
+            bases = np.cumsum([1] + sizes[:-1]).astype(np.int64)  # row 0: the zero row
+            total = 1 + sum(sizes)
+            plan = None
+            if T * total <= self.M or FUSED_BLUR == "always":
+                rows = np.empty((T, total, c), dt)
+                rows[:, 0] = 0
+                plan = (reach, np.array(sizes, np.int64) - 1, bases, rows)
+            self._ring_plans[key] = plan
+        return self._ring_plans[key]
 
     def _work_buffers(self, c, dt):
         """The vertex buffers for c channels of dtype dt, allocated on first use and kept: the
