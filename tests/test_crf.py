@@ -288,7 +288,8 @@ def test_splat_by_scatter_equals_splat_by_gather(blocks, grid):
         assert 0 < start[-1] < 3 * 69 * (blocks - 1)
     rows = np.full((lattice.M + 1 + start[-1], 3), np.nan, np.float32)  # buffer, private rows
     rows[0] = 0
-    P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, low, ends, start, rows)
+    P._splat_scatter_cpu(v, pre, lattice.bary, lattice.offsets, low, ends, start, rows,
+                         blocks % 2 == 1)  # with and without prefetching
     np.testing.assert_allclose(rows[1: lattice.M + 1], gathered[1:], rtol=1e-5, atol=1e-6)
 
 
