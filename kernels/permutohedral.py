@@ -529,14 +529,20 @@ def _mean_step(neighbours, rows):
 
 def _reach(neighbours, out):
     # out[j]: the largest |w − 1 − u| over the neighbours w = neighbours[j, u, side] > 0
-    for j in prange(neighbours.shape[0]):
-        far = 0
-        for u in range(neighbours.shape[1]):
-            for side in range(2):
-                w = neighbours[j, u, side]
-                if w > 0:
-                    far = max(far, abs(w - 1 - u))
-        out[j] = far
+    # (blocks of vertices in parallel, each without branches; then the blocks' maxima)
+    D, M = neighbours.shape[0], neighbours.shape[1]
+    B = 64
+    far = np.zeros((B, D), np.int64)
+    for b in prange(B):
+        for j in range(D):
+            f = 0
+            for u in range(b * M // B, (b + 1) * M // B):
+                for side in range(2):
+                    w = np.int64(neighbours[j, u, side])
+                    f = max(f, abs(w - 1 - u) * (w > 0))
+            far[b, j] = f
+    for j in range(D):
+        out[j] = far[:, j].max()
 
 
 def _group_by_vertex(offsets, M, starts, members):
