@@ -19,12 +19,13 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from tinydeeplab.backend import is_cupy_array
 
 from . import parallel_njit
-from ._simd import LANES, row_map, row_reduction, rows_of
+from ._simd import LANES, Rows, row_map, row_reduction, row_start, rows_of
 
 
 @intrinsic
@@ -34,6 +35,11 @@ def _float32_from_bits(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+if numba.config.DISABLE_JIT:  # plain Python (debugging) cannot call intrinsics
+    def _float32_from_bits(bits):
+        return np.array(bits, np.int32).view(np.float32)[()]
 
 
 def _exp_f32(x):
@@ -64,9 +70,9 @@ def _exp_f32(x):
 _exp_f32 = njit(inline="always", fastmath=True, cache=True)(_exp_f32)
 
 
-# Rows of at least LANES labels: the row maximum, the subtraction, the sum and the scaling in
-# 8-wide steps (kernels/_simd.py; the 21-long loops cost more in loop control and leftovers than
-# in arithmetic).  The sum's order differs from a loop's: last-bit differences.
+# Rows of at least LANES labels: the row maximum, then exp and sum in one pass, then the scaling,
+# in 8-wide steps (kernels/_simd.py; the 21-long loops cost more in loop control and leftovers
+# than in arithmetic).  The sum's order differs from a loop's: last-bit differences.
 @intrinsic
 def _row_max_simd(typingctx, a, n):
     """max of row n of a (≥ 8 columns)."""
@@ -82,30 +88,72 @@ def _row_max_simd(typingctx, a, n):
     return a.dtype(a, n), codegen
 
 
+def _vector_exp(builder, x):
+    """_exp_f32 on an 8-wide float32 vector, in LLVM's instructions (the same steps)."""
+    vector = x.type
+    lanes = vector.count
+
+    def const(value):
+        return ir.Constant(vector, [float(np.float32(value))] * lanes)
+
+    floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
+                                           f"llvm.floor.v{lanes}f32")
+    low = const(-87.3)
+    x = builder.select(builder.fcmp_ordered("<", x, low), low, x)  # max(x, −87.3)
+    n = builder.call(floor, [builder.fadd(builder.fmul(x, const(1.4426950408889634)),
+                                          const(0.5))])
+    r = builder.fsub(builder.fsub(x, builder.fmul(n, const(0.693145751953125))),
+                     builder.fmul(n, const(1.428606765330187e-06)))
+    p = const(1.0 / 720.0)
+    for coefficient in (1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        p = builder.fadd(builder.fmul(p, r), const(coefficient))
+    integers = ir.VectorType(ir.IntType(32), lanes)
+    exponent = builder.shl(builder.fptosi(builder.fadd(n, const(127.0)), integers),
+                           ir.Constant(integers, [23] * lanes))
+    return builder.fmul(p, builder.bitcast(exponent, vector))
+
+
 @intrinsic
-def _row_sum_simd(typingctx, a, n):
-    """Σ of row n of a (≥ 8 columns)."""
-    if not rows_of(a):
+def _row_exp_sum_simd(typingctx, out, n, a, m):
+    """out[n] = exp(a[n] − m) (as _exp_f32; out may be a), returning Σ out[n] — one pass over
+    the row where subtracting, exponentiating and summing took three.  float32, ≥ 8 columns."""
+    if not rows_of(out, a) or out.dtype != types.float32:
         return None
 
     def codegen(context, builder, signature, args):
-        return row_reduction(context, builder, signature.args[0], args[0], args[1],
-                             builder.fadd, 0.0)
+        dst, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+        src, _ = row_start(context, builder, signature.args[2], args[2], args[1])
+        rows = Rows(context, builder, types.float32, LANES)
+        m = rows.constant(args[3], signature.args[3])
+        i64 = ir.IntType(64)
 
-    return a.dtype(a, n), codegen
+        def exp_at(column):
+            return _vector_exp(builder, builder.fsub(rows.load(src, column), m))
 
+        last_column = builder.sub(columns, ir.Constant(i64, LANES))
+        last = exp_at(last_column)  # read before any write (out may be a)
+        partial = cgutils.alloca_once_value(builder, ir.Constant(rows.type, [0.0] * LANES))
+        steps = builder.lshr(columns, ir.Constant(i64, 3))
+        with cgutils.for_range(builder, steps) as loop:
+            column = builder.shl(loop.index, ir.Constant(i64, 3))
+            e = exp_at(column)
+            rows.store(dst, column, e)
+            builder.store(builder.fadd(builder.load(partial), e), partial)
+        # lane j of the last step is column columns − 8 + j: new if j ≥ 8·(steps + 1) − columns
+        first_new = builder.sub(builder.shl(builder.add(steps, ir.Constant(i64, 1)),
+                                            ir.Constant(i64, 3)), columns)
+        lanes = ir.Constant(ir.VectorType(i64, LANES), list(range(LANES)))
+        new = builder.icmp_signed(">=", lanes, rows.broadcast(first_new))
+        total = builder.fadd(builder.load(partial),
+                             builder.select(new, last, ir.Constant(rows.type, [0.0] * LANES)))
+        rows.store(dst, last_column, last)
+        result = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
+        for j in range(1, LANES):
+            result = builder.fadd(result,
+                                  builder.extract_element(total, ir.Constant(ir.IntType(32), j)))
+        return result
 
-@intrinsic
-def _row_minus_simd(typingctx, out, n, a, m):
-    """out[n] = a[n] − m (out may be a)."""
-    if not rows_of(out, a):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return row_map(context, builder, signature, args, (0, 1), [(2, 1)], [3],
-                       lambda rows, m, x: builder.fsub(x[0], m[0]))
-
-    return types.none(out, n, a, m), codegen
+    return types.float32(out, n, a, m), codegen
 
 
 @intrinsic
@@ -125,23 +173,20 @@ def _row_max_python(a, n):
     return a[n].max()
 
 
-def _row_sum_python(a, n):
-    return a[n].sum()
-
-
-def _row_minus_python(out, n, a, m):
-    out[n] = a[n] - m
-
-
 def _row_times_python(out, n, x):
     out[n] *= x
 
 
+def _row_exp_sum_python(out, n, a, m):
+    for k in range(a.shape[1]):
+        out[n, k] = _exp_f32(a[n, k] - m)
+    return out[n].sum()
+
+
 _python = numba.config.DISABLE_JIT  # plain Python (debugging) cannot call intrinsics
 _row_max = _row_max_python if _python else _row_max_simd
-_row_sum = _row_sum_python if _python else _row_sum_simd
-_row_minus = _row_minus_python if _python else _row_minus_simd
 _row_times = _row_times_python if _python else _row_times_simd
+_row_exp_sum = _row_exp_sum_python if _python else _row_exp_sum_simd
 
 
 def _softmax_rows(a, out):
@@ -165,32 +210,31 @@ def _softmax_block(a, out, n0, n1):
     """Rows n0..n1−1 of the float32 array out set to the softmax of those of a (which may be
     out itself).
 
-    Rows are short (C = 21 labels), so the exp runs over the block's (n1−n0)·C contiguous
-    values: one long loop the compiler vectorises, rather than C-long loops with scalar
-    leftovers.  The first pass copies and subtracts the row maximum at once."""
+    Rows of at least 8 labels (the CRF's 21): per row its maximum, then exp and sum in one
+    8-wide pass (_row_exp_sum), then the scaling.  Shorter rows: the exp runs over the block's
+    (n1−n0)·C contiguous values — one long loop the compiler vectorises, rather than C-long
+    loops too short for SIMD."""
     C = a.shape[1]
+    if C >= LANES:
+        for n in range(n0, n1):
+            _row_times(out, n, np.float32(1.0) / _row_exp_sum(out, n, a, _row_max(a, n)))
+        return
     for n in range(n0, n1):
-        if C >= LANES:
-            _row_minus(out, n, a, _row_max(a, n))
-        else:
-            m = a[n, 0]
-            for k in range(1, C):
-                m = max(m, a[n, k])
-            for k in range(C):
-                out[n, k] = a[n, k] - m
+        m = a[n, 0]
+        for k in range(1, C):
+            m = max(m, a[n, k])
+        for k in range(C):
+            out[n, k] = a[n, k] - m
     block = out[n0:n1].reshape(-1)
     for i in range(block.size):
         block[i] = _exp_f32(block[i])
     for n in range(n0, n1):
-        if C >= LANES:
-            _row_times(out, n, np.float32(1.0) / _row_sum(out, n))
-        else:
-            total = np.float32(0.0)
-            for k in range(C):
-                total += out[n, k]
-            inv = np.float32(1.0) / total
-            for k in range(C):
-                out[n, k] *= inv
+        total = np.float32(0.0)
+        for k in range(C):
+            total += out[n, k]
+        inv = np.float32(1.0) / total
+        for k in range(C):
+            out[n, k] *= inv
 
 
 _softmax_block = njit(inline="always", fastmath=True, cache=True)(_softmax_block)

@@ -49,6 +49,25 @@ def test_softmax_extreme_logits_and_in_place():
                                      [1 / 3, 1 / 3, 1 / 3]], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("C", [8, 16, 21, 24])
+def test_softmax_extreme_logits_and_in_place_in_8_wide_steps(C):
+    """Rows of ≥ 8 labels take the 8-wide path (maximum, exp and sum in one pass, the last
+    step overlapping the one before unless 8 divides C): huge, tiny and equal logits, in
+    place, against float64."""
+    rng = np.random.default_rng(C)
+    a = rng.normal(0, 8, (6, C)).astype(np.float32)
+    a[0, C - 1], a[0, 0] = 1e30, -1e30  # one label takes all; the last column is in the overlap
+    a[1] = -1e4
+    a[1, C // 2] += 1
+    a[2] = 0  # uniform
+    a[3, :] = np.linspace(-200, 50, C)  # most exponents below exp's clamp
+    expected = softmax64(a)
+    out = softmax_rows(a, a)  # in place
+    assert out is a
+    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(out.sum(1), 1, rtol=1e-6)
+
+
 def test_float64_softmax_keeps_double_precision():
     a = np.random.default_rng(0).normal(0, 3, (37, 6))
     np.testing.assert_allclose(softmax_rows(a, np.empty_like(a)), softmax64(a), rtol=1e-13)
