@@ -205,15 +205,17 @@ def test_blur_neighbours_by_merging_sorted_keys(d, scale, sorted_order):
         assert sum(int(s).bit_length() for s in span) > 62
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shares", [1, 2, 3])
 @pytest.mark.parametrize("d, grid, c, dtype", [(1, False, 3, np.float32), (2, True, 21, np.float32),
                                               (2, True, 1, np.float32), (3, False, 5, np.float64),
                                               (5, False, 21, np.float32), (5, True, 1, np.float64)])
-def test_blur_in_one_sweep_equals_blur_pass_by_pass(monkeypatch, threads, d, grid, c, dtype):
+def test_blur_in_one_sweep_equals_blur_pass_by_pass(monkeypatch, shares, d, grid, c, dtype):
     """The blur's d+1 passes in one sweep through rings of rows (_blur_fused) give the
     pass-by-pass blur bit for bit, forward and transposed, in both visiting orders (sorted:
-    scattered features; buffer order: a grid), with 1-3 threads whose shares need the places of
-    their neighbours (and lattices smaller than the rings: the sweep forced on)."""
+    scattered features; buffer order: a grid), with the vertices cut into 1-3 shares (one per
+    thread: here as many as asked whatever the machine's cores), each recomputing the places
+    of its neighbours' that it needs, and lattices smaller than the rings (the sweep forced
+    on)."""
     import numba
 
     from tinydeeplab.kernels import permutohedral as P
@@ -226,20 +228,17 @@ def test_blur_in_one_sweep_equals_blur_pass_by_pass(monkeypatch, threads, d, gri
         f = rng.random((1777, d)) * 9
     lattice = P.LatticeCPU(f.astype(np.float32))
     values = rng.standard_normal((len(f), c)).astype(dtype)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        for reverse in (False, True):
-            results = {}
-            for mode in (False, "always"):
-                monkeypatch.setattr(P, "FUSED_BLUR", mode)
-                lattice.splat(values)
-                results[mode] = lattice.blur(reverse).copy()
-            assert lattice._rings(list(range(d, -1, -1) if reverse else range(d + 1)), c,
-                                  np.dtype(dtype)) is not None  # the sweep ran
-            np.testing.assert_array_equal(results["always"], results[False])
-    finally:
-        numba.set_num_threads(before)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: shares)  # the shares _rings makes
+    for reverse in (False, True):
+        directions = list(range(d, -1, -1) if reverse else range(d + 1))
+        results = {}
+        for mode in (False, "always"):
+            monkeypatch.setattr(P, "FUSED_BLUR", mode)
+            lattice.splat(values)
+            results[mode] = lattice.blur(reverse).copy()
+        rings = lattice._rings(directions, c, np.dtype(dtype))
+        assert rings is not None and rings[3].shape[0] == shares  # the sweep ran, in shares
+        np.testing.assert_array_equal(results["always"], results[False])
     if not grid and d == 5:  # scattered 5-D features: the sorted order, as the CRF's
         assert lattice.sorted
 
