@@ -146,13 +146,22 @@ def row_reduction(context, builder, arraytype, array, row, combine, neutral):
         column = builder.shl(builder.add(loop.index, ir.Constant(_i64, 1)), ir.Constant(_i64, 3))
         builder.store(combine(builder.load(partial), rows.load(start, column)), partial)
     last = rows.load(start, builder.sub(columns, ir.Constant(_i64, LANES)))
-    # lane j of the last step is column columns − 8 + j: new if j ≥ 8·(steps + 1) − columns
+    return reduce_lanes(builder, rows, columns, builder.load(partial), last, combine, neutral)
+
+
+def reduce_lanes(builder, rows, columns, partial, last, combine, neutral):
+    """The end of a reduction over a row of ``columns`` ≥ LANES columns: ``partial``, the
+    8-wide result over the whole steps, combined with the lanes of the last (overlapping) step
+    ``last`` that no whole step has counted (the others replaced by ``neutral``), then its 8
+    lanes combined in order."""
+    # lane j of the last step is column columns − 8 + j: new if j ≥ 8·(whole steps + 1) − columns
+    steps = builder.lshr(columns, ir.Constant(_i64, 3))
     first_new = builder.sub(builder.shl(builder.add(steps, ir.Constant(_i64, 1)),
                                         ir.Constant(_i64, 3)), columns)
     lanes = ir.Constant(ir.VectorType(_i64, LANES), list(range(LANES)))
     new = builder.icmp_signed(">=", lanes, rows.broadcast(first_new))
     last = builder.select(new, last, ir.Constant(rows.type, [neutral] * LANES))
-    total = combine(builder.load(partial), last)
+    total = combine(partial, last)
     result = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
     for j in range(1, LANES):
         result = combine(result, builder.extract_element(total, ir.Constant(ir.IntType(32), j)))

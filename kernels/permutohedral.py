@@ -1137,7 +1137,8 @@ class LatticeCPU:
     def _rings(self, directions, c, dt):
         """(reach, masks, bases, rows) for _blur_fused in this order of directions, c channels
         of dtype dt and the current number of threads, made on first use and kept; None where
-        the rings would not be much smaller than the buffer (then pass by pass is as good)."""
+        the threads' rings together would hold more rows than the buffer (small lattices:
+        their passes stay in the caches anyway)."""
         T = max(1, min(numba.get_num_threads(), self.M))
         key = (tuple(directions), c, np.dtype(dt).str, T)
         if key not in self._ring_plans:

@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 from tinydeeplab.backend import is_cupy_array
 
 from . import parallel_njit
-from ._simd import LANES, Rows, row_map, row_reduction, row_start, rows_of
+from ._simd import LANES, Rows, reduce_lanes, row_map, row_reduction, row_start, rows_of
 
 
 @intrinsic
@@ -116,19 +116,25 @@ def _vector_exp(builder, x):
 @intrinsic
 def _row_exp_sum_simd(typingctx, out, n, a, m):
     """out[n] = exp(a[n] − m) (as _exp_f32; out may be a), returning Σ out[n] — one pass over
-    the row where subtracting, exponentiating and summing took three.  float32, ≥ 8 columns."""
-    if not rows_of(out, a) or out.dtype != types.float32:
+    the row where subtracting, exponentiating and summing took three.  ≥ 8 columns; float64
+    rows are exponentiated in float32 too (only so that kernels which call the softmax for
+    either dtype compile: float64 softmaxes take libm's exp, in _softmax_rows)."""
+    if not rows_of(out, a):
         return None
 
     def codegen(context, builder, signature, args):
         dst, columns = row_start(context, builder, signature.args[0], args[0], args[1])
         src, _ = row_start(context, builder, signature.args[2], args[2], args[1])
-        rows = Rows(context, builder, types.float32, LANES)
+        rows = Rows(context, builder, signature.args[0].dtype, LANES)
         m = rows.constant(args[3], signature.args[3])
         i64 = ir.IntType(64)
+        single = ir.VectorType(ir.FloatType(), LANES)
 
         def exp_at(column):
-            return _vector_exp(builder, builder.fsub(rows.load(src, column), m))
+            x = builder.fsub(rows.load(src, column), m)
+            if x.type == single:
+                return _vector_exp(builder, x)
+            return builder.fpext(_vector_exp(builder, builder.fptrunc(x, single)), x.type)
 
         last_column = builder.sub(columns, ir.Constant(i64, LANES))
         last = exp_at(last_column)  # read before any write (out may be a)
@@ -139,21 +145,11 @@ def _row_exp_sum_simd(typingctx, out, n, a, m):
             e = exp_at(column)
             rows.store(dst, column, e)
             builder.store(builder.fadd(builder.load(partial), e), partial)
-        # lane j of the last step is column columns − 8 + j: new if j ≥ 8·(steps + 1) − columns
-        first_new = builder.sub(builder.shl(builder.add(steps, ir.Constant(i64, 1)),
-                                            ir.Constant(i64, 3)), columns)
-        lanes = ir.Constant(ir.VectorType(i64, LANES), list(range(LANES)))
-        new = builder.icmp_signed(">=", lanes, rows.broadcast(first_new))
-        total = builder.fadd(builder.load(partial),
-                             builder.select(new, last, ir.Constant(rows.type, [0.0] * LANES)))
         rows.store(dst, last_column, last)
-        result = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
-        for j in range(1, LANES):
-            result = builder.fadd(result,
-                                  builder.extract_element(total, ir.Constant(ir.IntType(32), j)))
-        return result
+        return reduce_lanes(builder, rows, columns, builder.load(partial), last, builder.fadd,
+                            0.0)
 
-    return types.float32(out, n, a, m), codegen
+    return out.dtype(out, n, a, m), codegen
 
 
 @intrinsic
