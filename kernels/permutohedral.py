@@ -794,7 +794,7 @@ def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
 # Each thread sweeps its own share of places; the passes before the last also cover the places
 # within reach of that share (Σ of the later passes' Δ), recomputed in the thread's own rings
 # instead of waiting for the neighbouring thread.
-FUSED_TILE = 32  # places the first pass moves ahead per round (the rest follow)
+FUSED_TILE = 256  # places the first pass moves ahead per round (the rest follow)
 FUSED_BLUR = True  # False: always pass by pass; "always": one sweep for any lattice (tests)
 
 
