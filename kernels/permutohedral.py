@@ -798,13 +798,13 @@ FUSED_TILE = 256  # places the first pass moves ahead per round (the rest follow
 FUSED_BLUR = True  # False: always pass by pass; "always": one sweep for any lattice (tests)
 
 
-def _blur_span(src, dst, u0, u1, src_rows, neighbours, j, in_base, in_mask, dst_rows,
-               out_base, out_mask, ring_in, ring_out, prefetch):
+def _blur_span(src, dst, u0, u1, rows, neighbours, j, in_base, in_mask, out_base, out_mask,
+               ring_in, ring_out, prefetch):
     # one pass over places u0..u1−1: dst[t] = src[s] + ½ (src[a] + src[b]).  From the buffer
-    # (ring_in False): s = src_rows[u], (a, b) = neighbours[j, u] — buffer rows; from a ring:
-    # s, a, b the ring rows of place u and of the places neighbours[j, u] − 1 (0: none, the
-    # zero row 0).  To dst_rows[u], or ring row out_base + (u mod R).
-    M = _u(src_rows.shape[0])
+    # (ring_in False): s = rows[u], (a, b) = neighbours[j, u] — buffer rows; from a ring: s, a,
+    # b the ring rows of place u and of the places neighbours[j, u] − 1 (0: none, the zero row
+    # 0).  To buffer row rows[u], or ring row out_base + (u mod R).
+    M = _u(rows.shape[0])
     for i in range(u0, u1):
         u = _u(i)
         w0, w1 = neighbours[j, u, 0], neighbours[j, u, 1]
@@ -814,11 +814,11 @@ def _blur_span(src, dst, u0, u1, src_rows, neighbours, j, in_base, in_mask, dst_
             b = in_base + (_u(w1 - 1) & in_mask) if w1 > 0 else _u(0)
         else:
             if prefetch and u + _u(AHEAD) < M:
-                _prefetch_row(src, src_rows[u + _u(AHEAD)])
+                _prefetch_row(src, rows[u + _u(AHEAD)])
                 _prefetch_row(src, neighbours[j, u + _u(AHEAD), 0])
                 _prefetch_row(src, neighbours[j, u + _u(AHEAD), 1])
-            s, a, b = _u(src_rows[u]), _u(w0), _u(w1)
-        t = out_base + (u & out_mask) if ring_out else _u(dst_rows[u])
+            s, a, b = _u(rows[u]), _u(w0), _u(w1)
+        t = out_base + (u & out_mask) if ring_out else _u(rows[u])
         if src.shape[1] == 1:  # the kernel normalisation: one number per row
             dst[t, 0] = src[s, 0] + src.dtype.type(0.5) * (src[a, 0] + src[b, 0])
         else:
@@ -827,11 +827,12 @@ def _blur_span(src, dst, u0, u1, src_rows, neighbours, j, in_base, in_mask, dst_
 
 def _blur_fused(src, rows, first_neighbours, neighbours, directions, reach, masks, bases,
                 rings, dst, prefetch):
-    # The blur along directions[0], directions[1], .. of src (buffer rows ``rows[u]`` for
-    # place u) into dst (the same rows).  first_neighbours (1, M, 2): the first direction's
-    # neighbours as buffer rows; neighbours (d+1, M, 2): 1 + their places.  reach[i]: the
-    # largest |place distance| to a neighbour along directions[i].  rings (T, ., c): thread
-    # t's rings, row 0 zero; pass i < P−1 writes place u to row bases[i] + (u & masks[i]).
+    # The blur along directions[0], directions[1], .. (at least two: d ≥ 1) of src (buffer
+    # rows ``rows[u]`` for place u) into dst (the same rows).  first_neighbours (1, M, 2): the
+    # first direction's neighbours as buffer rows; neighbours (d+1, M, 2): 1 + their places.
+    # reach[i]: the largest |place distance| to a neighbour along directions[i].  rings (T, .,
+    # c): thread t's rings, row 0 zero; pass i < P−1 writes place u to row bases[i] +
+    # (u & masks[i]); the first pass reads src, the last writes dst.
     M = rows.shape[0]
     P = directions.shape[0]
     T = rings.shape[0]
@@ -855,21 +856,17 @@ def _blur_fused(src, rows, first_neighbours, neighbours, directions, reach, mask
                     target = min(target, done[i - 1] - reach[i])
                 if target <= done[i]:
                     continue
-                ring_out = i < P - 1
-                out_base = _u(bases[i]) if ring_out else _u(0)
-                out_mask = _u(masks[i]) if ring_out else _u(0)
                 if i == 0:
-                    _blur_span(src, dst if not ring_out else ring, done[0], target, rows,
-                               first_neighbours, 0, _u(0), _u(0), rows, out_base, out_mask,
-                               False, ring_out, prefetch)
-                elif ring_out:
+                    _blur_span(src, ring, done[0], target, rows, first_neighbours, 0, _u(0),
+                               _u(0), _u(bases[0]), _u(masks[0]), False, True, prefetch)
+                elif i < P - 1:
                     _blur_span(ring, ring, done[i], target, rows, neighbours, directions[i],
-                               _u(bases[i - 1]), _u(masks[i - 1]), rows, out_base, out_mask,
-                               True, True, False)
+                               _u(bases[i - 1]), _u(masks[i - 1]), _u(bases[i]),
+                               _u(masks[i]), True, True, False)
                 else:
                     _blur_span(ring, dst, done[i], target, rows, neighbours, directions[i],
-                               _u(bases[i - 1]), _u(masks[i - 1]), rows, out_base, out_mask,
-                               True, False, False)
+                               _u(bases[i - 1]), _u(masks[i - 1]), _u(0), _u(0), True, False,
+                               False)
                 done[i] = target
 
 
