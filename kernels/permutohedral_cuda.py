@@ -214,11 +214,33 @@ def _blur_all_kernel(buf, tmp, neighbours, reverse):
         src, dst = dst, src
 
 
-# (dtype name, GPU) -> how many blocks _blur_all_kernel may launch there (all must be resident
-# at once for the grid barrier: the occupancy API says how many), or 0 where the one-launch
-# blur cannot run (a cooperative launch needs the CUDA toolkit's cudadevrt library)
-_BLUR_ALL_BLOCKS = {}
+# (kernel name, dtype name, GPU) -> how many blocks a kernel with a grid-wide barrier may
+# launch there (all must be resident at once for the barrier: the occupancy API says how many),
+# or 0 where it cannot run (a cooperative launch needs the CUDA toolkit's cudadevrt library)
+_COOPERATIVE_BLOCKS = {}
 ONE_LAUNCH_BLUR = True  # False: one launch per direction always (the tests compare the two)
+
+
+def _cooperative_blocks(kernel, args, dtype):
+    """How many blocks of THREADS ``kernel`` (which waits at grid-wide barriers) may launch
+    with these arguments' types; 0 (after a warning, once) where it cannot."""
+    if cuda_simulator():
+        key = (kernel.py_func.__name__, np.dtype(dtype).name, -1)
+        _COOPERATIVE_BLOCKS.setdefault(key, 1)  # the simulator's grid barrier takes one block
+    else:
+        import cupy
+
+        key = (kernel.py_func.__name__, np.dtype(dtype).name, cupy.cuda.runtime.getDevice())
+    if key not in _COOPERATIVE_BLOCKS:
+        try:
+            compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+            _COOPERATIVE_BLOCKS[key] = compiled.max_cooperative_grid_blocks(THREADS)
+        except Exception as error:  # noqa: BLE001  (any reason: the fallbacks are exact)
+            warnings.warn(f"{kernel.py_func.__name__} cannot run: a grid-wide barrier is not "
+                          f"available here ({type(error).__name__}: {error}); the lattice "
+                          f"falls back to one launch per step", RuntimeWarning, stacklevel=4)
+            _COOPERATIVE_BLOCKS[key] = 0
+    return _COOPERATIVE_BLOCKS[key]
 
 
 def _blur_all(buf, tmp, neighbours, reverse, count):
@@ -226,29 +248,11 @@ def _blur_all(buf, tmp, neighbours, reverse, count):
     direction."""
     if not ONE_LAUNCH_BLUR:
         return False
-    if cuda_simulator():
-        key = (np.dtype(buf.dtype).name, -1)
-        _BLUR_ALL_BLOCKS.setdefault(key, 1)  # the simulator's grid barrier takes one block
-    else:
-        import cupy
-
-        key = (np.dtype(buf.dtype).name, cupy.cuda.runtime.getDevice())
-    if key not in _BLUR_ALL_BLOCKS:
-        args = (buf, tmp, neighbours, reverse)
-        try:
-            kernel = _blur_all_kernel.compile(
-                tuple(_blur_all_kernel.typeof_pyval(a) for a in args))
-            _BLUR_ALL_BLOCKS[key] = kernel.max_cooperative_grid_blocks(THREADS)
-        except Exception as error:  # noqa: BLE001  (any reason: the fallback is exact)
-            warnings.warn(f"the lattice blur runs one launch per direction: a grid-wide "
-                          f"barrier is not available here ({type(error).__name__}: {error})",
-                          RuntimeWarning, stacklevel=3)
-            _BLUR_ALL_BLOCKS[key] = 0
-    cap = _BLUR_ALL_BLOCKS[key]
+    args = (buf, tmp, neighbours, reverse)
+    cap = _cooperative_blocks(_blur_all_kernel, args, buf.dtype)
     if cap == 0:
         return False
-    _blur_all_kernel[min(cap, math.ceil(count / THREADS)), THREADS](buf, tmp, neighbours,
-                                                                   reverse)
+    _blur_all_kernel[min(cap, math.ceil(count / THREADS)), THREADS](*args)
     return True
 
 
@@ -441,4 +445,185 @@ class LatticeCUDA:
                self._view(base), mode, view)
         if softmax:
             softmax_rows(view, view, cuda=True)
+        return out
+
+
+# ---- mean field in one launch ------------------------------------------------------------------
+# A mean-field iteration of the dense CRF is, per kernel, a splat (two launches), a blur (one)
+# and a slice (one), then a softmax: nine launches with two kernels, ninety for ten iterations.
+# On a GPU each costs the host 30-80 µs of Python (numba-cuda converts every argument on every
+# launch), more than the GPU needs for the work itself at photo sizes.  So where every kernel
+# has a Potts compatibility (densecrf's default), the whole inference runs in one launch that
+# waits at grid-wide barriers between its steps.  The kernels' lattices are laid side by side
+# (``MeanFieldCUDA``): one vertex buffer, its rows lattice after lattice, so each step covers
+# all kernels at once, and the constant per-point factors are folded into the splat and slice
+# weights beforehand — the same products, so the same bits, as step by step.
+FUSED_MEAN_FIELD = True  # False: step by step always (the tests compare the two)
+
+
+@cuda.jit
+def _mean_field_kernel(unary, iterations, q, out, pt, sw, chunk_begin, chunk_row, partial,
+                       multi, neighbours, buf, slice_rows, slice_w, slice_starts):
+    # unary (C, N): energies.  q (N, C): the current Q, then the new log-potentials in place.
+    # out (C, N): the final Q.  Splat: member m of the concatenated lists adds sw[m]·q[pt[m]]
+    # to its chunk; chunk ch's sum goes to buffer row chunk_row[ch], or to partial[ch] when its
+    # vertex has several chunks (multi: rows (buffer row, first chunk, end chunk)).  Blur: the
+    # buffer's halves [0, R) and [R, 2R) alternate as source and destination; pass j reads
+    # neighbours[j] (rows relative to a half, −1: the row takes no part in pass j — the zero
+    # row, and lattices of fewer than j + 1 directions).  Slice: point n adds, per kernel k,
+    # Σ_s slice_w[n, s] · buf[slice_rows[n, s]] over s in slice_starts[k] .. slice_starts[k+1].
+    grid = cuda.cg.this_grid()
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    C, N = unary.shape
+    n_chunks, n_multi, R = chunk_row.shape[0], multi.shape[0], neighbours.shape[1]
+    f32 = numba.float32
+    for n in range(start, N, stride):  # Q_0 = softmax(−U)
+        for k in range(C):
+            q[n, k] = -unary[k, n]
+        _softmax_row(q, n, C)
+        if iterations == 0:
+            for k in range(C):
+                out[k, n] = q[n, k]
+    for it in range(iterations):
+        grid.sync()
+        for t in range(start, n_chunks * C, stride):  # splat, in chunks
+            ch, k = t // C, t % C
+            acc = f32(0.0)
+            for m in range(chunk_begin[ch], chunk_begin[ch + 1]):
+                acc += sw[m] * q[pt[m], k]
+            if chunk_row[ch] >= 0:
+                buf[chunk_row[ch], k] = acc
+            else:
+                partial[ch, k] = acc
+        grid.sync()
+        for t in range(start, n_multi * C, stride):  # the chunks' sums of long vertices
+            i, k = t // C, t % C
+            acc = f32(0.0)
+            for ch in range(multi[i, 1], multi[i, 2]):
+                acc += partial[ch, k]
+            buf[multi[i, 0], k] = acc
+        for j in range(neighbours.shape[0]):  # blur: pass j along direction j of each lattice
+            grid.sync()
+            src, dst = (j % 2) * R, ((j + 1) % 2) * R
+            for t in range(start, R * C, stride):
+                v, k = t // C, t % C
+                a = neighbours[j, v, 0]
+                if a >= 0:
+                    b = neighbours[j, v, 1]
+                    buf[dst + v, k] = buf[src + v, k] + f32(0.5) * (buf[src + a, k] +
+                                                                    buf[src + b, k])
+        grid.sync()
+        for t in range(start, N * C, stride):  # slice: −U plus every kernel's message
+            n, k = t // C, t % C
+            logit = -unary[k, n]
+            for kernel in range(slice_starts.shape[0] - 1):
+                acc = f32(0.0)
+                for s in range(slice_starts[kernel], slice_starts[kernel + 1]):
+                    acc += slice_w[n, s] * buf[slice_rows[n, s], k]
+                logit += acc
+            q[n, k] = logit
+        grid.sync()
+        for n in range(start, N, stride):  # softmax
+            _softmax_row(q, n, C)
+            if it == iterations - 1:
+                for k in range(C):
+                    out[k, n] = q[n, k]
+
+
+@cuda.jit(device=True, inline=True)
+def _softmax_row(q, n, C):
+    # the steps (and the float64 sum) of softmax_cuda's kernel, so the bits are the same
+    m = q[n, 0]
+    for k in range(1, C):
+        m = max(m, q[n, k])
+    total = 0.0
+    for k in range(C):
+        e = math.exp(q[n, k] - m)
+        q[n, k] = e
+        total += e
+    for k in range(C):
+        q[n, k] = q[n, k] / total
+
+
+class MeanFieldCUDA:
+    """Mean-field inference in one launch, for kernels with Potts compatibilities.
+
+    ``MeanFieldCUDA(lattices, pres, posts)``: LatticeCUDA objects over the same N points, each
+    with its per-point factors before splatting and after slicing (the normalisation; the
+    slice's also times the Potts weight).  ``run(unary, n)``: Q (C, N) after n iterations from
+    the energies ``unary`` (C, N) — what DenseCRF.inference computes step by step.  ``None``
+    from ``make`` where the one-launch kernel cannot run (then go step by step).
+    """
+
+    @classmethod
+    def make(cls, lattices, pres, posts, C):
+        self = cls(lattices, pres, posts, C)
+        return self if self.blocks > 0 else None
+
+    def __init__(self, lattices, pres, posts, C):
+        xp = self.xp = lattices[0].xp
+        N = self.N = lattices[0].N
+        self.C = C
+        # vertex rows: 0 is the zero row, then each lattice's vertices (lattice k from base[k])
+        base = np.cumsum([1] + [lat.M for lat in lattices]).tolist()
+        R = self.R = base[-1]
+        D1 = max(lat.d + 1 for lat in lattices)
+        pt, sw, chunk_begin, chunk_row, multi, slice_rows, slice_w = [], [], [], [], [], [], []
+        neighbours = xp.full((D1, R, 2), -1, dtype=xp.int32)
+        n_members = n_chunks = 0
+        for lat, pre, post, b in zip(lattices, pres, posts, base):
+            d1 = lat.d + 1
+            pre = xp.ascontiguousarray(pre, dtype=xp.float32)
+            members = lat.members
+            points = members // d1
+            pt.append(points.astype(xp.int32))
+            sw.append(lat.bary.reshape(-1)[members] * pre[points])  # as the splat's bary·pre
+            chunk_begin.append(lat.chunk_begin[:-1] + n_members)
+            single = (lat.chunk_first[1:] - lat.chunk_first[:-1]) == 1  # per vertex
+            chunk_row.append(xp.where(single[lat.chunk_vertex], lat.chunk_vertex + b, -1))
+            multi.append(xp.stack([lat.multi + b, lat.chunk_first[lat.multi] + n_chunks,
+                                   lat.chunk_first[lat.multi + 1] + n_chunks], axis=1))
+            # a neighbour v + 1 of the lattice (0: none, the zero row) is row v + b here
+            neighbours[:d1, b:b + lat.M] = xp.where(lat.neighbours > 0,
+                                                    lat.neighbours + (b - 1), 0)
+            # the result of d1 passes lies in half d1 % 2
+            slice_rows.append(lat.offsets.reshape(N, d1) + (b + (d1 % 2) * R))
+            factor = xp.ascontiguousarray(post, dtype=xp.float32) * lat.alpha
+            slice_w.append(lat.bary * factor[:, None])  # as the slice's bary · (post·α)
+            n_members += int(members.shape[0])
+            n_chunks += int(lat.chunk_vertex.shape[0])
+        chunk_begin.append(xp.asarray([n_members], dtype=xp.int64))
+        self.args = dict(
+            pt=xp.concatenate(pt), sw=xp.concatenate(sw),
+            chunk_begin=xp.concatenate(chunk_begin).astype(xp.int64),
+            chunk_row=xp.concatenate(chunk_row).astype(xp.int32),
+            partial=xp.empty((n_chunks, C), dtype=xp.float32),
+            multi=xp.ascontiguousarray(xp.concatenate(multi).astype(xp.int64)),
+            neighbours=neighbours,
+            buf=xp.zeros((2 * R, C), dtype=xp.float32),  # rows 0 and R stay zero
+            slice_rows=xp.ascontiguousarray(xp.concatenate(slice_rows, axis=1)
+                                            .astype(xp.int32)),
+            slice_w=xp.ascontiguousarray(xp.concatenate(slice_w, axis=1)),
+            slice_starts=xp.asarray(np.cumsum([0] + [lat.d + 1 for lat in lattices]),
+                                    dtype=xp.int32))
+        self.args = {name: _view(a) for name, a in self.args.items()}
+        self.q = xp.empty((N, C), dtype=xp.float32)
+        self.work = max(N * C, n_chunks * C, R * C)  # the most parallel work of a step
+        self.blocks = _cooperative_blocks(_mean_field_kernel, self._launch_args(
+            xp.empty((C, N), xp.float32), 0, xp.empty((C, N), xp.float32)), np.float32)
+
+    def _launch_args(self, unary, iterations, out):
+        a = self.args
+        return (_view(unary), np.int64(iterations), _view(self.q), _view(out), a["pt"],
+                a["sw"], a["chunk_begin"], a["chunk_row"], a["partial"], a["multi"],
+                a["neighbours"], a["buf"], a["slice_rows"], a["slice_w"], a["slice_starts"])
+
+    def run(self, unary, iterations):
+        """Q (C, N) float32 after ``iterations`` mean-field steps from the energies (C, N)."""
+        unary = self.xp.ascontiguousarray(unary, dtype=self.xp.float32)
+        if unary.shape != (self.C, self.N):
+            raise ValueError(f"unary must be ({self.C}, {self.N}), got {unary.shape}")
+        out = self.xp.empty((self.C, self.N), dtype=self.xp.float32)
+        blocks = min(self.blocks, math.ceil(self.work / THREADS))
+        _mean_field_kernel[blocks, THREADS](*self._launch_args(unary, iterations, out))
         return out

@@ -502,8 +502,9 @@ def test_cuda_blur_in_one_launch_equals_one_launch_per_direction(monkeypatch, re
     v = on_device(rng.random((37, 4)).astype(np.float32), "cuda")
     lattice = crf.PermutohedralLattice(f, device="cuda")._impl
     together = to_numpy(lattice.filter(v, reverse))
-    assert any(blocks > 0 for (dtype, _), blocks in permutohedral_cuda._BLUR_ALL_BLOCKS.items()
-               if dtype == "float32")  # the one-launch blur ran
+    assert any(blocks > 0 for (name, dtype, _), blocks in
+               permutohedral_cuda._COOPERATIVE_BLOCKS.items()
+               if name == "_blur_all_kernel" and dtype == "float32")  # the one-launch blur ran
     monkeypatch.setattr(permutohedral_cuda, "ONE_LAUNCH_BLUR", False)
     apart = to_numpy(lattice.filter(v, reverse))
     np.testing.assert_allclose(together, apart, rtol=1e-6, atol=1e-7)
@@ -534,6 +535,52 @@ def test_cuda_dense_crf_equals_cpu():
                           device="cuda")
     q_gpu = q_gpu.get() if hasattr(q_gpu, "get") else q_gpu
     np.testing.assert_allclose(q_gpu, q_cpu, atol=2e-6)
+
+
+@pytest.mark.parametrize("kernels, chunk, iterations", [
+    (("gaussian", "bilateral"), 32, 3),  # DeepLab's pair, short member lists
+    (("gaussian", "bilateral"), 2, 2),  # long lists: the chunks' sums step runs
+    (("bilateral",), 3, 1),  # one kernel (its lattice of 6 directions alone)
+    (("gaussian", "bilateral", "line"), 2, 2),  # three, of 3, 6 and 2 directions
+    (("gaussian", "bilateral"), 32, 0),  # the softmax of the unary only
+])
+def test_cuda_mean_field_in_one_launch_equals_step_by_step(monkeypatch, kernels, chunk,
+                                                           iterations):
+    """With Potts kernels only, the CUDA inference runs as one launch over the kernels'
+    lattices side by side: the same Q, bit for bit, as launch by launch; and the CPU's."""
+    from tinydeeplab.kernels import permutohedral_cuda
+
+    monkeypatch.setattr(permutohedral_cuda, "SPLAT_CHUNK", chunk)
+    H, W, C = 6, 7, 4
+    image, probs = synthetic_scene(H, W, C, seed=5)
+    unary = dcrf_utils.unary_from_softmax(probs)
+    rng = np.random.default_rng(5)
+    line = (rng.random((1, H * W)) * 4).astype(np.float32)  # features of one dimension
+
+    def run(device, fused=True):
+        monkeypatch.setattr(permutohedral_cuda, "FUSED_MEAN_FIELD", fused)
+        d = crf.DenseCRF2D(W, H, C, device=device)
+        d.setUnaryEnergy(on_device(unary, device))
+        for name in kernels:
+            if name == "gaussian":
+                d.addPairwiseGaussian(sxy=2, compat=3)
+            elif name == "bilateral":
+                d.addPairwiseBilateral(sxy=4, srgb=25, rgbim=image, compat=5)
+            else:
+                d.addPairwiseEnergy(on_device(line, device), compat=2)
+        q = to_numpy(d.inference(iterations))
+        used = device == "cuda" and d._fused[1] is not None
+        return q, used, d
+
+    together, used, d = run("cuda")
+    assert used, "the one-launch inference did not run"
+    if chunk <= 3:
+        assert any(p.lattice._impl.multi.shape[0] > 0 for p in d.pairwise), \
+            "no vertex has several chunks: the chunks' sums step did not run"
+    apart, used, _ = run("cuda", fused=False)
+    assert not used
+    np.testing.assert_array_equal(together, apart)
+    np.testing.assert_allclose(together, run("cpu")[0], atol=2e-6)
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ class DenseCRF:
         self.device = None if device is None else resolve_device(device)
         self.unary = None
         self.pairwise = []
+        self._fused = (None, None)  # (the kernels it was made for, MeanFieldCUDA or None)
 
     def _place(self, a):
         """Fix the device on first use (from the first array seen) and move ``a`` there."""
@@ -227,6 +228,9 @@ class DenseCRF:
             raise ValueError("call setUnaryEnergy before inference")
         xp = array_module(self.unary)
         cuda = self.device == "cuda"
+        fused = self._mean_field_in_one_launch() if cuda else None
+        if fused is not None:
+            return fused.run(self.unary, int(n_iterations))
         if cuda:
             neg_unary = xp.ascontiguousarray(-self.unary.T)  # (N, C): pixels in rows
         else:
@@ -253,6 +257,23 @@ class DenseCRF:
                 if not normalised:
                     softmax_rows(Q, Q, cuda)
         return xp.ascontiguousarray(Q.T) if cuda else transpose(Q)
+
+
+    def _mean_field_in_one_launch(self):
+        """On a GPU, with Potts kernels only: the whole inference as one kernel launch
+        (``permutohedral_cuda.MeanFieldCUDA``), made once per set of kernels; else None."""
+        if not self.pairwise or any(p.compat[0] != "potts" for p in self.pairwise):
+            return None
+        from .kernels import permutohedral_cuda
+
+        if not permutohedral_cuda.FUSED_MEAN_FIELD:
+            return None
+        key = tuple(id(p) for p in self.pairwise)
+        if self._fused[0] != key:
+            self._fused = (key, permutohedral_cuda.MeanFieldCUDA.make(
+                [p.lattice._impl for p in self.pairwise], [p.pre for p in self.pairwise],
+                [p.post_w for p in self.pairwise], self.C))
+        return self._fused[1]
 
 
 def _pair(value, name):
