@@ -52,17 +52,15 @@ def run_ours(image, probs, p, device="cpu"):
     from tinydeeplab import crf
 
     C, H, W = probs.shape
-    if device == "cuda":
-        import cupy
-
-        image, probs = cupy.asarray(image), cupy.asarray(probs)
-    d = crf.DenseCRF2D(W, H, C)
+    if device == "cuda":  # (NumPy arrays stay NumPy under the CUDA simulator)
+        image, probs = crf.on_device(image, "cuda"), crf.on_device(probs, "cuda")
+    d = crf.DenseCRF2D(W, H, C, device=device)
     d.setUnaryEnergy(crf.unary_from_softmax(probs))
     d.addPairwiseGaussian(sxy=p["gs"], compat=p["gw"])
     d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=image, compat=p["bw"])
     Q = d.inference(10)
     if device == "cuda":
-        Q = Q.get()
+        Q = crf.to_device(Q, "cpu")
     return Q, [k.lattice.num_vertices for k in d.pairwise]
 
 

@@ -223,7 +223,8 @@ ONE_LAUNCH_BLUR = True  # False: one launch per direction always (the tests comp
 
 def _cooperative_blocks(kernel, args, dtype):
     """How many blocks of THREADS ``kernel`` (which waits at grid-wide barriers) may launch
-    with these arguments' types; 0 (after a warning, once) where it cannot."""
+    with arguments of these types (``args``: a function that makes them — called only the
+    first time); 0 (after a warning, once) where it cannot."""
     if cuda_simulator():
         key = (kernel.py_func.__name__, np.dtype(dtype).name, -1)
         _COOPERATIVE_BLOCKS.setdefault(key, 1)  # the simulator's grid barrier takes one block
@@ -233,7 +234,7 @@ def _cooperative_blocks(kernel, args, dtype):
         key = (kernel.py_func.__name__, np.dtype(dtype).name, cupy.cuda.runtime.getDevice())
     if key not in _COOPERATIVE_BLOCKS:
         try:
-            compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+            compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args()))
             _COOPERATIVE_BLOCKS[key] = compiled.max_cooperative_grid_blocks(THREADS)
         except Exception as error:  # noqa: BLE001  (any reason: the fallbacks are exact)
             warnings.warn(f"{kernel.py_func.__name__} cannot run: a grid-wide barrier is not "
@@ -249,7 +250,7 @@ def _blur_all(buf, tmp, neighbours, reverse, count):
     if not ONE_LAUNCH_BLUR:
         return False
     args = (buf, tmp, neighbours, reverse)
-    cap = _cooperative_blocks(_blur_all_kernel, args, buf.dtype)
+    cap = _cooperative_blocks(_blur_all_kernel, lambda: args, buf.dtype)
     if cap == 0:
         return False
     _blur_all_kernel[min(cap, math.ceil(count / THREADS)), THREADS](*args)
@@ -296,6 +297,19 @@ def _packed_keys(keys):
     return packed
 
 
+_TABLES = {}  # (d, GPU) -> the elevation scale and canonical simplex of that dimension
+
+
+def _constant_tables(d, xp):
+    """The build's two small tables for dimension d, copied to the device once (a copy from
+    the host waits for the GPU)."""
+    key = (d, -1 if xp is np else xp.cuda.runtime.getDevice())
+    if key not in _TABLES:
+        _TABLES[key] = (_view(xp.asarray(elevation_scale(d))),
+                        _view(xp.asarray(canonical_simplex(d))))
+    return _TABLES[key]
+
+
 def _view(a):
     """A CuPy array as a Numba device array (same memory): Numba launches a kernel faster with
     its own arrays than with objects it must read ``__cuda_array_interface__`` from each time.
@@ -318,8 +332,7 @@ class LatticeCUDA:
         K = N * (d + 1)
         keys = xp.empty((K, d), dtype=xp.int32)
         self.bary = xp.empty((N, d + 1), dtype=xp.float32)
-        launch(_simplices_kernel, N, features, xp.asarray(elevation_scale(d)),
-               xp.asarray(canonical_simplex(d)), keys, self.bary)
+        launch(_simplices_kernel, N, features, *_constant_tables(d, xp), keys, self.bary)
         # dedupe by a stable sort, in lexicographic key order
         packed = _packed_keys(keys)
         new_vertex = xp.ones(K, dtype=bool)
@@ -607,16 +620,17 @@ class MeanFieldCUDA:
             slice_starts=xp.asarray(np.cumsum([0] + [lat.d + 1 for lat in lattices]),
                                     dtype=xp.int32))
         self.args = {name: _view(a) for name, a in self.args.items()}
-        self.q = xp.empty((N, C), dtype=xp.float32)
+        self.q = _view(xp.empty((N, C), dtype=xp.float32))
+        self.lock = threading.Lock()  # q, buf and partial are scratch for one run at a time
         self.work = max(N * C, n_chunks * C, R * C)  # the most parallel work of a step
-        self.blocks = _cooperative_blocks(_mean_field_kernel, self._launch_args(
+        self.blocks = _cooperative_blocks(_mean_field_kernel, lambda: self._launch_args(
             xp.empty((C, N), xp.float32), 0, xp.empty((C, N), xp.float32)), np.float32)
 
     def _launch_args(self, unary, iterations, out):
         a = self.args
-        return (_view(unary), np.int64(iterations), _view(self.q), _view(out), a["pt"],
-                a["sw"], a["chunk_begin"], a["chunk_row"], a["partial"], a["multi"],
-                a["neighbours"], a["buf"], a["slice_rows"], a["slice_w"], a["slice_starts"])
+        return (_view(unary), np.int64(iterations), self.q, _view(out), a["pt"], a["sw"],
+                a["chunk_begin"], a["chunk_row"], a["partial"], a["multi"], a["neighbours"],
+                a["buf"], a["slice_rows"], a["slice_w"], a["slice_starts"])
 
     def run(self, unary, iterations):
         """Q (C, N) float32 after ``iterations`` mean-field steps from the energies (C, N)."""
@@ -625,5 +639,6 @@ class MeanFieldCUDA:
             raise ValueError(f"unary must be ({self.C}, {self.N}), got {unary.shape}")
         out = self.xp.empty((self.C, self.N), dtype=self.xp.float32)
         blocks = min(self.blocks, math.ceil(self.work / THREADS))
-        _mean_field_kernel[blocks, THREADS](*self._launch_args(unary, iterations, out))
+        with self.lock:
+            _mean_field_kernel[blocks, THREADS](*self._launch_args(unary, iterations, out))
         return out

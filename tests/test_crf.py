@@ -623,3 +623,18 @@ def test_densecrf2d_rejects_bad_input():
         crf.PermutohedralLattice(np.full((3, 2), 1e9, np.float32))
     with pytest.raises(ValueError, match="device"):
         crf.PermutohedralLattice(np.zeros((3, 2), np.float32), device="tpu")
+
+
+def test_profile_script_runs_on_the_cpu():
+    """benchmarks/profile_crf.py (where the CRF's time goes) runs, step by step, on a tiny
+    scene: each step timed, the steps adding up to the whole."""
+    import io
+
+    from tinydeeplab.benchmarks import profile_crf
+
+    out = io.StringIO()
+    profile_crf.run("cpu", repeat=1, size=(20, 24), out=out)
+    text = out.getvalue()
+    for step in ("unary", "spatial lattice + normalisation",
+                 "bilateral lattice + normalisation", "10 iterations", "all (each step"):
+        assert text.count(f"| {step}") == 2, text  # once per parameter set

@@ -1,0 +1,165 @@
+"""Where the dense CRF's time goes: ours step by step, kernel launches, and the host's profile.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/profile_crf.py --device cuda
+
+On the scene and with the two parameter sets of ``bench_crf.py`` (no pydensecrf needed):
+
+1. Stages: the median over --repeat runs of each step of one CRF — inputs to the device, the
+   unary, each kernel's lattice with its normalisation, the set-up of the one-launch mean
+   field (GPU), the iterations, Q back to the host — each waited for (the GPU synchronised
+   after it), so the times add up to a run that waits at every step.
+2. Kernel launches per run (Numba's CUDA launches; on a GPU each costs the host tens of µs).
+3. On a GPU: the one-launch mean field against the step-by-step one, in turns, in one process.
+4. --cprofile: the host's functions by their own time over --repeat runs (cProfile).
+"""
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+
+import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
+import numpy as np
+
+from tinydeeplab.benchmarks.bench_crf import PARAMS, in_turns, make_scene, run_ours
+
+
+def synchronise(device):
+    if device == "cuda":
+        from tinydeeplab.backend import has_cuda
+
+        if has_cuda():
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+
+
+def stages(image, probs, p, device):
+    """{step: seconds} of one CRF run, each step waited for."""
+    from tinydeeplab import crf
+
+    C, H, W = probs.shape
+    times = {}
+    t0 = time.perf_counter()
+
+    def done(name):
+        nonlocal t0
+        synchronise(device)
+        t1 = time.perf_counter()
+        times[name] = t1 - t0
+        t0 = t1
+
+    if device == "cuda":
+        image, probs = crf.on_device(image, "cuda"), crf.on_device(probs, "cuda")
+        done("inputs to the device")
+    d = crf.DenseCRF2D(W, H, C, device=device)
+    d.setUnaryEnergy(crf.unary_from_softmax(probs))
+    done("unary")
+    d.addPairwiseGaussian(sxy=p["gs"], compat=p["gw"])
+    done("spatial lattice + normalisation")
+    d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=image, compat=p["bw"])
+    done("bilateral lattice + normalisation")
+    if device == "cuda":
+        d._mean_field_in_one_launch()
+        done("one-launch mean field: set-up")
+    Q = d.inference(10)
+    done("10 iterations")
+    if device == "cuda":
+        crf.to_device(Q, "cpu")
+        done("Q to the host")
+    return times
+
+
+class LaunchCounter:
+    """Counts Numba CUDA kernel launches (on a GPU or under the simulator) while active."""
+
+    def __enter__(self):
+        from tinydeeplab.backend import cuda_simulator
+
+        self.count = 0
+        if cuda_simulator():
+            from numba.cuda.simulator import kernel as k
+
+            self.owner, self.name = k.FakeCUDAKernel, "__call__"
+        else:
+            from numba.cuda import dispatcher as k
+
+            self.owner, self.name = k.CUDADispatcher, "call"
+        self.original = original = getattr(self.owner, self.name)
+        counter = self
+
+        def counted(kernel, *args, **kwargs):
+            if not getattr(kernel, "_device", False):  # (the simulator's device functions)
+                counter.count += 1
+            return original(kernel, *args, **kwargs)
+
+        setattr(self.owner, self.name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.owner, self.name, self.original)
+
+
+def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout):
+    from tinydeeplab.kernels import permutohedral_cuda
+
+    image, probs = make_scene(*size)
+    C, H, W = probs.shape
+    print(f"# dense CRF profile: {W}×{H}, {C} labels, 10 iterations, device={device}, "
+          f"median of {repeat} runs", file=out)
+    for name, p in PARAMS.items():
+        print(f"\n## {name}", file=out)
+        stages(image, probs, p, device)  # warm-up: compiles, fills the memory pool
+        runs = [stages(image, probs, p, device) for _ in range(repeat)]
+        print("| step | ms |\n|---|---|", file=out)
+        for step in runs[0]:
+            print(f"| {step} | {1e3 * statistics.median(r[step] for r in runs):.2f} |",
+                  file=out)
+        total = statistics.median(sum(r.values()) for r in runs)
+        print(f"| all (each step waited for) | {1e3 * total:.2f} |", file=out)
+        if device == "cuda":
+            def step_by_step():
+                permutohedral_cuda.FUSED_MEAN_FIELD = False
+                try:
+                    return run_ours(image, probs, p, device)
+                finally:
+                    permutohedral_cuda.FUSED_MEAN_FIELD = True
+
+            with LaunchCounter() as launches:
+                run_ours(image, probs, p, device)
+            with LaunchCounter() as launches_step:
+                step_by_step()
+            print(f"\nkernel launches per run: {launches.count} "
+                  f"(step by step: {launches_step.count})", file=out)
+
+            (t_one, t_step), (q_one, q_step) = in_turns(
+                [lambda: run_ours(image, probs, p, device), step_by_step], repeat)
+            ratios = [b / a for a, b in zip(t_one, t_step)]
+            print(f"one-launch mean field {1e3 * statistics.median(t_one):.2f} ms, step by "
+                  f"step {1e3 * statistics.median(t_step):.2f} ms (whole runs, in turns): "
+                  f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}-{max(ratios):.2f}]; "
+                  f"max |ΔQ| {np.abs(q_one[0] - q_step[0]).max():.1e}", file=out)
+        if cprofile:
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(repeat):
+                run_ours(image, probs, p, device)
+            profile.disable()
+            print(f"\nhost profile of {repeat} runs (own time):", file=out)
+            pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"),
+                        help="image size (the simulator needs tiny ones)")
+    args = parser.parse_args(argv)
+    run(args.device, args.repeat, args.cprofile, tuple(args.size))
+
+
+if __name__ == "__main__":
+    main()
