@@ -543,6 +543,42 @@ def _mean_field_kernel(unary, iterations, q, out, pt, sw, chunk_begin, chunk_row
                     out[k, n] = q[n, k]
 
 
+@cuda.jit
+def _side_by_side_kernel(members, bary, pre, post, alpha, chunk_begin, chunk_vertex, chunk_first,
+                         multi, neighbours, offsets, base, half, member0, chunk0, multi0, col0,
+                         pt, sw, all_chunk_begin, chunk_row, all_multi, all_neighbours,
+                         slice_rows, slice_w):
+    # One lattice's part of MeanFieldCUDA's tables (see _mean_field_kernel): its vertex v is
+    # row base + v, its members, chunks and long vertices come after member0, chunk0 and
+    # multi0 of the lattices before it, its slice columns after col0; its blur's result lies
+    # in the buffer's half starting at row ``half``.  The factors are multiplied in as the
+    # step-by-step kernels do (bary·pre; bary·(post·α)), so the products are the same.
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    N, d1 = bary.shape
+    M = neighbours.shape[1]
+    for m in range(start, members.shape[0], stride):
+        n, r = members[m] // d1, members[m] % d1
+        pt[member0 + m] = n
+        sw[member0 + m] = bary[n, r] * pre[n]
+    for ch in range(start, chunk_vertex.shape[0], stride):
+        v = chunk_vertex[ch]
+        all_chunk_begin[chunk0 + ch] = member0 + chunk_begin[ch]
+        chunk_row[chunk0 + ch] = base + v if chunk_first[v + 1] - chunk_first[v] == 1 else -1
+    for i in range(start, multi.shape[0], stride):
+        v = multi[i]
+        all_multi[multi0 + i, 0] = base + v
+        all_multi[multi0 + i, 1] = chunk0 + chunk_first[v]
+        all_multi[multi0 + i, 2] = chunk0 + chunk_first[v + 1]
+    for t in range(start, d1 * M * 2, stride):  # neighbour v' + 1 (0: none) → row base + v'
+        j, v, side = t // (2 * M), (t // 2) % M, t % 2
+        a = neighbours[j, v, side]
+        all_neighbours[j, base + v, side] = a + (base - 1) if a > 0 else 0
+    for t in range(start, N * d1, stride):
+        n, r = t // d1, t % d1
+        slice_rows[n, col0 + r] = half + base + offsets[t]
+        slice_w[n, col0 + r] = bary[n, r] * (post[n] * alpha)
+
+
 @cuda.jit(device=True, inline=True)
 def _softmax_row(q, n, C):
     # the steps (and the float64 sum) of softmax_cuda's kernel, so the bits are the same
@@ -580,46 +616,33 @@ class MeanFieldCUDA:
         # vertex rows: 0 is the zero row, then each lattice's vertices (lattice k from base[k])
         base = np.cumsum([1] + [lat.M for lat in lattices]).tolist()
         R = self.R = base[-1]
-        D1 = max(lat.d + 1 for lat in lattices)
-        pt, sw, chunk_begin, chunk_row, multi, slice_rows, slice_w = [], [], [], [], [], [], []
-        neighbours = xp.full((D1, R, 2), -1, dtype=xp.int32)
-        n_members = n_chunks = 0
-        for lat, pre, post, b in zip(lattices, pres, posts, base):
-            d1 = lat.d + 1
-            pre = xp.ascontiguousarray(pre, dtype=xp.float32)
-            members = lat.members
-            points = members // d1
-            pt.append(points.astype(xp.int32))
-            sw.append(lat.bary.reshape(-1)[members] * pre[points])  # as the splat's bary·pre
-            chunk_begin.append(lat.chunk_begin[:-1] + n_members)
-            single = (lat.chunk_first[1:] - lat.chunk_first[:-1]) == 1  # per vertex
-            chunk_row.append(xp.where(single[lat.chunk_vertex], lat.chunk_vertex + b, -1))
-            multi.append(xp.stack([lat.multi + b, lat.chunk_first[lat.multi] + n_chunks,
-                                   lat.chunk_first[lat.multi + 1] + n_chunks], axis=1))
-            # a neighbour v + 1 of the lattice (0: none, the zero row) is row v + b here
-            neighbours[:d1, b:b + lat.M] = xp.where(lat.neighbours > 0,
-                                                    lat.neighbours + (b - 1), 0)
-            # the result of d1 passes lies in half d1 % 2
-            slice_rows.append(lat.offsets.reshape(N, d1) + (b + (d1 % 2) * R))
-            factor = xp.ascontiguousarray(post, dtype=xp.float32) * lat.alpha
-            slice_w.append(lat.bary * factor[:, None])  # as the slice's bary · (post·α)
-            n_members += int(members.shape[0])
-            n_chunks += int(lat.chunk_vertex.shape[0])
-        chunk_begin.append(xp.asarray([n_members], dtype=xp.int64))
-        self.args = dict(
-            pt=xp.concatenate(pt), sw=xp.concatenate(sw),
-            chunk_begin=xp.concatenate(chunk_begin).astype(xp.int64),
-            chunk_row=xp.concatenate(chunk_row).astype(xp.int32),
-            partial=xp.empty((n_chunks, C), dtype=xp.float32),
-            multi=xp.ascontiguousarray(xp.concatenate(multi).astype(xp.int64)),
-            neighbours=neighbours,
-            buf=xp.zeros((2 * R, C), dtype=xp.float32),  # rows 0 and R stay zero
-            slice_rows=xp.ascontiguousarray(xp.concatenate(slice_rows, axis=1)
-                                            .astype(xp.int32)),
-            slice_w=xp.ascontiguousarray(xp.concatenate(slice_w, axis=1)),
-            slice_starts=xp.asarray(np.cumsum([0] + [lat.d + 1 for lat in lattices]),
-                                    dtype=xp.int32))
-        self.args = {name: _view(a) for name, a in self.args.items()}
+        d1s = [lat.d + 1 for lat in lattices]
+        # where each lattice's members, chunks, long vertices and slice columns begin
+        member0, chunk0, multi0, col0 = (np.cumsum([0] + sizes).tolist() for sizes in (
+            [int(lat.members.shape[0]) for lat in lattices],
+            [int(lat.chunk_vertex.shape[0]) for lat in lattices],
+            [int(lat.multi.shape[0]) for lat in lattices], d1s))
+        f32, i32 = xp.float32, xp.int32
+        a = self.args = dict(
+            pt=xp.empty(member0[-1], i32), sw=xp.empty(member0[-1], f32),
+            chunk_begin=xp.full(chunk0[-1] + 1, member0[-1], xp.int64),  # (the end, last)
+            chunk_row=xp.empty(chunk0[-1], i32), partial=xp.empty((chunk0[-1], C), f32),
+            multi=xp.empty((multi0[-1], 3), xp.int64),
+            neighbours=xp.full((max(d1s), R, 2), -1, i32),
+            buf=xp.zeros((2 * R, C), f32),  # rows 0 and R stay zero
+            slice_rows=xp.empty((N, col0[-1]), i32), slice_w=xp.empty((N, col0[-1]), f32),
+            slice_starts=xp.asarray(col0, dtype=i32))
+        a = self.args = {name: _view(array) for name, array in a.items()}
+        for i, (lat, pre, post) in enumerate(zip(lattices, pres, posts)):
+            k = lat._k
+            launch(_side_by_side_kernel, max(lat.members.shape[0], lat.M * d1s[i] * 2),
+                   k["members"], k["bary"], lat._factor(pre, np.dtype(np.float32)),
+                   lat._factor(post, np.dtype(np.float32)), lat.alpha, k["chunk_begin"],
+                   k["chunk_vertex"], k["chunk_first"], k["multi"], k["neighbours"],
+                   k["offsets"], base[i], (d1s[i] % 2) * R, member0[i], chunk0[i], multi0[i],
+                   col0[i], a["pt"], a["sw"], a["chunk_begin"], a["chunk_row"], a["multi"],
+                   a["neighbours"], a["slice_rows"], a["slice_w"])
+        n_chunks = chunk0[-1]
         self.q = _view(xp.empty((N, C), dtype=xp.float32))
         self.lock = threading.Lock()  # q, buf and partial are scratch for one run at a time
         self.work = max(N * C, n_chunks * C, R * C)  # the most parallel work of a step
