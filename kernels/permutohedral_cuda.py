@@ -475,12 +475,14 @@ FUSED_MEAN_FIELD = True  # False: step by step always (the tests compare the two
 
 
 @cuda.jit
-def _mean_field_kernel(unary, iterations, q, out, pt, sw, chunk_begin, chunk_row, partial,
-                       multi, neighbours, buf, slice_rows, slice_w, slice_starts):
-    # unary (C, N): energies.  q (N, C): the current Q, then the new log-potentials in place.
-    # out (C, N): the final Q.  Splat: member m of the concatenated lists adds sw[m]·q[pt[m]]
-    # to its chunk; chunk ch's sum goes to buffer row chunk_row[ch], or to partial[ch] when its
-    # vertex has several chunks (multi: rows (buffer row, first chunk, end chunk)).  Blur: the
+def _mean_field_kernel(unary, iterations, base, q, out, pt, sw, chunk_begin, chunk_row,
+                       partial, multi, neighbours, buf, slice_rows, slice_w, slice_starts):
+    # unary (C, N): energies; base (N, C): −unary transposed, made first (so that the slices,
+    # a thread per (point, label), read it in order).  q (N, C): the current Q, then the new
+    # log-potentials in place.  out (C, N): the final Q.  Splat: member m of the concatenated
+    # lists adds sw[m]·q[pt[m]] to its chunk; chunk ch's sum goes to buffer row chunk_row[ch],
+    # or to partial[ch] when its vertex has several chunks (multi: rows (buffer row, first
+    # chunk, end chunk)).  Blur: the
     # buffer's halves [0, R) and [R, 2R) alternate as source and destination; pass j reads
     # neighbours[j] (rows relative to a half, −1: the row takes no part in pass j — the zero
     # row, and lattices of fewer than j + 1 directions).  Slice: point n adds, per kernel k,
@@ -492,7 +494,8 @@ def _mean_field_kernel(unary, iterations, q, out, pt, sw, chunk_begin, chunk_row
     f32 = numba.float32
     for n in range(start, N, stride):  # Q_0 = softmax(−U)
         for k in range(C):
-            q[n, k] = -unary[k, n]
+            base[n, k] = -unary[k, n]
+            q[n, k] = base[n, k]
         _softmax_row(q, n, C)
         if iterations == 0:
             for k in range(C):
@@ -528,7 +531,7 @@ def _mean_field_kernel(unary, iterations, q, out, pt, sw, chunk_begin, chunk_row
         grid.sync()
         for t in range(start, N * C, stride):  # slice: −U plus every kernel's message
             n, k = t // C, t % C
-            logit = -unary[k, n]
+            logit = base[n, k]
             for kernel in range(slice_starts.shape[0] - 1):
                 acc = f32(0.0)
                 for s in range(slice_starts[kernel], slice_starts[kernel + 1]):
@@ -643,17 +646,18 @@ class MeanFieldCUDA:
                    col0[i], a["pt"], a["sw"], a["chunk_begin"], a["chunk_row"], a["multi"],
                    a["neighbours"], a["slice_rows"], a["slice_w"])
         n_chunks = chunk0[-1]
+        self.base = _view(xp.empty((N, C), dtype=xp.float32))
         self.q = _view(xp.empty((N, C), dtype=xp.float32))
-        self.lock = threading.Lock()  # q, buf and partial are scratch for one run at a time
+        self.lock = threading.Lock()  # base, q, buf, partial: scratch for one run at a time
         self.work = max(N * C, n_chunks * C, R * C)  # the most parallel work of a step
         self.blocks = _cooperative_blocks(_mean_field_kernel, lambda: self._launch_args(
             xp.empty((C, N), xp.float32), 0, xp.empty((C, N), xp.float32)), np.float32)
 
     def _launch_args(self, unary, iterations, out):
         a = self.args
-        return (_view(unary), np.int64(iterations), self.q, _view(out), a["pt"], a["sw"],
-                a["chunk_begin"], a["chunk_row"], a["partial"], a["multi"], a["neighbours"],
-                a["buf"], a["slice_rows"], a["slice_w"], a["slice_starts"])
+        return (_view(unary), np.int64(iterations), self.base, self.q, _view(out), a["pt"],
+                a["sw"], a["chunk_begin"], a["chunk_row"], a["partial"], a["multi"],
+                a["neighbours"], a["buf"], a["slice_rows"], a["slice_w"], a["slice_starts"])
 
     def run(self, unary, iterations):
         """Q (C, N) float32 after ``iterations`` mean-field steps from the energies (C, N)."""

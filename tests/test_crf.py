@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import on_device, to_numpy
+from conftest import CUDA_MODE, on_device, to_numpy
 
 from tinydeeplab import crf
 
@@ -547,7 +547,8 @@ def test_cuda_dense_crf_equals_cpu():
 def test_cuda_mean_field_in_one_launch_equals_step_by_step(monkeypatch, kernels, chunk,
                                                            iterations):
     """With Potts kernels only, the CUDA inference runs as one launch over the kernels'
-    lattices side by side: the same Q, bit for bit, as launch by launch; and the CPU's."""
+    lattices side by side: the same Q as launch by launch (bit for bit under the simulator),
+    and the CPU's."""
     from tinydeeplab.kernels import permutohedral_cuda
 
     monkeypatch.setattr(permutohedral_cuda, "SPLAT_CHUNK", chunk)
@@ -579,7 +580,10 @@ def test_cuda_mean_field_in_one_launch_equals_step_by_step(monkeypatch, kernels,
             "no vertex has several chunks: the chunks' sums step did not run"
     apart, used, _ = run("cuda", fused=False)
     assert not used
-    np.testing.assert_array_equal(together, apart)
+    if CUDA_MODE == "simulator":
+        np.testing.assert_array_equal(together, apart)
+    else:  # the same products, but the GPU's compiler may fuse multiply-adds differently
+        np.testing.assert_allclose(together, apart, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(together, run("cpu")[0], atol=2e-6)
 
 
