@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, on a machine with a CUDA GPU, CuPy and numba-cuda:
+#
+#     bash benchmarks/gpu_checks.sh            # from the project root; results in ./gpu-results
+#     STEPS="tests crf" OUT=/tmp/r bash benchmarks/gpu_checks.sh
+#
+# Steps (STEPS, default all): tests — every CUDA test, on the device; profile — where a CRF run's
+# time goes (benchmarks/profile_crf.py: steps, kernel launches, the one-launch mean field against
+# launch by launch, host profile); crf — the CRF against pydensecrf (skipped, saying so, where
+# pydensecrf is not installed); conv — the convolutions against PyTorch's cuDNN.  tinydeeplab
+# must be installed (pip install . — or, offline, a wheel made elsewhere with `pip wheel
+# --no-deps .`); each step's output goes to $OUT/<step>.txt as well as to the screen.
+set -u
+STEPS=${STEPS:-tests profile crf conv}
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+status=0
+
+step() {  # step NAME COMMAND...: run, tee the output, remember a failure
+  local name=$1
+  shift
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+python -c "import cupy; p = cupy.cuda.runtime.getDeviceProperties(0); \
+print('GPU:', p['name'].decode(), '| CuPy', cupy.__version__)" | tee "$OUT/device.txt"
+export PYTHONWARNINGS=ignore  # numba-cuda warns at every small launch
+
+for s in $STEPS; do
+  case $s in
+    tests)
+      workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+      step tests python -m pytest -q $workers -k "cuda or CUDA or simulator or device or gpu" ;;
+    profile)
+      step profile env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
+        python benchmarks/profile_crf.py --device cuda --repeat 7 --cprofile ;;
+    crf)
+      if python -c "import pydensecrf" 2>/dev/null; then
+        step crf env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
+          python benchmarks/bench_crf.py --device cuda --repeat 7
+      else
+        echo "== crf: skipped: pydensecrf is not installed (pip install pydensecrf2)" |
+          tee "$OUT/crf.txt"
+      fi ;;
+    conv)
+      step conv env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
+        python benchmarks/bench_conv.py --device cuda --repeat 3 ;;
+    *)
+      echo "unknown step $s (tests, profile, crf, conv)" >&2
+      status=1 ;;
+  esac
+done
+exit $status
