@@ -209,16 +209,21 @@ class DenseCRF:
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL,  # noqa: N802
                           normalization=NORMALIZE_SYMMETRIC):
         """features: (d, N) float32, already divided by the kernel widths."""
-        if kernel != DIAG_KERNEL:
-            raise ValueError("only kernel=DIAG_KERNEL (pydensecrf's default) is implemented")
         features = self._place(features)
         xp = array_module(features)
         features = xp.asarray(features, dtype=xp.float32)
         if features.ndim != 2 or features.shape[1] != self.N:
             raise ValueError(f"features must have shape (d, N) with N = {self.N}, got "
                              f"{features.shape}")
-        self.pairwise.append(_Pairwise(xp.ascontiguousarray(features.T), compat,
-                                       normalization, self.C, self.device))
+        self._add_kernel(xp.ascontiguousarray(features.T), compat, kernel, normalization)
+
+    def _add_kernel(self, features, compat, kernel, normalization):
+        """addPairwiseEnergy with the features as the lattice takes them: (N, d) float32,
+        C-contiguous (the 2-D kernels make them so, with no transposed copy)."""
+        if kernel != DIAG_KERNEL:
+            raise ValueError("only kernel=DIAG_KERNEL (pydensecrf's default) is implemented")
+        features = self._place(features)
+        self.pairwise.append(_Pairwise(features, compat, normalization, self.C, self.device))
 
     def inference(self, n_iterations):
         """Q (C, N) float32 after n mean-field iterations (0: softmax of the unary)."""
@@ -306,7 +311,7 @@ class DenseCRF2D(DenseCRF):
         sx, sy = _pair(sxy, "sxy")
         xp = self._xp()
         positions = _pixel_features(self.H, self.W, (sx, sy), xp=xp)
-        self.addPairwiseEnergy(xp.stack(positions), compat, kernel, normalization)
+        self._add_kernel(xp.stack(positions, axis=1), compat, kernel, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,  # noqa: N802
                              normalization=NORMALIZE_SYMMETRIC):
@@ -319,7 +324,7 @@ class DenseCRF2D(DenseCRF):
         xp = self._xp()  # (the uint8 image is a quarter of the features' size to move)
         image = to_device(_check_image(rgbim, self.H, self.W), "cuda" if xp is not np else "cpu")
         features = _pixel_features(self.H, self.W, (sx, sy), image, srgb, xp=xp)
-        self.addPairwiseEnergy(xp.stack(features), compat, kernel, normalization)
+        self._add_kernel(xp.stack(features, axis=1), compat, kernel, normalization)
 
 
 def _pixel_features(H, W, sxy, image=None, srgb=None, xp=np):
