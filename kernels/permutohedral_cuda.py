@@ -29,6 +29,7 @@ from ._common import THREADS, launch
 
 from .permutohedral import canonical_simplex, elevation_scale
 from .softmax import softmax_rows
+from .softmax_cuda import softmax_row
 
 D_MAX = 16  # local arrays need a compile-time size: features of up to 15 dimensions
 D_MAX_2 = D_MAX + 1  # (an expression inside the kernel would not be a compile-time constant)
@@ -496,7 +497,7 @@ def _mean_field_kernel(unary, iterations, base, q, out, pt, sw, chunk_begin, chu
         for k in range(C):
             base[n, k] = -unary[k, n]
             q[n, k] = base[n, k]
-        _softmax_row(q, n, C)
+        softmax_row(q, q, n)
         if iterations == 0:
             for k in range(C):
                 out[k, n] = q[n, k]
@@ -540,7 +541,7 @@ def _mean_field_kernel(unary, iterations, base, q, out, pt, sw, chunk_begin, chu
             q[n, k] = logit
         grid.sync()
         for n in range(start, N, stride):  # softmax
-            _softmax_row(q, n, C)
+            softmax_row(q, q, n)
             if it == iterations - 1:
                 for k in range(C):
                     out[k, n] = q[n, k]
@@ -580,21 +581,6 @@ def _side_by_side_kernel(members, bary, pre, post, alpha, chunk_begin, chunk_ver
         n, r = t // d1, t % d1
         slice_rows[n, col0 + r] = half + base + offsets[t]
         slice_w[n, col0 + r] = bary[n, r] * (post[n] * alpha)
-
-
-@cuda.jit(device=True, inline=True)
-def _softmax_row(q, n, C):
-    # the steps (and the float64 sum) of softmax_cuda's kernel, so the bits are the same
-    m = q[n, 0]
-    for k in range(1, C):
-        m = max(m, q[n, k])
-    total = 0.0
-    for k in range(C):
-        e = math.exp(q[n, k] - m)
-        q[n, k] = e
-        total += e
-    for k in range(C):
-        q[n, k] = q[n, k] / total
 
 
 class MeanFieldCUDA:

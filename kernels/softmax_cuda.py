@@ -6,12 +6,11 @@ from ._cuda import cuda
 from ._common import launch
 
 
-@cuda.jit
-def _softmax_rows_kernel(a, out):
-    n = cuda.grid(1)
-    N, C = a.shape
-    if n >= N:
-        return
+@cuda.jit(device=True, inline=True)
+def softmax_row(a, out, n):
+    """Row n of out ← the softmax of row n of a (out may be a).  Also the last step of each
+    iteration of the one-launch mean field (permutohedral_cuda), so both give the same bits."""
+    C = a.shape[1]
     m = a[n, 0]
     for k in range(1, C):
         m = max(m, a[n, k])
@@ -22,6 +21,13 @@ def _softmax_rows_kernel(a, out):
         total += e
     for k in range(C):
         out[n, k] = out[n, k] / total
+
+
+@cuda.jit
+def _softmax_rows_kernel(a, out):
+    n = cuda.grid(1)
+    if n < a.shape[0]:
+        softmax_row(a, out, n)
 
 
 def softmax_rows(a, out):
