@@ -17,6 +17,8 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
+from tinydeeplab.benchmarks import positive_int
+
 
 SHAPES = [  # (N, C, H, W) -> K, kernel, dilation (padding = dilation·(k−1)/2, stride 1)
     ((2, 64, 65, 65), 64, 3, 1),
@@ -164,8 +166,8 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
+    parser.add_argument("--repeat", type=positive_int, default=5)
     args = parser.parse_args(argv)
     run(args.device, args.threads, args.repeat)
 

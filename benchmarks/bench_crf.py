@@ -21,6 +21,8 @@ import tracemalloc
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
+from tinydeeplab.benchmarks import positive_int
+
 PARAMS = {
     "DeepLab v2 (pos 1/3, bi 67/3/4)": dict(gs=1, gw=3, bs=67, br=3, bw=4),
     "pydensecrf README (pos 3/3, bi 80/13/10)": dict(gs=3, gw=3, bs=80, br=13, bw=10),
@@ -142,7 +144,7 @@ def run(device="cpu", repeat=5, out=sys.stdout):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     args = parser.parse_args(argv)
     run(args.device, args.repeat)
 

@@ -21,6 +21,8 @@ import sys
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
+from tinydeeplab.benchmarks import positive_int
+
 CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321)}
 
 
@@ -152,9 +154,9 @@ def main(argv=None):
         framework, name, batch, size, threads = argv[1:]
         return child(framework, name, int(batch), int(size), int(threads))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=6,
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--repeat", type=positive_int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=6,
                         help="blocks of ours then torch; the ratio is their median")
     parser.add_argument("--models", default=",".join(CASES),
                         help=f"comma-separated, from {list(CASES)}")

@@ -22,6 +22,7 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
+from tinydeeplab.benchmarks import positive_int
 from tinydeeplab.benchmarks.bench_crf import PARAMS, in_turns, make_scene, run_ours
 
 
@@ -153,11 +154,13 @@ def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout)
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"),
                         help="image size (the simulator needs tiny ones)")
     args = parser.parse_args(argv)
+    if min(args.size) < 1:
+        parser.error(f"--size needs two positive numbers, got {args.size[0]} {args.size[1]}")
     run(args.device, args.repeat, args.cprofile, tuple(args.size))
 
 

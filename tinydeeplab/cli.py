@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from .benchmarks import positive_int  # (argparse type; the package imports nothing heavy)
+
 
 def _demo(args):
     from . import demo
@@ -250,8 +252,8 @@ def build_parser():
                                      "pydensecrf (CRF); needs the [test] extra")
     p.add_argument("what", nargs="?", choices=["conv", "crf", "all"], default="all")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="default: all cores")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per block")
+    p.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
+    p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per block")
     p.set_defaults(func=_bench)
     return parser
 
