@@ -473,14 +473,20 @@ class LatticeCUDA:
 # all kernels at once, and the constant per-point factors are folded into the splat and slice
 # weights beforehand — the same products, so the same bits, as step by step.
 FUSED_MEAN_FIELD = True  # False: step by step always (the tests compare the two)
+# Iterations per launch at most: a launch that runs for seconds (a large image, hundreds of
+# iterations) would trip the watchdog of a GPU that also drives a display.  Ten-iteration
+# runs take one launch; longer ones continue from Q where the last launch left it.
+ITERATIONS_PER_LAUNCH = 25
 
 
 @cuda.jit
-def _mean_field_kernel(unary, iterations, base, q, out, pt, sw, chunk_begin, chunk_row,
-                       partial, multi, neighbours, buf, slice_rows, slice_w, slice_starts):
+def _mean_field_kernel(unary, first, iterations, last, base, q, out, pt, sw, chunk_begin,
+                       chunk_row, partial, multi, neighbours, buf, slice_rows, slice_w,
+                       slice_starts):
     # unary (C, N): energies; base (N, C): −unary transposed, made first (so that the slices,
     # a thread per (point, label), read it in order).  q (N, C): the current Q, then the new
-    # log-potentials in place.  out (C, N): the final Q.  Splat: member m of the concatenated
+    # log-potentials in place.  out (C, N): the final Q.  ``first``: start from Q_0 (else
+    # go on from q); ``last``: write out after this launch's ``iterations``.  Splat: member m of the concatenated
     # lists adds sw[m]·q[pt[m]] to its chunk; chunk ch's sum goes to buffer row chunk_row[ch],
     # or to partial[ch] when its vertex has several chunks (multi: rows (buffer row, first
     # chunk, end chunk)).  Blur: the
@@ -493,12 +499,12 @@ def _mean_field_kernel(unary, iterations, base, q, out, pt, sw, chunk_begin, chu
     C, N = unary.shape
     n_chunks, n_multi, R = chunk_row.shape[0], multi.shape[0], neighbours.shape[1]
     f32 = numba.float32
-    for n in range(start, N, stride):  # Q_0 = softmax(−U)
+    for n in range(start, N if first else 0, stride):  # Q_0 = softmax(−U)
         for k in range(C):
             base[n, k] = -unary[k, n]
             q[n, k] = base[n, k]
         softmax_row(q, q, n)
-        if iterations == 0:
+        if iterations == 0 and last:
             for k in range(C):
                 out[k, n] = q[n, k]
     for it in range(iterations):
@@ -542,7 +548,7 @@ def _mean_field_kernel(unary, iterations, base, q, out, pt, sw, chunk_begin, chu
         grid.sync()
         for n in range(start, N, stride):  # softmax
             softmax_row(q, q, n)
-            if it == iterations - 1:
+            if last and it == iterations - 1:
                 for k in range(C):
                     out[k, n] = q[n, k]
 
@@ -637,11 +643,12 @@ class MeanFieldCUDA:
         self.lock = threading.Lock()  # base, q, buf, partial: scratch for one run at a time
         self.work = max(N * C, n_chunks * C, R * C)  # the most parallel work of a step
         self.blocks = _cooperative_blocks(_mean_field_kernel, lambda: self._launch_args(
-            xp.empty((C, N), xp.float32), 0, xp.empty((C, N), xp.float32)), np.float32)
+            xp.empty((C, N), xp.float32), True, 0, True, xp.empty((C, N), xp.float32)),
+            np.float32)
 
-    def _launch_args(self, unary, iterations, out):
+    def _launch_args(self, unary, first, iterations, last, out):
         a = self.args
-        return (_view(unary), np.int64(iterations), self.base, self.q, _view(out), a["pt"],
+        return (unary, first, np.int64(iterations), last, self.base, self.q, out, a["pt"],
                 a["sw"], a["chunk_begin"], a["chunk_row"], a["partial"], a["multi"],
                 a["neighbours"], a["buf"], a["slice_rows"], a["slice_w"], a["slice_starts"])
 
@@ -651,7 +658,15 @@ class MeanFieldCUDA:
         if unary.shape != (self.C, self.N):
             raise ValueError(f"unary must be ({self.C}, {self.N}), got {unary.shape}")
         out = self.xp.empty((self.C, self.N), dtype=self.xp.float32)
+        unary_view, out_view = _view(unary), _view(out)
         blocks = min(self.blocks, math.ceil(self.work / THREADS))
+        done = 0
         with self.lock:
-            _mean_field_kernel[blocks, THREADS](*self._launch_args(unary, iterations, out))
-        return out
+            while True:  # one launch for up to ITERATIONS_PER_LAUNCH iterations
+                n = min(ITERATIONS_PER_LAUNCH, iterations - done)
+                last = done + n == iterations
+                _mean_field_kernel[blocks, THREADS](*self._launch_args(
+                    unary_view, done == 0, n, last, out_view))
+                done += n
+                if last:
+                    return out

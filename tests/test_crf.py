@@ -537,21 +537,23 @@ def test_cuda_dense_crf_equals_cpu():
     np.testing.assert_allclose(q_gpu, q_cpu, atol=2e-6)
 
 
-@pytest.mark.parametrize("kernels, chunk, iterations", [
-    (("gaussian", "bilateral"), 32, 3),  # DeepLab's pair, short member lists
-    (("gaussian", "bilateral"), 2, 2),  # long lists: the chunks' sums step runs
-    (("bilateral",), 3, 1),  # one kernel (its lattice of 6 directions alone)
-    (("gaussian", "bilateral", "line"), 2, 2),  # three, of 3, 6 and 2 directions
-    (("gaussian", "bilateral"), 32, 0),  # the softmax of the unary only
+@pytest.mark.parametrize("kernels, chunk, iterations, per_launch", [
+    (("gaussian", "bilateral"), 32, 3, 25),  # DeepLab's pair, short member lists
+    (("gaussian", "bilateral"), 32, 3, 2),  # in two launches: 2 iterations, then 1 more
+    (("gaussian", "bilateral"), 2, 2, 25),  # long lists: the chunks' sums step runs
+    (("bilateral",), 3, 1, 25),  # one kernel (its lattice of 6 directions alone)
+    (("gaussian", "bilateral", "line"), 2, 2, 25),  # three, of 3, 6 and 2 directions
+    (("gaussian", "bilateral"), 32, 0, 25),  # the softmax of the unary only
 ])
 def test_cuda_mean_field_in_one_launch_equals_step_by_step(monkeypatch, kernels, chunk,
-                                                           iterations):
-    """With Potts kernels only, the CUDA inference runs as one launch over the kernels'
-    lattices side by side: the same Q as launch by launch (bit for bit under the simulator),
-    and the CPU's."""
+                                                           iterations, per_launch):
+    """With Potts kernels only, the CUDA inference runs as one launch (per up to
+    ITERATIONS_PER_LAUNCH iterations) over the kernels' lattices side by side: the same Q as
+    launch by launch (bit for bit under the simulator), and the CPU's."""
     from tinydeeplab.kernels import permutohedral_cuda
 
     monkeypatch.setattr(permutohedral_cuda, "SPLAT_CHUNK", chunk)
+    monkeypatch.setattr(permutohedral_cuda, "ITERATIONS_PER_LAUNCH", per_launch)
     H, W, C = 6, 7, 4
     image, probs = synthetic_scene(H, W, C, seed=5)
     unary = dcrf_utils.unary_from_softmax(probs)
