@@ -12,7 +12,8 @@ Every kernel gathers (one thread per output element), so none needs atomics; spl
 each vertex's list of members into chunks (``SPLAT_CHUNK``), and the blur runs all its d+1
 passes in one launch where the GPU allows (``_blur_all``).  Launching a kernel from Python
 costs more than most of these kernels take on the GPU, so the lattice keeps its buffers and
-its arrays' Numba views from call to call.  The same kernels take NumPy arrays under Numba's
+its arrays' Numba views from call to call, and the dense CRF's whole mean-field inference runs
+as one launch (``MeanFieldCUDA``, at the end).  The same kernels take NumPy arrays under Numba's
 CUDA simulator.
 """
 import math
