@@ -486,14 +486,14 @@ def _mean_field_kernel(unary, first, iterations, last, base, q, out, pt, sw, chu
                        slice_starts):
     # unary (C, N): energies; base (N, C): −unary transposed, made first (so that the slices,
     # a thread per (point, label), read it in order).  q (N, C): the current Q, then the new
-    # log-potentials in place.  out (C, N): the final Q.  ``first``: start from Q_0 (else
-    # go on from q); ``last``: write out after this launch's ``iterations``.  Splat: member m of the concatenated
-    # lists adds sw[m]·q[pt[m]] to its chunk; chunk ch's sum goes to buffer row chunk_row[ch],
-    # or to partial[ch] when its vertex has several chunks (multi: rows (buffer row, first
-    # chunk, end chunk)).  Blur: the
-    # buffer's halves [0, R) and [R, 2R) alternate as source and destination; pass j reads
-    # neighbours[j] (rows relative to a half, −1: the row takes no part in pass j — the zero
-    # row, and lattices of fewer than j + 1 directions).  Slice: point n adds, per kernel k,
+    # log-potentials in place.  out (C, N): the final Q.  ``first``: start from Q_0 (else go
+    # on from q); ``last``: write out after this launch's ``iterations``.
+    # Splat: member m of the concatenated lists adds sw[m]·q[pt[m]] to its chunk; chunk ch's
+    # sum goes to buffer row chunk_row[ch], or to partial[ch] when its vertex has several
+    # chunks (multi: rows (buffer row, first chunk, end chunk)).  Blur: the buffer's halves
+    # [0, R) and [R, 2R) alternate as source and destination; pass j reads neighbours[j]
+    # (rows relative to a half, −1: the row takes no part in pass j — the zero row, and
+    # lattices of fewer than j + 1 directions).  Slice: point n adds, per kernel k,
     # Σ_s slice_w[n, s] · buf[slice_rows[n, s]] over s in slice_starts[k] .. slice_starts[k+1].
     grid = cuda.cg.this_grid()
     start, stride = cuda.grid(1), cuda.gridsize(1)
@@ -593,11 +593,12 @@ def _side_by_side_kernel(members, bary, pre, post, alpha, chunk_begin, chunk_ver
 class MeanFieldCUDA:
     """Mean-field inference in one launch, for kernels with Potts compatibilities.
 
-    ``MeanFieldCUDA(lattices, pres, posts)``: LatticeCUDA objects over the same N points, each
-    with its per-point factors before splatting and after slicing (the normalisation; the
-    slice's also times the Potts weight).  ``run(unary, n)``: Q (C, N) after n iterations from
-    the energies ``unary`` (C, N) — what DenseCRF.inference computes step by step.  ``None``
-    from ``make`` where the one-launch kernel cannot run (then go step by step).
+    ``MeanFieldCUDA(lattices, pres, posts, C)``: LatticeCUDA objects over the same N points,
+    each with its per-point factors before splatting and after slicing (the normalisation;
+    the slice's also times the Potts weight), for C labels.  ``run(unary, n)``: Q (C, N)
+    after n iterations from the energies ``unary`` (C, N) — what DenseCRF.inference computes
+    step by step.  ``None`` from ``make`` where the one-launch kernel cannot run (then go
+    step by step).
     """
 
     @classmethod

@@ -263,7 +263,6 @@ class DenseCRF:
                     softmax_rows(Q, Q, cuda)
         return xp.ascontiguousarray(Q.T) if cuda else transpose(Q)
 
-
     def _mean_field_in_one_launch(self):
         """On a GPU, with Potts kernels only: the whole inference as one kernel launch
         (``permutohedral_cuda.MeanFieldCUDA``), made once per set of kernels; else None."""
