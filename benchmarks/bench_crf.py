@@ -50,19 +50,31 @@ def make_scene(H=375, W=500, C=21, seed=0):
     return image, probs.astype(np.float32)
 
 
-def run_ours(image, probs, p, device="cpu"):
+def run_ours(image, probs, p, device="cpu", step=None):
+    """One CRF run as the benchmark times it; ``step(name)``, if given, is called after each
+    step (profile_crf.py times the steps with it)."""
     from tinydeeplab import crf
 
+    step = step or (lambda name: None)
     C, H, W = probs.shape
     if device == "cuda":  # (NumPy arrays stay NumPy under the CUDA simulator)
         image, probs = crf.on_device(image, "cuda"), crf.on_device(probs, "cuda")
+        step("inputs to the device")
     d = crf.DenseCRF2D(W, H, C, device=device)
     d.setUnaryEnergy(crf.unary_from_softmax(probs))
+    step("unary")
     d.addPairwiseGaussian(sxy=p["gs"], compat=p["gw"])
+    step("spatial lattice + normalisation")
     d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=image, compat=p["bw"])
+    step("bilateral lattice + normalisation")
+    if device == "cuda":  # (inference would make it first thing; made here, it is timed apart)
+        d._mean_field_in_one_launch()
+        step("one-launch mean field: set-up")
     Q = d.inference(10)
+    step("10 iterations")
     if device == "cuda":
         Q = crf.to_device(Q, "cpu")
+        step("Q to the host")
     return Q, [k.lattice.num_vertices for k in d.pairwise]
 
 

@@ -37,10 +37,7 @@ def synchronise(device):
 
 
 def stages(image, probs, p, device):
-    """{step: seconds} of one CRF run, each step waited for."""
-    from tinydeeplab import crf
-
-    C, H, W = probs.shape
+    """{step: seconds} of one CRF run (bench_crf.run_ours), each step waited for."""
     times = {}
     t0 = time.perf_counter()
 
@@ -51,24 +48,7 @@ def stages(image, probs, p, device):
         times[name] = t1 - t0
         t0 = t1
 
-    if device == "cuda":
-        image, probs = crf.on_device(image, "cuda"), crf.on_device(probs, "cuda")
-        done("inputs to the device")
-    d = crf.DenseCRF2D(W, H, C, device=device)
-    d.setUnaryEnergy(crf.unary_from_softmax(probs))
-    done("unary")
-    d.addPairwiseGaussian(sxy=p["gs"], compat=p["gw"])
-    done("spatial lattice + normalisation")
-    d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=image, compat=p["bw"])
-    done("bilateral lattice + normalisation")
-    if device == "cuda":
-        d._mean_field_in_one_launch()
-        done("one-launch mean field: set-up")
-    Q = d.inference(10)
-    done("10 iterations")
-    if device == "cuda":
-        crf.to_device(Q, "cpu")
-        done("Q to the host")
+    run_ours(image, probs, p, device, step=done)
     return times
 
 
