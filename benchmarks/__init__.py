@@ -1,5 +1,6 @@
 """Side-by-side benchmarks (installed as ``tinydeeplab.benchmarks``); see RESULTS.md."""
 import argparse
+import os
 
 
 def positive_int(text):
@@ -12,3 +13,11 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
     return value
+
+
+def existing_file(path):
+    """argparse type for input files (--image): a path to an existing file, else a clear
+    error before any work starts."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path

@@ -1,6 +1,6 @@
 """Dense CRF: tinydeeplab against pydensecrf on a 500×375 photograph-like image, 21 labels.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_crf.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_crf.py [--image PHOTO]
 
 Total time of 10 mean-field iterations, lattice construction included, with DeepLab v2's
 parameters and with pydensecrf's README parameters.  After one warm-up run each (it loads the
@@ -9,7 +9,10 @@ the median of the rounds' ratios, with their range — on a shared machine whose
 ratios of runs made seconds apart are steadier than ratios of separate medians.  Also: lattice
 sizes (vertices per kernel), peak memory of our run (tracemalloc: NumPy allocations;
 pydensecrf's C++ heap is not seen; with --device cuda also the GPU memory from CuPy's pool),
-agreement of the two results.
+agreement of the two results.  The image is the photograph ``--image`` (by default
+``../shared/data/crf_examples/im1.png`` beside the checkout) resized to 500×375, or, where there
+is none, a synthetic textured scene — noisier, so its bilateral lattice is several times larger
+and both sides slower: the header says which was used, and only runs on the same scene compare.
 """
 import argparse
 import os
@@ -21,7 +24,7 @@ import tracemalloc
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import positive_int
+from tinydeeplab.benchmarks import existing_file, positive_int
 
 PARAMS = {
     "DeepLab v2 (pos 1/3, bi 67/3/4)": dict(gs=1, gw=3, bs=67, br=3, bw=4),
@@ -29,25 +32,31 @@ PARAMS = {
 }
 
 
-def make_scene(H=375, W=500, C=21, seed=0):
-    """A photograph when the shared example is there (resized), else a textured scene; and a
-    noisy softmax that prefers a blocky 'segmentation' of it."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                        "crf_examples", "im1.png")
+PHOTO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "crf_examples",
+                     "im1.png")
+
+
+def make_scene(H=375, W=500, C=21, seed=0, photo=PHOTO):
+    """(image, probs, what the image is): the photograph ``photo`` resized to W×H where that
+    file exists (``photo=None``: never), else a textured synthetic scene; and a noisy softmax
+    that prefers a blocky 'segmentation' of it."""
     rng = np.random.default_rng(seed)
-    if os.path.exists(path):
+    if photo is not None and os.path.exists(photo):
         from PIL import Image
 
-        image = np.array(Image.open(path).convert("RGB").resize((W, H)))
+        image = np.array(Image.open(photo).convert("RGB").resize((W, H)))
+        scene = f"photograph {os.path.basename(photo)}"
     else:
         yy, xx = np.mgrid[0:H, 0:W]
         image = np.stack([(xx * 255 // W), (yy * 255 // H), ((xx + yy) % 64) * 4], -1)
         image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+        scene = "synthetic textured scene" + ("" if photo is None else
+                                              f" ({os.path.normpath(photo)} not found)")
     labels = (np.arange(H)[:, None] // 60 * 7 + np.arange(W)[None, :] // 90) % C
     logits = rng.normal(0, 1.0, (C, H, W)).astype(np.float32)
     logits[labels, np.arange(H)[:, None], np.arange(W)[None, :]] += 1.5
     probs = np.exp(logits) / np.exp(logits).sum(0)
-    return image, probs.astype(np.float32)
+    return image, probs.astype(np.float32), scene
 
 
 def run_ours(image, probs, p, device="cpu", step=None):
@@ -123,16 +132,16 @@ def peak_memory(fn, device="cpu"):
     return peak, gpu
 
 
-def run(device="cpu", repeat=5, out=sys.stdout):
+def run(device="cpu", repeat=5, out=sys.stdout, photo=PHOTO):
     import numba
 
     from tinydeeplab.benchmarks.bench_conv import blas_info, quiet_small_grid_warnings
 
     if device == "cuda":
         quiet_small_grid_warnings()
-    image, probs = make_scene()
+    image, probs, scene = make_scene(photo=photo)
     C, H, W = probs.shape
-    print(f"# dense CRF, {W}×{H} image, {C} labels, 10 iterations, device={device}, "
+    print(f"# dense CRF, {W}×{H} {scene}, {C} labels, 10 iterations, device={device}, "
           f"{numba.get_num_threads()} Numba threads (pydensecrf: 1 thread, CPU); "
           f"{repeat} rounds in turns", file=out)
     print(f"# BLAS (not used by either CRF): {blas_info()}", file=out)  # and a threads line
@@ -157,8 +166,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeat", type=positive_int, default=5)
+    parser.add_argument("--image", type=existing_file, default=PHOTO,
+                        help="the photograph to use (default: the shared example, if present)")
     args = parser.parse_args(argv)
-    run(args.device, args.repeat)
+    run(args.device, args.repeat, photo=args.image)
 
 
 if __name__ == "__main__":

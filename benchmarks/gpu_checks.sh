@@ -2,17 +2,19 @@
 # The GPU checks in one go, on a machine with a CUDA GPU, CuPy and numba-cuda:
 #
 #     bash benchmarks/gpu_checks.sh            # from the project root; results in ./gpu-results
-#     STEPS="tests crf" OUT=/tmp/r bash benchmarks/gpu_checks.sh
+#     STEPS="tests crf" OUT=/tmp/r IMAGE=photo.png bash benchmarks/gpu_checks.sh
 #
 # Steps (STEPS, default all): tests — every CUDA test, on the device; profile — where a CRF run's
 # time goes (benchmarks/profile_crf.py: steps, kernel launches, the one-launch mean field against
 # launch by launch, host profile); crf — the CRF against pydensecrf (skipped, saying so, where
-# pydensecrf is not installed); conv — the convolutions against PyTorch's cuDNN.  tinydeeplab
-# must be installed (pip install . — or, offline, a wheel made elsewhere with `pip wheel
+# pydensecrf is not installed); conv — the convolutions against PyTorch's cuDNN.  profile and
+# crf use the photograph IMAGE (default: the shared example beside the checkout, else a
+# synthetic scene; they say which).  tinydeeplab must be installed (pip install . — or, offline, a wheel made elsewhere with `pip wheel
 # --no-deps .`); each step's output goes to $OUT/<step>.txt as well as to the screen.
 set -u
 STEPS=${STEPS:-tests profile crf conv}
 OUT=${OUT:-gpu-results}
+IMAGE=${IMAGE:-}
 mkdir -p "$OUT"
 status=0
 
@@ -37,11 +39,11 @@ for s in $STEPS; do
       step tests python -m pytest -q $workers -k "cuda or CUDA or simulator or device or gpu" ;;
     profile)
       step profile env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
-        python benchmarks/profile_crf.py --device cuda --repeat 7 --cprofile ;;
+        python benchmarks/profile_crf.py --device cuda --repeat 7 --cprofile ${IMAGE:+--image "$IMAGE"} ;;
     crf)
       if python -c "import pydensecrf" 2>/dev/null; then
         step crf env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
-          python benchmarks/bench_crf.py --device cuda --repeat 7
+          python benchmarks/bench_crf.py --device cuda --repeat 7 ${IMAGE:+--image "$IMAGE"}
       else
         echo "== crf: skipped: pydensecrf is not installed (pip install pydensecrf2)" |
           tee "$OUT/crf.txt"

@@ -22,8 +22,8 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import positive_int
-from tinydeeplab.benchmarks.bench_crf import PARAMS, in_turns, make_scene, run_ours
+from tinydeeplab.benchmarks import existing_file, positive_int
+from tinydeeplab.benchmarks.bench_crf import PARAMS, PHOTO, in_turns, make_scene, run_ours
 
 
 def synchronise(device):
@@ -82,12 +82,12 @@ class LaunchCounter:
         setattr(self.owner, self.name, self.original)
 
 
-def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout):
+def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout, photo=PHOTO):
     from tinydeeplab.kernels import permutohedral_cuda
 
-    image, probs = make_scene(*size)
+    image, probs, scene = make_scene(*size, photo=photo)
     C, H, W = probs.shape
-    print(f"# dense CRF profile: {W}×{H}, {C} labels, 10 iterations, device={device}, "
+    print(f"# dense CRF profile: {W}×{H} {scene}, {C} labels, 10 iterations, device={device}, "
           f"median of {repeat} runs", file=out)
     for name, p in PARAMS.items():
         print(f"\n## {name}", file=out)
@@ -138,10 +138,12 @@ def main(argv=None):
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"),
                         help="image size (the simulator needs tiny ones)")
+    parser.add_argument("--image", type=existing_file, default=PHOTO,
+                        help="the photograph to use (default: the shared example, if present)")
     args = parser.parse_args(argv)
     if min(args.size) < 1:
         parser.error(f"--size needs two positive numbers, got {args.size[0]} {args.size[1]}")
-    run(args.device, args.repeat, args.cprofile, tuple(args.size))
+    run(args.device, args.repeat, args.cprofile, tuple(args.size), photo=args.image)
 
 
 if __name__ == "__main__":

@@ -478,9 +478,23 @@ FUSED_MEAN_FIELD = True  # False: step by step always (the tests compare the two
 # iterations) would trip the watchdog of a GPU that also drives a display.  Ten-iteration
 # runs take one launch; longer ones continue from Q where the last launch left it.
 ITERATIONS_PER_LAUNCH = 25
+# Blocks of THREADS that the compiler must let each multiprocessor hold at once.  A cooperative
+# launch can have no more blocks than fit on the GPU together, and left to itself the compiler
+# gives this kernel 104 registers a thread: 4 blocks per multiprocessor, too few threads in
+# flight to hide the memory latency of its scattered reads.  Eight caps it at 64 registers
+# (65536 / (8 · 128); ptxas spills a few hundred bytes of array descriptors to the cache).
+# On an H200 (benchmarks/RESULTS.md) that made the iterations 1.1-1.6× faster at 500×375 and
+# 1000×750, never slower than step by step; 6 and 12 were each slower somewhere.
+MEAN_FIELD_BLOCKS_PER_SM = 8
 
 
-@cuda.jit
+def _jit_bounded(min_blocks):
+    """``cuda.jit`` with launch bounds: THREADS per block, at least ``min_blocks`` of them
+    resident per multiprocessor (the simulator's jit takes none; it has no registers)."""
+    return cuda.jit if cuda_simulator() else cuda.jit(launch_bounds=(THREADS, min_blocks))
+
+
+@_jit_bounded(MEAN_FIELD_BLOCKS_PER_SM)
 def _mean_field_kernel(unary, first, iterations, last, base, q, out, pt, sw, chunk_begin,
                        chunk_row, partial, multi, neighbours, buf, slice_rows, slice_w,
                        slice_starts):

@@ -87,6 +87,7 @@ def test_crf_command(tmp_path):
     (["predict", "{tmp}/missing.jpg", "--checkpoint", "{tmp}/c.npz", "--out", "{tmp}/p"],
      "does not exist"),
     (["bench", "crf", "--repeat", "0"], "positive whole number"),  # before any timing starts
+    (["bench", "crf", "--image", "{tmp}/missing.png"], "no such file"),
 ])
 def test_bad_input_exits_non_zero_with_a_message(tmp_path, args, message):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")

@@ -653,3 +653,22 @@ def test_profile_script_runs_on_the_cpu():
     for step in ("unary", "spatial lattice + normalisation",
                  "bilateral lattice + normalisation", "10 iterations", "all (each step"):
         assert text.count(f"| {step}") == 2, text  # once per parameter set
+
+
+def test_benchmark_scene_says_which_image_it_is(tmp_path):
+    """bench_crf / profile_crf run on the photograph when it is there, else on a synthetic
+    scene whose lattice is several times larger: the scene's name must say which."""
+    from PIL import Image
+
+    from tinydeeplab.benchmarks import bench_crf
+
+    photo = np.random.default_rng(0).integers(0, 256, (30, 40, 3)).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    image, probs, scene = bench_crf.make_scene(15, 20, C=4, photo=str(tmp_path / "p.png"))
+    assert scene == "photograph p.png"
+    np.testing.assert_array_equal(image, np.array(Image.fromarray(photo).resize((20, 15))))
+    assert probs.shape == (4, 15, 20) and np.allclose(probs.sum(0), 1, atol=1e-6)
+    _, _, scene = bench_crf.make_scene(15, 20, C=4, photo=str(tmp_path / "none.png"))
+    assert scene.startswith("synthetic") and "none.png not found" in scene
+    image, _, scene = bench_crf.make_scene(15, 20, C=4, photo=None)
+    assert scene == "synthetic textured scene" and image.shape == (15, 20, 3)

@@ -41,7 +41,7 @@ COMPILE = textwrap.dedent("""
             return types.Array(getattr(types, dtype), int(ndim[:-1]), layout)
         return types.boolean if name == "bool" else getattr(types, name)
 
-    failures = []
+    failures, bounds = [], {}
     for module, name, dtype, argtypes in json.load(sys.stdin):
         m = importlib.import_module(module)
         if "<locals>" in name:  # the tiled kernels are made per dtype by a factory
@@ -50,12 +50,16 @@ COMPILE = textwrap.dedent("""
             fn = next(k for k in made if k.py_func.__name__ == inner)
         else:
             fn = getattr(m, name)
-        try:
-            cuda.compile_ptx(fn.py_func, tuple(numba_type(a) for a in argtypes), cc=(9, 0))
+        try:  # with the launch bounds the kernel was declared with, as on a GPU
+            ptx, _ = cuda.compile_ptx(fn.py_func, tuple(numba_type(a) for a in argtypes),
+                                      cc=(9, 0),
+                                      launch_bounds=fn.targetoptions.get("launch_bounds"))
+            bounds[name] = [line.split() for line in ptx.splitlines()
+                            if line.strip().startswith((".maxntid", ".minnctapersm"))]
         except Exception as error:
             failures.append(f"{module}.{name}{tuple(argtypes)}: {type(error).__name__}: "
                             + str(error).strip().splitlines()[0])
-    print(json.dumps(failures))
+    print(json.dumps([failures, bounds]))
 """)
 
 
@@ -140,5 +144,13 @@ def test_every_cuda_kernel_compiles_for_a_real_gpu(monkeypatch):
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(launches), env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    failures, bounds = json.loads(done.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(failures)
+    # the one-launch mean field's register cap (permutohedral_cuda.MEAN_FIELD_BLOCKS_PER_SM)
+    # reaches the compiled code: PTX directives .maxntid 128 and .minnctapersm 8
+    from tinydeeplab.kernels import _common, permutohedral_cuda
+
+    directives = {words[0]: words[1].rstrip(",") for words in bounds["_mean_field_kernel"]}
+    assert directives == {".maxntid": str(_common.THREADS),
+                          ".minnctapersm": str(permutohedral_cuda.MEAN_FIELD_BLOCKS_PER_SM)}, \
+        bounds["_mean_field_kernel"]

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .benchmarks import positive_int  # (argparse type; the package imports nothing heavy)
+from .benchmarks import existing_file, positive_int  # (argparse type; the package imports nothing heavy)
 
 
 def _demo(args):
@@ -157,7 +157,8 @@ def _bench(args):
                      "installed: pip install 'tinydeeplab[test]'")
         from .benchmarks import bench_crf
 
-        bench_crf.run(device=args.device, repeat=args.repeat)
+        bench_crf.run(device=args.device, repeat=args.repeat,
+                      photo=bench_crf.PHOTO if args.image is None else args.image)
 
 
 def build_parser():
@@ -254,6 +255,9 @@ def build_parser():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per block")
+    p.add_argument("--image", type=existing_file, default=None,
+                   help="crf: the photograph to use (default: the shared example beside the "
+                        "checkout, else a synthetic scene; the output says which)")
     p.set_defaults(func=_bench)
     return parser
 
