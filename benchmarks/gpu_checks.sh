@@ -9,8 +9,9 @@
 # launch by launch, host profile); crf — the CRF against pydensecrf (skipped, saying so, where
 # pydensecrf is not installed); conv — the convolutions against PyTorch's cuDNN.  profile and
 # crf use the photograph IMAGE (default: the shared example beside the checkout, else a
-# synthetic scene; they say which).  tinydeeplab must be installed (pip install . — or, offline, a wheel made elsewhere with `pip wheel
-# --no-deps .`); each step's output goes to $OUT/<step>.txt as well as to the screen.
+# synthetic scene; they say which).  tinydeeplab must be installed (pip install . — or,
+# offline, a wheel made elsewhere with `pip wheel --no-deps .`); each step's output goes to
+# $OUT/<step>.txt as well as to the screen.
 set -u
 STEPS=${STEPS:-tests profile crf conv}
 OUT=${OUT:-gpu-results}
@@ -39,7 +40,8 @@ for s in $STEPS; do
       step tests python -m pytest -q $workers -k "cuda or CUDA or simulator or device or gpu" ;;
     profile)
       step profile env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
-        python benchmarks/profile_crf.py --device cuda --repeat 7 --cprofile ${IMAGE:+--image "$IMAGE"} ;;
+        python benchmarks/profile_crf.py --device cuda --repeat 7 --cprofile \
+        ${IMAGE:+--image "$IMAGE"} ;;
     crf)
       if python -c "import pydensecrf" 2>/dev/null; then
         step crf env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \

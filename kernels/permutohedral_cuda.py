@@ -34,6 +34,7 @@ from .softmax_cuda import softmax_row
 
 D_MAX = 16  # local arrays need a compile-time size: features of up to 15 dimensions
 D_MAX_2 = D_MAX + 1  # (an expression inside the kernel would not be a compile-time constant)
+INT32_MAX, INT32_MIN = np.int32(2**31 - 1), np.int32(-2**31)
 # Splatting gathers each vertex's members.  Their number varies wildly (a few for most vertices;
 # tens of thousands where wide kernels meet flat image regions), and one thread summing a long
 # list alone would hold up the whole launch: so the lists are cut into chunks of at most
@@ -281,13 +282,55 @@ def _slice_kernel(buf, bary, offsets, post, alpha, base, mode, out):
         out[n, k] = acc
 
 
+@cuda.jit
+def _key_bounds_kernel(keys, bounds):
+    # bounds (2, d), set to (+2^31 − 1, −2^31) beforehand: each column's smallest and largest
+    # key.  Each thread scans its rows (grid stride), the block merges its threads' bounds in
+    # shared memory, and one thread per column updates ``bounds`` atomically: a few global
+    # atomics per block instead of one per key.
+    K, d = keys.shape
+    t = cuda.threadIdx.x
+    block = cuda.shared.array((2, D_MAX), numba.int32)
+    lo = cuda.local.array(D_MAX, numba.int32)
+    hi = cuda.local.array(D_MAX, numba.int32)
+    for i in range(d):
+        lo[i], hi[i] = INT32_MAX, INT32_MIN
+        if t == 0:
+            block[0, i], block[1, i] = INT32_MAX, INT32_MIN
+    cuda.syncthreads()
+    for r in range(cuda.grid(1), K, cuda.gridsize(1)):
+        for i in range(d):
+            lo[i] = min(lo[i], keys[r, i])
+            hi[i] = max(hi[i], keys[r, i])
+    for i in range(d):
+        cuda.atomic.min(block, (0, i), lo[i])
+        cuda.atomic.max(block, (1, i), hi[i])
+    cuda.syncthreads()
+    if t < d:
+        cuda.atomic.min(bounds, (0, t), block[0, t])
+        cuda.atomic.max(bounds, (1, t), block[1, t])
+
+
+def _key_bounds(keys):
+    """([min of each column], [max of each column]) of an (K, d) int32 key array, as Python
+    ints.  CuPy's ``keys.min(axis=0)`` reduces a non-contiguous axis with one block per
+    column: 3.5 ms for a photo's bilateral keys on an H200, against tens of µs here."""
+    xp = array_module(keys)
+    K, d = keys.shape
+    bounds = xp.empty((2, d), dtype=xp.int32)
+    bounds[0], bounds[1] = INT32_MAX, INT32_MIN
+    blocks = max(1, min(1024, math.ceil(K / (THREADS * 8))))  # ≥ 8 rows a thread
+    _key_bounds_kernel[blocks, THREADS](keys, bounds)
+    return bounds.tolist()
+
+
 def _packed_keys(keys):
     """The rows of an integer key array as single int64 numbers in the same lexicographic
     order — (keys[:, 0] − min) · span_1 · span_2 ⋯ + … — when their ranges allow it (the
     spans multiply to under 2^62: true of image features unless sxy or srgb is tiny), else
     None."""
     xp = array_module(keys)
-    lo, hi = xp.stack([keys.min(axis=0), keys.max(axis=0)]).tolist()
+    lo, hi = _key_bounds(keys)
     spans = [h - l + 1 for l, h in zip(lo, hi)]
     if math.prod(spans) >= 2**62:
         return None

@@ -536,6 +536,20 @@ def test_cuda_packed_sort_keys_order_as_lexsort():
                                   np.lexsort(extreme.T[::-1]))
 
 
+@pytest.mark.parametrize("K, d, low, high", [
+    (1, 1, 0, 9), (37, 3, 5, 100), (4099, 5, -2**31, 2**31), (1500, 2, -90, -3)])
+def test_cuda_key_bounds_equal_numpy(K, d, low, high):
+    """The CUDA build's column bounds of the keys (a block-merged atomic reduction) equal
+    NumPy's min and max: all-positive and all-negative keys, and the int32 extremes."""
+    from tinydeeplab.kernels.permutohedral_cuda import _key_bounds
+
+    rng = np.random.default_rng(K)
+    keys = rng.integers(low, high, (K, d), dtype=np.int64).astype(np.int32)
+    if high == 2**31:
+        keys[K // 2, 0], keys[K - 1, d - 1] = 2**31 - 1, -2**31
+    assert _key_bounds(on_device(keys, "cuda")) == [keys.min(0).tolist(), keys.max(0).tolist()]
+
+
 def test_cuda_dense_crf_equals_cpu():
     H, W, C = 7, 9, 3
     image, probs = synthetic_scene(H, W, C, seed=3)
