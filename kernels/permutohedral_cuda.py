@@ -526,8 +526,9 @@ ITERATIONS_PER_LAUNCH = 25
 # gives this kernel 104 registers a thread: 4 blocks per multiprocessor, too few threads in
 # flight to hide the memory latency of its scattered reads.  Eight caps it at 64 registers
 # (65536 / (8 · 128); ptxas spills a few hundred bytes of array descriptors to the cache).
-# On an H200 (benchmarks/RESULTS.md) that made the iterations 1.1-1.6× faster at 500×375 and
-# 1000×750, never slower than step by step; 6 and 12 were each slower somewhere.
+# On an H200 (benchmarks/RESULTS.md, session 11) that made the iterations 1.03-1.6× faster at
+# 500×375 and 1000×750, and 1.05-1.3× faster than step by step at every size tried; 6 and 12
+# were slower than step by step somewhere.
 MEAN_FIELD_BLOCKS_PER_SM = 8
 
 
