@@ -25,7 +25,8 @@ from numba.extending import intrinsic
 from tinydeeplab.backend import is_cupy_array
 
 from . import parallel_njit
-from ._simd import LANES, Rows, reduce_lanes, row_map, row_reduction, row_start, rows_of
+from ._simd import (LANES, Rows, combine_lanes, row_map, row_operation, row_reduction,
+                    row_start, rows_of)
 
 
 @intrinsic
@@ -89,7 +90,12 @@ def _row_max_simd(typingctx, a, n):
 
 
 def _vector_exp(builder, x):
-    """_exp_f32 on an 8-wide float32 vector, in LLVM's instructions (the same steps)."""
+    """_exp_f32 on a float32 vector (or scalar), in LLVM's instructions (the same steps)."""
+    if not isinstance(x.type, ir.VectorType):  # a scalar: as a vector of one
+        one = ir.VectorType(x.type, 1)
+        zero = ir.Constant(ir.IntType(32), 0)
+        x = builder.insert_element(ir.Constant(one, ir.Undefined), x, zero)
+        return builder.extract_element(_vector_exp(builder, x), zero)
     vector = x.type
     lanes = vector.count
 
@@ -113,41 +119,54 @@ def _vector_exp(builder, x):
     return builder.fmul(p, builder.bitcast(exponent, vector))
 
 
+def _exp_any(builder, x):
+    """_vector_exp for float32 values; float64 ones through float32 and back."""
+    single = ir.FloatType()
+    if isinstance(x.type, ir.VectorType):
+        single = ir.VectorType(single, x.type.count)
+    if x.type == single:
+        return _vector_exp(builder, x)
+    return builder.fpext(_vector_exp(builder, builder.fptrunc(x, single)), x.type)
+
+
 @intrinsic
 def _row_exp_sum_simd(typingctx, out, n, a, m):
     """out[n] = exp(a[n] − m) (as _exp_f32; out may be a), returning Σ out[n] — one pass over
-    the row where subtracting, exponentiating and summing took three.  ≥ 8 columns; float64
-    rows are exponentiated in float32 too (only so that kernels which call the softmax for
-    either dtype compile: float64 softmaxes take libm's exp, in _softmax_rows)."""
+    the row where subtracting, exponentiating and summing took three.  Steps as
+    ``row_operation``'s (no two stores overlap); the 8-wide steps' values summed lane by lane,
+    the lanes combined at the end, the tail's added on the way.  float64 rows are
+    exponentiated in float32 too (only so that kernels which call the softmax for either
+    dtype compile: float64 softmaxes take libm's exp, in _softmax_rows)."""
     if not rows_of(out, a):
         return None
 
     def codegen(context, builder, signature, args):
         dst, columns = row_start(context, builder, signature.args[0], args[0], args[1])
         src, _ = row_start(context, builder, signature.args[2], args[2], args[1])
-        rows = Rows(context, builder, signature.args[0].dtype, LANES)
-        m = rows.constant(args[3], signature.args[3])
-        i64 = ir.IntType(64)
-        single = ir.VectorType(ir.FloatType(), LANES)
+        dtype = signature.args[0].dtype
+        wide = Rows(context, builder, dtype, LANES)
+        partial = cgutils.alloca_once_value(builder, ir.Constant(wide.type, [0.0] * LANES))
+        tail = cgutils.alloca_once_value(builder, ir.Constant(wide.type.element, 0.0))
 
-        def exp_at(column):
-            x = builder.fsub(rows.load(src, column), m)
-            if x.type == single:
-                return _vector_exp(builder, x)
-            return builder.fpext(_vector_exp(builder, builder.fptrunc(x, single)), x.type)
+        def make_step(rows):
+            m = rows.constant(args[3], signature.args[3])
 
-        last_column = builder.sub(columns, ir.Constant(i64, LANES))
-        last = exp_at(last_column)  # read before any write (out may be a)
-        partial = cgutils.alloca_once_value(builder, ir.Constant(rows.type, [0.0] * LANES))
-        steps = builder.lshr(columns, ir.Constant(i64, 3))
-        with cgutils.for_range(builder, steps) as loop:
-            column = builder.shl(loop.index, ir.Constant(i64, 3))
-            e = exp_at(column)
-            rows.store(dst, column, e)
-            builder.store(builder.fadd(builder.load(partial), e), partial)
-        rows.store(dst, last_column, last)
-        return reduce_lanes(builder, rows, columns, builder.load(partial), last, builder.fadd,
-                            0.0)
+            def step(column):
+                e = _exp_any(builder, builder.fsub(rows.load(src, column), m))
+
+                def write():
+                    rows.store(dst, column, e)
+                    if rows.lanes == LANES:
+                        builder.store(builder.fadd(builder.load(partial), e), partial)
+                    else:
+                        builder.store(builder.fadd(builder.load(tail), combine_lanes(
+                            builder, e, builder.fadd)), tail)
+                return write
+            return step
+
+        row_operation(context, builder, dtype, columns, make_step)
+        return builder.fadd(combine_lanes(builder, builder.load(partial), builder.fadd),
+                            builder.load(tail))
 
     return out.dtype(out, n, a, m), codegen
 

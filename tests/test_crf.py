@@ -333,10 +333,11 @@ def synthetic_scene(H, W, C, seed):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("d, sorted_order", [(2, False), (5, True)])
 def test_simd_rows_equal_one_channel_at_a_time(dtype, d, sorted_order):
-    """Rows of 8 channels or more go through the 8-wide row operations (the last step
-    overlapping the one before when 8 does not divide c), fewer through plain loops: every
-    channel of a 21- or 13-channel filter (splat, blur in either order, slice from a base and
-    accumulating, transposed too) equals that channel filtered alone, to the last bit."""
+    """Rows of 8 channels or more go through the 8-wide row operations (the columns after
+    the whole 8-wide steps in 4-, 2- and 1-wide steps; rows of more than four whole steps in
+    a loop), fewer through plain loops: every channel of a 21-, 13-, 8-, 15-, 10- or
+    41-channel filter (splat, blur in either order, slice from a base and accumulating,
+    transposed too) equals that channel filtered alone, to the last bit."""
     from tinydeeplab.kernels import permutohedral as P
 
     rng = np.random.default_rng(d)
@@ -348,7 +349,7 @@ def test_simd_rows_equal_one_channel_at_a_time(dtype, d, sorted_order):
     assert lattice.sorted == sorted_order
     N = len(f)
     pre, post = rng.random(N) + 0.5, rng.random(N) + 0.5
-    for c in (21, 13, 8):
+    for c in (21, 13, 8, 15, 10, 41):
         v = rng.random((N, c)).astype(dtype)
         base = rng.random((N, c)).astype(dtype)
         for reverse in (False, True):
