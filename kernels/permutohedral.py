@@ -763,6 +763,85 @@ def _splat_scatter(values, pre, bary, offsets, low, ends, start, rows, prefetch)
                 rows[row, k] += rows[M + 1 + start[t] + row - low[t], k]
 
 
+
+def _splat_scatter_two(values, pre0, bary0, offsets0, low0, ends0, start0, rows0,
+                       pre1, bary1, offsets1, low1, ends1, start1, rows1, prefetch1):
+    # _splat_scatter for two lattices over the same points at once (the CRF's Gaussian and
+    # bilateral kernels): each point's row of values is read once and added to its corners
+    # in both, where two splats read the (N, c) values twice — with the README's parameters
+    # the splats 1.2× faster.  The same sums in the same order: the same bits.  Both plans
+    # are for the same number of point blocks; only the second lattice prefetches (the
+    # bilateral one, whose rows are scattered).
+    T = low0.shape[0]
+    N = bary0.shape[0]
+    c = values.shape[1]
+    M0, M1 = ends0[T], ends1[T]
+    D0, D1 = _u(bary0.shape[1]), _u(bary1.shape[1])
+    for t in prange(T):
+        for rows, ends, start, M in ((rows0, ends0, start0, M0), (rows1, ends1, start1, M1)):
+            for row in range(ends[t] + 1, ends[t + 1] + 1):
+                for k in range(c):
+                    rows[row, k] = 0
+            for i in range(M + 1 + start[t], M + 1 + start[t + 1]):
+                for k in range(c):
+                    rows[i, k] = 0
+        shared0, shift0 = _u(ends0[t]), _u(M0 + 1 + start0[t] - low0[t])
+        shared1, shift1 = _u(ends1[t]), _u(M1 + 1 + start1[t] - low1[t])
+        n_end = _u((t + 1) * N // T)
+        for n in range(_u(t * N // T), n_end):
+            if prefetch1 and n + _u(AHEAD) < n_end:
+                for r in range(D1):
+                    ahead = _u(offsets1[(n + _u(AHEAD)) * D1 + r]) + _u(1)
+                    _prefetch_row(rows1, ahead if ahead > shared1 else ahead + shift1)
+            s = pre0[n]
+            for r in range(D0):
+                row = _u(offsets0[n * D0 + r]) + _u(1)
+                _row_add_scaled(rows0, row if row > shared0 else row + shift0, bary0[n, r] * s,
+                                values, n)
+            s = pre1[n]
+            for r in range(D1):
+                row = _u(offsets1[n * D1 + r]) + _u(1)
+                _row_add_scaled(rows1, row if row > shared1 else row + shift1, bary1[n, r] * s,
+                                values, n)
+    for t in range(1, T):
+        for row in prange(low0[t], ends0[t] + 1):
+            for k in range(c):
+                rows0[row, k] += rows0[M0 + 1 + start0[t] + row - low0[t], k]
+        for row in prange(low1[t], ends1[t] + 1):
+            for k in range(c):
+                rows1[row, k] += rows1[M1 + 1 + start1[t] + row - low1[t], k]
+
+
+# Two lattices splat in one pass only while their vertex buffers together fit in a cache of
+# this size: beyond it the two streams of writes evict each other's rows (DeepLab's lattices,
+# 18 + 10 MB: the whole CRF 1.04× slower together; the README's, 2 + 1 MB: 1.08-1.09× faster)
+SPLAT_TOGETHER_BYTES = 8 << 20
+
+
+def splat_together(lattices, values, pres):
+    """``lattice.splat(values, pre)`` for each lattice (all over the same points): for two
+    that both splat by scatter and whose buffers are small enough together
+    (SPLAT_TOGETHER_BYTES), in one pass over the values (``_splat_scatter_two``), else one
+    after the other.  Each lattice's ``lock`` must be held, as for ``splat``."""
+    if len(lattices) == 2 and values.dtype == np.float32 and values.shape[1] > 1:
+        first, second = lattices
+        work = [lat._work_buffers(values.shape[1], np.float32) for lat in lattices]
+        if all(rows is not None for _, _, rows in work) and \
+                work[0][0].nbytes + work[1][0].nbytes <= SPLAT_TOGETHER_BYTES and \
+                first._bands()[0].shape == second._bands()[0].shape:
+            values = np.ascontiguousarray(values)
+            pres = [np.ones(lat.N, np.float32) if pre is None else
+                    np.ascontiguousarray(pre, dtype=np.float32) for lat, pre in zip(lattices, pres)]
+            _splat_scatter_two_cpu(values, pres[0], first.bary, first.offsets, *first._bands(),
+                                   work[0][2], pres[1], second.bary, second.offsets,
+                                   *second._bands(), work[1][2],
+                                   second.sorted and work[1][0].nbytes > PREFETCH_BYTES)
+            for lat, (buf, scratch, _) in zip(lattices, work):
+                lat._splatted = buf, scratch
+            return
+    for lat, pre in zip(lattices, pres):
+        lat.splat(values, pre)
+
 def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
     # dst[dst_rows[u]] = src[src_rows[u]] + ½ (src[a] + src[b]),  (a, b) = neighbours[u];
     # with prefetch, the rows of vertex u + AHEAD are asked for first (when src_rows jump)
@@ -936,6 +1015,7 @@ _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
 _splat_gather_cpu = parallel_njit(_splat_gather)
 _point_block_rows_cpu = parallel_njit(_point_block_rows)
 _splat_scatter_cpu = parallel_njit(_splat_scatter)
+_splat_scatter_two_cpu = parallel_njit(_splat_scatter_two)
 _blur_direction_cpu = parallel_njit(_blur_direction)
 _blur_span = njit(inline="always", cache=True)(_blur_span)
 _blur_fused_cpu = parallel_njit(_blur_fused)

@@ -363,6 +363,43 @@ def test_simd_rows_equal_one_channel_at_a_time(dtype, d, sorted_order):
                 np.testing.assert_array_equal(again[:, k], more[:, 0])
 
 
+@pytest.mark.parametrize("c, dtype, limit, together", [
+    (21, np.float32, None, True), (8, np.float32, None, True), (1, np.float32, None, False),
+    (21, np.float64, None, False), (21, np.float32, 0, False)])
+def test_two_lattices_splat_together_as_apart(monkeypatch, c, dtype, limit, together):
+    """splat_together (the CRF's two kernels splatting in one pass over Q) fills each
+    lattice's buffer exactly as its own splat does, to the bit — in one pass where it can
+    (float32 rows of several channels, buffers within SPLAT_TOGETHER_BYTES), one lattice
+    after the other otherwise."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(c)
+    H, W = 29, 37
+    image, _ = synthetic_scene(H, W, 2, seed=c)
+    grid = np.stack(np.mgrid[0:H, 0:W][::-1], -1).reshape(-1, 2).astype(np.float32)
+    colours = image.reshape(-1, 3).astype(np.float32)
+    features = [grid / 3, np.concatenate([grid / 20, colours / 13], 1)]
+    values = rng.random((H * W, c)).astype(dtype)
+    pres = [rng.random(H * W).astype(dtype) + 0.5, None]
+    if limit is not None:
+        monkeypatch.setattr(P, "SPLAT_TOGETHER_BYTES", limit)
+    calls = []
+    fused = P._splat_scatter_two_cpu
+    monkeypatch.setattr(P, "_splat_scatter_two_cpu", lambda *a: calls.append(1) or fused(*a))
+    apart = [P.LatticeCPU(f) for f in features]
+    for lattice, pre in zip(apart, pres):
+        lattice.splat(values, pre)
+    both = [P.LatticeCPU(f) for f in features]
+    for lattice in both:  # stale numbers in the buffers: the splat must overwrite all of them
+        for array in lattice._work_buffers(c, np.dtype(dtype))[:2]:
+            array[1:] = np.nan
+    P.splat_together(both, values, pres)
+    assert len(calls) == int(together)
+    for a, b in zip(apart, both):
+        np.testing.assert_array_equal(a._splatted[0], b._splatted[0])
+        np.testing.assert_array_equal(a.slice(a.blur()), b.slice(b.blur()))
+
+
 @needs_pydensecrf
 @pytest.mark.parametrize("compat", ["potts", "diagonal", "matrix"])
 @pytest.mark.parametrize("normalization", ["NORMALIZE_SYMMETRIC", "NORMALIZE_BEFORE",

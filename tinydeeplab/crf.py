@@ -250,8 +250,12 @@ class DenseCRF:
                 # in place: one (N, C) array less to stream through memory per iteration.
                 # The blurs run last-splatted first (its buffer is the one still in cache),
                 # so the first kernel's blurred buffer is fresh for its slice.
-                for p in self.pairwise:
-                    p.splat(Q)
+                if cuda:
+                    for p in self.pairwise:
+                        p.splat(Q)
+                else:  # two kernels in one pass over Q where they can
+                    _lattice.splat_together([p.lattice._impl for p in self.pairwise], Q,
+                                            [p.pre for p in self.pairwise])
                 blurred = [p.blur() for p in reversed(self.pairwise)][::-1]
                 normalised = False  # the last kernel's slice may normalise as it goes
                 for i, p in enumerate(self.pairwise):  # the first starts from the unary
