@@ -735,19 +735,12 @@ def _splat_scatter(values, pre, bary, offsets, low, ends, start, rows, prefetch)
     c = rows.shape[1]
     M = ends[T]
     for t in prange(T):
-        for row in range(ends[t] + 1, ends[t + 1] + 1):
-            for k in range(c):
-                rows[row, k] = 0
-        for i in range(M + 1 + start[t], M + 1 + start[t + 1]):
-            for k in range(c):
-                rows[i, k] = 0
+        _clear_band(rows, ends, start, t)
         shared, shift, D = _u(ends[t]), _u(M + 1 + start[t] - low[t]), _u(d1)
         n_end = _u((t + 1) * N // T)
         for n in range(_u(t * N // T), n_end):
             if prefetch and n + _u(AHEAD) < n_end:
-                for r in range(D):
-                    ahead = _u(offsets[(n + _u(AHEAD)) * D + r]) + _u(1)
-                    _prefetch_row(rows, ahead if ahead > shared else ahead + shift)
+                _prefetch_corners(rows, offsets, n + _u(AHEAD), D, shared, shift)
             s = pre[n]
             for r in range(D):
                 w = bary[n, r] * s
@@ -757,10 +750,30 @@ def _splat_scatter(values, pre, bary, offsets, low, ends, start, rows, prefetch)
                     rows[row, 0] += w * values[n, 0]
                 else:
                     _row_add_scaled(rows, row, w, values, n)
-    for t in range(1, T):
+    for t in range(1, T):  # each block's private rows into the shared ones
         for row in prange(low[t], ends[t] + 1):
             for k in range(c):
                 rows[row, k] += rows[M + 1 + start[t] + row - low[t], k]
+
+
+def _prefetch_corners(rows, offsets, n, D, shared, shift):
+    # ask for the rows that point n's D corners will splat into (shared or private)
+    for r in range(D):
+        row = _u(offsets[n * D + r]) + _u(1)
+        _prefetch_row(rows, row if row > shared else row + shift)
+
+
+def _clear_band(rows, ends, start, t):
+    # zero the rows point block t of _splat_scatter writes first: those it owns and its
+    # private ones
+    M = ends[ends.shape[0] - 1]
+    for row in range(ends[t] + 1, ends[t + 1] + 1):
+        for k in range(rows.shape[1]):
+            rows[row, k] = 0
+    for i in range(M + 1 + start[t], M + 1 + start[t + 1]):
+        for k in range(rows.shape[1]):
+            rows[i, k] = 0
+
 
 
 
@@ -774,25 +787,17 @@ def _splat_scatter_two(values, pre0, bary0, offsets0, low0, ends0, start0, rows0
     # bilateral one, whose rows are scattered).
     T = low0.shape[0]
     N = bary0.shape[0]
-    c = values.shape[1]
     M0, M1 = ends0[T], ends1[T]
     D0, D1 = _u(bary0.shape[1]), _u(bary1.shape[1])
     for t in prange(T):
-        for rows, ends, start, M in ((rows0, ends0, start0, M0), (rows1, ends1, start1, M1)):
-            for row in range(ends[t] + 1, ends[t + 1] + 1):
-                for k in range(c):
-                    rows[row, k] = 0
-            for i in range(M + 1 + start[t], M + 1 + start[t + 1]):
-                for k in range(c):
-                    rows[i, k] = 0
+        _clear_band(rows0, ends0, start0, t)
+        _clear_band(rows1, ends1, start1, t)
         shared0, shift0 = _u(ends0[t]), _u(M0 + 1 + start0[t] - low0[t])
         shared1, shift1 = _u(ends1[t]), _u(M1 + 1 + start1[t] - low1[t])
         n_end = _u((t + 1) * N // T)
         for n in range(_u(t * N // T), n_end):
             if prefetch1 and n + _u(AHEAD) < n_end:
-                for r in range(D1):
-                    ahead = _u(offsets1[(n + _u(AHEAD)) * D1 + r]) + _u(1)
-                    _prefetch_row(rows1, ahead if ahead > shared1 else ahead + shift1)
+                _prefetch_corners(rows1, offsets1, n + _u(AHEAD), D1, shared1, shift1)
             s = pre0[n]
             for r in range(D0):
                 row = _u(offsets0[n * D0 + r]) + _u(1)
@@ -803,7 +808,8 @@ def _splat_scatter_two(values, pre0, bary0, offsets0, low0, ends0, start0, rows0
                 row = _u(offsets1[n * D1 + r]) + _u(1)
                 _row_add_scaled(rows1, row if row > shared1 else row + shift1, bary1[n, r] * s,
                                 values, n)
-    for t in range(1, T):
+    c = values.shape[1]
+    for t in range(1, T):  # as _splat_scatter's last step, for each lattice
         for row in prange(low0[t], ends0[t] + 1):
             for k in range(c):
                 rows0[row, k] += rows0[M0 + 1 + start0[t] + row - low0[t], k]
@@ -1014,6 +1020,8 @@ _reach_cpu = parallel_njit(_reach)
 _group_by_vertex_cpu = njit(cache=True)(_group_by_vertex)
 _splat_gather_cpu = parallel_njit(_splat_gather)
 _point_block_rows_cpu = parallel_njit(_point_block_rows)
+_clear_band = njit(inline="always", cache=True)(_clear_band)
+_prefetch_corners = njit(inline="always", cache=True)(_prefetch_corners)
 _splat_scatter_cpu = parallel_njit(_splat_scatter)
 _splat_scatter_two_cpu = parallel_njit(_splat_scatter_two)
 _blur_direction_cpu = parallel_njit(_blur_direction)
