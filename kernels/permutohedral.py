@@ -775,8 +775,6 @@ def _clear_band(rows, ends, start, t):
             rows[i, k] = 0
 
 
-
-
 def _splat_scatter_two(values, pre0, bary0, offsets0, low0, ends0, start0, rows0,
                        pre1, bary1, offsets1, low1, ends1, start1, rows1, prefetch1):
     # _splat_scatter for two lattices over the same points at once (the CRF's Gaussian and
@@ -820,7 +818,7 @@ def _splat_scatter_two(values, pre0, bary0, offsets0, low0, ends0, start0, rows0
 
 # Two lattices splat in one pass only while their vertex buffers together fit in a cache of
 # this size: beyond it the two streams of writes evict each other's rows (DeepLab's lattices,
-# 18 + 10 MB: the whole CRF 1.04× slower together; the README's, 2 + 1 MB: 1.08-1.09× faster)
+# 18 + 10 MB: whole CRF runs 0.96-0.99× as fast together; the README's, 2 + 1 MB: 1.08-1.11×)
 SPLAT_TOGETHER_BYTES = 8 << 20
 
 
@@ -833,11 +831,9 @@ def splat_together(lattices, values, pres):
         first, second = lattices
         work = [lat._work_buffers(values.shape[1], np.float32) for lat in lattices]
         if all(rows is not None for _, _, rows in work) and \
-                work[0][0].nbytes + work[1][0].nbytes <= SPLAT_TOGETHER_BYTES and \
-                first._bands()[0].shape == second._bands()[0].shape:
+                work[0][0].nbytes + work[1][0].nbytes <= SPLAT_TOGETHER_BYTES:
             values = np.ascontiguousarray(values)
-            pres = [np.ones(lat.N, np.float32) if pre is None else
-                    np.ascontiguousarray(pre, dtype=np.float32) for lat, pre in zip(lattices, pres)]
+            pres = [_per_point(pre, lat.N, np.float32) for lat, pre in zip(lattices, pres)]
             _splat_scatter_two_cpu(values, pres[0], first.bary, first.offsets, *first._bands(),
                                    work[0][2], pres[1], second.bary, second.offsets,
                                    *second._bands(), work[1][2],
@@ -847,6 +843,12 @@ def splat_together(lattices, values, pres):
             return
     for lat, pre in zip(lattices, pres):
         lat.splat(values, pre)
+
+
+def _per_point(factor, N, dt):
+    """A per-point factor (pre, post) as a contiguous (N,) array of dtype dt; None: ones."""
+    return np.ones(N, dt) if factor is None else np.ascontiguousarray(factor, dtype=dt)
+
 
 def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
     # dst[dst_rows[u]] = src[src_rows[u]] + ½ (src[a] + src[b]),  (a, b) = neighbours[u];
@@ -1145,7 +1147,7 @@ class LatticeCPU:
         float64 values are splatted in float64)."""
         dt = np.float64 if values.dtype == np.float64 else np.float32
         values = np.ascontiguousarray(values, dtype=dt)
-        pre = np.ones(self.N, dt) if pre is None else np.ascontiguousarray(pre, dtype=dt)
+        pre = _per_point(pre, self.N, dt)
         buf, scratch, rows = self._work_buffers(values.shape[1], dt)
         if rows is not None:
             # prefetching the rows of the points ahead pays where they are scattered over a
@@ -1169,7 +1171,7 @@ class LatticeCPU:
         with ``post``, ``out`` and ``base`` as in ``filter``; ``softmax``: then each row of
         the result replaced by its softmax (the CRF's normalisation, fused)."""
         dt = blurred.dtype.type
-        post = np.ones(self.N, dt) if post is None else np.ascontiguousarray(post, dtype=dt)
+        post = _per_point(post, self.N, dt)
         if out is not None and base is None:
             base = out  # accumulate
         if out is None:

@@ -314,7 +314,7 @@ def _key_bounds_kernel(keys, bounds):
 def _key_bounds(keys):
     """([min of each column], [max of each column]) of an (K, d) int32 key array, as Python
     ints.  CuPy's ``keys.min(axis=0)`` reduces a non-contiguous axis with one block per
-    column: 3.5 ms for a photo's bilateral keys on an H200, against tens of µs here."""
+    column: 3.5 ms for a photo's bilateral keys on an H200, against 0.2 ms here."""
     xp = array_module(keys)
     K, d = keys.shape
     bounds = xp.empty((2, d), dtype=xp.int32)
