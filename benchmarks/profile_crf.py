@@ -9,7 +9,8 @@ On the scene and with the two parameter sets of ``bench_crf.py`` (no pydensecrf 
    field (GPU), the iterations, Q back to the host — each waited for (the GPU synchronised
    after it), so the times add up to a run that waits at every step.
 2. Kernel launches per run (Numba's CUDA launches; on a GPU each costs the host tens of µs).
-3. On a GPU: the one-launch mean field against the step-by-step one, in turns, in one process.
+3. On a GPU: the one-launch mean field against the step-by-step one, in turns, in one process;
+   on the CPU: the two kernels' splats in one pass over Q against one after the other.
 4. --cprofile: the host's functions by their own time over --repeat runs (cProfile).
 """
 import argparse
@@ -82,6 +83,33 @@ class LaunchCounter:
         setattr(self.owner, self.name, self.original)
 
 
+def splats_together_or_apart(image, probs, p, repeat):
+    """On the CPU: whole runs with the two kernels' splats in one pass over Q against one
+    after the other, in turns (permutohedral.SPLAT_TOGETHER_BYTES decides between them)."""
+    from tinydeeplab.kernels import permutohedral
+
+    default = permutohedral.SPLAT_TOGETHER_BYTES
+
+    def with_limit(limit):
+        def one_run():
+            permutohedral.SPLAT_TOGETHER_BYTES = limit
+            try:
+                return run_ours(image, probs, p)
+            finally:
+                permutohedral.SPLAT_TOGETHER_BYTES = default
+        return one_run
+
+    (t_apart, t_together), (q_apart, q_together) = in_turns(
+        [with_limit(0), with_limit(float("inf"))], repeat)
+    ratios = [a / b for a, b in zip(t_apart, t_together)]
+    sizes = sum((M + 1) * probs.shape[0] * 4 for M in q_apart[1])  # the float32 buffers
+    return (f"two splats in one pass {1e3 * statistics.median(t_together):.2f} ms, one after "
+            f"the other {1e3 * statistics.median(t_apart):.2f} ms (whole runs, in turns): "
+            f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}-{max(ratios):.2f}]; max |ΔQ| "
+            f"{np.abs(q_apart[0] - q_together[0]).max():.1e}; buffers {sizes / 2**20:.1f} MB "
+            f"together, so by default {'in one pass' if sizes <= default else 'apart'}")
+
+
 def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout, photo=PHOTO):
     from tinydeeplab.kernels import permutohedral_cuda
 
@@ -121,6 +149,8 @@ def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout,
                   f"step {1e3 * statistics.median(t_step):.2f} ms (whole runs, in turns): "
                   f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}-{max(ratios):.2f}]; "
                   f"max |ΔQ| {np.abs(q_one[0] - q_step[0]).max():.1e}", file=out)
+        if device == "cpu":
+            print("\n" + splats_together_or_apart(image, probs, p, repeat), file=out)
         if cprofile:
             profile = cProfile.Profile()
             profile.enable()
