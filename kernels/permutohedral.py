@@ -583,7 +583,12 @@ def _prefetch_row_llvm(typingctx, array, row):
     return types.none(array, row), codegen
 
 
-AHEAD = 4  # points (splat, slice) or vertices (gathering blur pass) between a prefetch and its use
+AHEAD = 4  # points (splat, slice) between a prefetch and its use
+# places between a prefetch and its use in the blur passes that read or write the buffer in
+# an order of its own (the bilateral kernel's first and last): each place one row, where a
+# point is d+1 of them (DeepLab's bilateral blur: 8 1.10× faster than 4 with the last
+# pass's rows prefetched too, 16 no faster)
+BLUR_AHEAD = 8
 # splat and slice prefetch only from vertex buffers above this size: smaller ones stay in the
 # caches, where the prefetches cost more than they hide (DeepLab's buffers, 10-18 MB: the
 # CRF 4 % faster with them; the kernel normalisation's, < 1 MB: slices 20 % faster without)
@@ -852,14 +857,14 @@ def _per_point(factor, N, dt):
 
 def _blur_direction(src, src_rows, dst, dst_rows, neighbours, prefetch):
     # dst[dst_rows[u]] = src[src_rows[u]] + ½ (src[a] + src[b]),  (a, b) = neighbours[u];
-    # with prefetch, the rows of vertex u + AHEAD are asked for first (when src_rows jump)
+    # with prefetch, the rows of vertex u + BLUR_AHEAD are asked for first (when src_rows jump)
     M = _u(src_rows.shape[0])
     for i in prange(src_rows.shape[0]):
         u = _u(i)
-        if prefetch and u + _u(AHEAD) < M:
-            _prefetch_row(src, src_rows[u + _u(AHEAD)])
-            _prefetch_row(src, neighbours[u + _u(AHEAD), 0])
-            _prefetch_row(src, neighbours[u + _u(AHEAD), 1])
+        if prefetch and u + _u(BLUR_AHEAD) < M:
+            _prefetch_row(src, src_rows[u + _u(BLUR_AHEAD)])
+            _prefetch_row(src, neighbours[u + _u(BLUR_AHEAD), 0])
+            _prefetch_row(src, neighbours[u + _u(BLUR_AHEAD), 1])
         s, t = _u(src_rows[u]), _u(dst_rows[u])
         a, b = _u(neighbours[u, 0]), _u(neighbours[u, 1])
         if src.shape[1] == 1:  # the kernel normalisation: one number per row
@@ -890,21 +895,25 @@ def _blur_span(src, dst, u0, u1, rows, neighbours, j, in_base, in_mask, out_base
     # one pass over places u0..u1−1: dst[t] = src[s] + ½ (src[a] + src[b]).  From the buffer
     # (ring_in False): s = rows[u], (a, b) = neighbours[j, u] — buffer rows; from a ring: s, a,
     # b the ring rows of place u and of the places neighbours[j, u] − 1 (0: none, the zero row
-    # 0).  To buffer row rows[u], or ring row out_base + (u mod R).
+    # 0).  To buffer row rows[u], or ring row out_base + (u mod R).  With prefetch, the buffer
+    # rows of the place BLUR_AHEAD on are asked for first (read from src, or written in dst).
     M = _u(rows.shape[0])
     for i in range(u0, u1):
         u = _u(i)
         w0, w1 = neighbours[j, u, 0], neighbours[j, u, 1]
+        ahead = prefetch and u + _u(BLUR_AHEAD) < M
         if ring_in:
             s = in_base + (u & in_mask)
             a = in_base + (_u(w0 - 1) & in_mask) if w0 > 0 else _u(0)
             b = in_base + (_u(w1 - 1) & in_mask) if w1 > 0 else _u(0)
         else:
-            if prefetch and u + _u(AHEAD) < M:
-                _prefetch_row(src, rows[u + _u(AHEAD)])
-                _prefetch_row(src, neighbours[j, u + _u(AHEAD), 0])
-                _prefetch_row(src, neighbours[j, u + _u(AHEAD), 1])
+            if ahead:
+                _prefetch_row(src, rows[u + _u(BLUR_AHEAD)])
+                _prefetch_row(src, neighbours[j, u + _u(BLUR_AHEAD), 0])
+                _prefetch_row(src, neighbours[j, u + _u(BLUR_AHEAD), 1])
             s, a, b = _u(rows[u]), _u(w0), _u(w1)
+        if ahead and not ring_out:
+            _prefetch_row(dst, rows[u + _u(BLUR_AHEAD)])
         t = out_base + (u & out_mask) if ring_out else _u(rows[u])
         if src.shape[1] == 1:  # the kernel normalisation: one number per row
             dst[t, 0] = src[s, 0] + src.dtype.type(0.5) * (src[a, 0] + src[b, 0])
@@ -953,7 +962,7 @@ def _blur_fused(src, rows, first_neighbours, neighbours, directions, reach, mask
                 else:
                     _blur_span(ring, dst, done[i], target, rows, neighbours, directions[i],
                                _u(bases[i - 1]), _u(masks[i - 1]), _u(0), _u(0), True, False,
-                               False)
+                               prefetch)
                 done[i] = target
 
 
@@ -961,46 +970,205 @@ def _slice(buf, bary, offsets, post, alpha, base, out, softmax, prefetch):
     # out[n] = base[n] + post[n] · α · Σ_r bary[n, r] · buf[vertex(n, r)]   (base None: 0,
     # base out: accumulate); with softmax, then every row of out is replaced by its softmax
     # (the CRF's last message of an iteration: each block of pixels is normalised while it is
-    # in the cache, not in another pass over all of them).  The d+1 rows are summed three at
-    # a time inside one loop over the channels: out[n] is then read and written once per
-    # three rows, not once per row (each round trip through memory is a dependency the CPU
-    # must wait for).
-    N, d1 = bary.shape
-    c = buf.shape[1]
+    # in the cache, not in another pass over all of them).
+    N = bary.shape[0]
     # decided once, not per point: ``base is out`` inside the loop would update both arrays'
     # reference counts (atomic, and contended between the threads) for every point
     start = 0 if base is None else 1 if base is out else 2  # from 0, accumulate, from base
-    D, one = _u(d1), _u(1)
     for block in prange((N + SOFTMAX_BLOCK - 1) // SOFTMAX_BLOCK):
         n0 = block * SOFTMAX_BLOCK
         n1 = min(N, n0 + SOFTMAX_BLOCK)
-        for n in range(_u(n0), _u(n1)):
-            if prefetch and n + _u(AHEAD) < _u(N):
-                for r in range(D):
-                    _prefetch_row(buf, _u(offsets[(n + _u(AHEAD)) * D + r]) + one)
-            if start == 0:
-                for k in range(c):
-                    out[n, k] = 0
-            elif start == 2:
-                for k in range(c):
-                    out[n, k] = base[n, k]
-            p = post[n] * alpha
-            r = _u(0)
-            while r + _u(3) <= D:
-                w0, w1, w2 = bary[n, r] * p, bary[n, r + one] * p, bary[n, r + _u(2)] * p
-                e = n * D + r
-                a, b, g = _u(offsets[e]) + one, _u(offsets[e + one]) + one, _u(offsets[e + _u(2)]) + one
-                if c == 1:  # the kernel normalisation: one number per row
-                    out[n, 0] += w0 * buf[a, 0] + w1 * buf[b, 0] + w2 * buf[g, 0]
-                else:
-                    _row_add_three(out, n, w0, w1, w2, buf, a, b, g)
-                r += _u(3)
-            for r in range(r, D):
-                w = bary[n, r] * p
-                a = _u(offsets[n * D + r]) + one
-                _row_add_scaled(out, n, w, buf, a)
+        _slice_points(buf, _u(1), ALL_ROWS, bary, offsets, post, alpha, base, out, start, n0,
+                      n1, prefetch)
         if softmax:
             softmax_block(out, out, n0, n1)
+
+
+ALL_ROWS = np.uint64(2 ** 64 - 1)  # a row mask that keeps every vertex: a whole buffer
+
+
+def _slice_points(buf, row_base, row_mask, bary, offsets, post, alpha, base, out, start, n0,
+                  n1, prefetch):
+    # _slice for points n0..n1−1, vertex v read from row row_base + (v & row_mask) of buf
+    # (the vertex buffer: 1 + v; a ring of _filter_streamed: v's slot).  The d+1 rows are
+    # summed three at a time inside one loop over the channels: out[n] is then read and
+    # written once per three rows, not once per row (each round trip through memory is a
+    # dependency the CPU must wait for).
+    N, d1 = bary.shape
+    c = buf.shape[1]
+    D, one = _u(d1), _u(1)
+    for n in range(_u(n0), _u(n1)):
+        if prefetch and n + _u(AHEAD) < _u(N):
+            for r in range(D):
+                _prefetch_row(buf, row_base + (_u(offsets[(n + _u(AHEAD)) * D + r]) & row_mask))
+        if start == 0:
+            for k in range(c):
+                out[n, k] = 0
+        elif start == 2:
+            for k in range(c):
+                out[n, k] = base[n, k]
+        p = post[n] * alpha
+        r = _u(0)
+        while r + _u(3) <= D:
+            w0, w1, w2 = bary[n, r] * p, bary[n, r + one] * p, bary[n, r + _u(2)] * p
+            e = n * D + r
+            a = row_base + (_u(offsets[e]) & row_mask)
+            b = row_base + (_u(offsets[e + one]) & row_mask)
+            g = row_base + (_u(offsets[e + _u(2)]) & row_mask)
+            if c == 1:  # the kernel normalisation: one number per row
+                out[n, 0] += w0 * buf[a, 0] + w1 * buf[b, 0] + w2 * buf[g, 0]
+            else:
+                _row_add_three(out, n, w0, w1, w2, buf, a, b, g)
+            r += _u(3)
+        for r in range(r, D):
+            _row_add_scaled(out, n, bary[n, r] * p, buf,
+                            row_base + (_u(offsets[n * D + r]) & row_mask))
+
+
+# ---- CPU: splat, blur and slice in one sweep (a grid's lattice) -------------------------------
+# For a pixel grid (the CRF's spatial kernel) the vertices are numbered in the order the pixels
+# first touch them, so everything the filter does moves down the image together: the points
+# of an image row splat into vertices of about one row of vertices, a blur neighbour is at most
+# a row or two of vertices away, and a point slices from the vertices it splatted into.  The
+# one-sweep blur above already keeps its passes in small rings; here the splat feeds the first
+# pass through a ring too, and the slice reads the last pass's ring: the vertex buffer (18 MB
+# with DeepLab's spatial kernel on a 500×375 image: written by the splat, read by the blur,
+# written again and read by the slice, every iteration) is never made.  Each thread slices its
+# share of the points; everything its share needs — the places of each pass and the points
+# to splat — it recomputes in its own rings, a few image rows more than its share.
+#
+# The schedule pulls: the slice moves STREAM_TILE points ahead per round; for that the last
+# pass must have reached the highest vertex of those points, each pass before it the reach of
+# the next beyond, and the splat every point that touches a vertex the first pass reads.
+# Bookkeeping per lattice (_stream_tables): top[n], the highest vertex of points 0..n;
+# bottom[n], the lowest of points n..N−1; first[v], the first point of vertex v (which grows
+# with v: vertices are numbered in order of first appearance); complete[v], how many points
+# (from the first) cover every point of vertices 0..v.
+STREAM_TILE = 256  # points the slice moves ahead per round
+STREAM = True  # False: never streamed; "always": any grid-like lattice, however small (tests)
+STREAM_BYTES = 4 << 20  # stream where the vertex buffer would be larger than this
+
+
+def _stream_tables(offsets, M, top, bottom, first, complete):
+    N = top.shape[0]
+    D = offsets.shape[0] // N
+    last = np.zeros(M, np.int64)
+    first[:] = N
+    high = 0
+    for n in range(N):
+        for r in range(D):
+            v = offsets[n * D + r]
+            high = max(high, v)
+            first[v] = min(first[v], n)
+            last[v] = n
+        top[n] = high
+    low = M
+    for n in range(N - 1, -1, -1):
+        for r in range(D):
+            low = min(low, offsets[n * D + r])
+        bottom[n] = low
+    need = 0
+    for v in range(M):
+        need = max(need, last[v] + 1)
+        complete[v] = need
+
+
+def _splat_span(values, pre, bary, offsets, n0, n1, low, ring, row_base, row_mask):
+    # points n0..n1−1 into a ring: vertex v to row row_base + (v & row_mask); vertices below
+    # ``low`` are left out (points before n0 touch them too, so here they would be incomplete)
+    D = _u(bary.shape[1])
+    for n in range(_u(n0), _u(n1)):
+        s = pre[n]
+        for r in range(D):
+            v = _u(offsets[n * D + r])
+            if v >= low:
+                _row_add_scaled(ring, row_base + (v & row_mask), bary[n, r] * s, values, n)
+
+
+def _filter_streamed(values, pre, bary, offsets, post, alpha, base, out, softmax, rows,
+                     neighbours, directions, reach, top, bottom, first, complete, masks, bases,
+                     rings, simulate, spans):
+    # The filter of values (N, c) along ``directions`` into out (as _slice: base None, out or
+    # another array; softmax), in one sweep per thread through its rings (T, ., c): the
+    # splat's ring at rows bases[0] + (v & masks[0]), pass i's at bases[i + 1] + (u &
+    # masks[i + 1]); row 0 the zero row.  spans[t, k]: the most rows ring k had to hold at
+    # once in thread t.  With ``simulate`` only the schedule runs (no arithmetic: rings may be
+    # a dummy) — to measure the spans for the rings' sizes.
+    N = bary.shape[0]
+    M = first.shape[0]
+    P = directions.shape[0]
+    T = spans.shape[0]
+    start = 0 if base is None else 1 if base is out else 2
+    for t in prange(T):
+        ring = rings[t] if rings.shape[0] == T else rings[0]  # (one dummy ring: simulating)
+        a, b = t * N // T, (t + 1) * N // T
+        # places each pass covers: the last, every vertex of points a..b−1; the ones before,
+        # the reach of the next beyond that; the splat, every point of what the first reads
+        lo, hi = np.empty(P, np.int64), np.empty(P, np.int64)
+        lo[P - 1], hi[P - 1] = bottom[min(a, N - 1)], top[max(b - 1, 0)] + 1
+        for i in range(P - 1, 0, -1):
+            lo[i - 1], hi[i - 1] = max(0, lo[i] - reach[i]), min(M, hi[i] + reach[i])
+        low, high = max(0, lo[0] - reach[0]), min(M, hi[0] + reach[0])
+        # splatted: points first[low]..splatted−1 are in; ready: vertices low..ready−1 complete
+        splatted, ready, released, sliced = first[low], low, low, a
+        done = lo.copy()  # each pass's next place
+        if not simulate:
+            for row in range(bases[0], bases[0] + masks[0] + 1):
+                for k in range(ring.shape[1]):
+                    ring[row, k] = 0
+        while sliced < b:
+            # every stage moves on as far as the one before it allows, but at most a tile
+            # beyond what the one after it reads next: so no ring fills with rows that wait
+            # (as the thread's first rows would: its halo, several tiles for every pass)
+            p_end = complete[min(high, done[0] + reach[0] + STREAM_TILE) - 1]
+            if p_end > splatted:
+                if not simulate:
+                    _splat_span(values, pre, bary, offsets, splatted, p_end, _u(low), ring,
+                                _u(bases[0]), _u(masks[0]))
+                splatted = p_end
+                spans[t, 0] = max(spans[t, 0], top[splatted - 1] + 1 - released)
+                while ready < high and complete[ready] <= splatted:
+                    ready += 1
+            for i in range(P):
+                if i == 0:  # up to reach[i] short of what the stage before has made
+                    made = hi[0] if ready == high else ready - reach[0]
+                else:
+                    made = hi[i] if done[i - 1] == hi[i - 1] else done[i - 1] - reach[i]
+                if i < P - 1:
+                    wanted = done[i + 1] + reach[i + 1] + STREAM_TILE
+                else:
+                    wanted = top[min(b, sliced + STREAM_TILE) - 1] + 1
+                target = min(hi[i], made, wanted)
+                if target <= done[i]:
+                    continue
+                if not simulate:
+                    _blur_span(ring, ring, done[i], target, rows, neighbours, directions[i],
+                               _u(bases[i]), _u(masks[i]), _u(bases[i + 1]),
+                               _u(masks[i + 1]), True, True, False)
+                done[i] = target
+                # ring i + 1 holds from the lowest place its reader still needs up to here
+                need = bottom[sliced] if i == P - 1 else done[i + 1] - reach[i + 1]
+                spans[t, i + 1] = max(spans[t, i + 1], done[i] - max(lo[i], need))
+                if i == 0:  # the splat's rows the first pass is done with: zero for reuse
+                    dead = max(released, done[0] - reach[0])
+                    if not simulate:
+                        for v in range(released, dead):
+                            for k in range(ring.shape[1]):
+                                ring[bases[0] + (v & masks[0]), k] = 0
+                    released = dead
+            # the slice: the points whose vertices the last pass has made, a tile at most
+            s_end = min(b, sliced + STREAM_TILE)
+            if done[P - 1] < hi[P - 1]:
+                n = sliced
+                while n < s_end and top[n] < done[P - 1]:
+                    n += 1
+                s_end = n
+            if s_end > sliced and not simulate:
+                _slice_points(ring, _u(bases[P]), _u(masks[P]), bary, offsets, post, alpha,
+                              base, out, start, sliced, s_end, False)
+                if softmax:
+                    softmax_block(out, out, sliced, s_end)
+            sliced = s_end
 
 
 _hash = njit(inline="always", cache=True)(_hash)
@@ -1029,7 +1197,11 @@ _splat_scatter_two_cpu = parallel_njit(_splat_scatter_two)
 _blur_direction_cpu = parallel_njit(_blur_direction)
 _blur_span = njit(inline="always", cache=True)(_blur_span)
 _blur_fused_cpu = parallel_njit(_blur_fused)
+_slice_points = njit(inline="always", cache=True)(_slice_points)
 _slice_cpu = parallel_njit(_slice)
+_stream_tables_cpu = njit(cache=True)(_stream_tables)
+_splat_span = njit(inline="always", cache=True)(_splat_span)
+_filter_streamed_cpu = parallel_njit(_filter_streamed)
 
 
 class LatticeCPU:
@@ -1135,8 +1307,45 @@ class LatticeCPU:
         (the same linear operator, for gradient checks).
         """
         with self.lock:
+            if not reverse and values.dtype == np.float32 and values.ndim == 2 and \
+                    self.streams(values.shape[1]) and \
+                    (out is None or not np.shares_memory(out, values)):
+                return self.stream(values, pre, post, out, base)
             self.splat(values, pre)
             return self.slice(self.blur(reverse), post, out, base)
+
+    def streams(self, c):
+        """Whether ``stream`` can filter c float32 channels: a grid-like lattice (vertices
+        visited in buffer order) whose buffer would be larger than STREAM_BYTES."""
+        return self._stream_plan(c) is not None
+
+    def stream(self, values, pre=None, post=None, out=None, base=None, softmax=False):
+        """The forward filter of values (N, c) float32 as ``filter`` with ``slice``'s
+        arguments, in one sweep through small rings (_filter_streamed) instead of through
+        the vertex buffer.  ``out`` must not share memory with ``values`` (a thread's sweep
+        reads the values of points beyond its share, which another thread may have written
+        already).  Hold ``lock``."""
+        c = values.shape[1]
+        plan = self._stream_plan(c)
+        if plan is None:
+            raise ValueError(f"stream: this lattice does not stream {c} channels (streams)")
+        if out is not None and np.shares_memory(out, values):
+            raise ValueError("stream: out must not share memory with values")
+        tables, reach, directions, masks, bases, rings = plan
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        pre, post = _per_point(pre, self.N, np.float32), _per_point(post, self.N, np.float32)
+        if out is not None and base is None:
+            base = out  # accumulate
+        if out is None:
+            out = np.empty((self.N, c), dtype=np.float32)
+        spans = np.zeros((rings.shape[0], len(bases)), np.int64)
+        _filter_streamed_cpu(values, pre, self.bary, self.offsets, post, self.alpha, base,
+                             out, softmax, self.rows, self.neighbours, directions, reach,
+                             *tables, masks, bases, rings, False, spans)
+        if (spans > masks + 1).any():
+            raise RuntimeError("permutohedral: a ring of the streamed filter overflowed (a "
+                               "bug; please report it with the features)")
+        return out
 
     # The three steps one at a time, for callers that interleave the steps of several
     # lattices (the CRF splats every kernel's lattice before any slice writes the pixels'
@@ -1232,10 +1441,7 @@ class LatticeCPU:
         T = max(1, min(numba.get_num_threads(), self.M))
         key = (tuple(directions), c, np.dtype(dt).str, T)
         if key not in self._ring_plans:
-            if not hasattr(self, "_reach_of"):
-                self._reach_of = np.zeros(self.d + 1, np.int64)
-                _reach_cpu(self.neighbours, self._reach_of)
-            reach = self._reach_of[directions]
+            reach = self._reach()[directions]
             # pass i's ring is read by pass i+1, which runs reach[i+1] places behind it and
             # reads up to reach[i+1] places on either side, while pass i moves a tile ahead
             sizes = [1 << int(2 * reach[i + 1] + FUSED_TILE + 1).bit_length()
@@ -1249,6 +1455,51 @@ class LatticeCPU:
                 plan = (reach, np.array(sizes, np.int64) - 1, bases, rows)
             self._ring_plans[key] = plan
         return self._ring_plans[key]
+
+    def _stream_plan(self, c):
+        """(tables, reach, directions, masks, bases, rings) for _filter_streamed with c
+        float32 channels and the current number of threads, made on first use and kept;
+        None where the lattice does not stream (see ``streams``).  The rings' sizes come from
+        a run of the schedule alone: the most rows each ring held, rounded up to a power of
+        two (so that a slot is an AND)."""
+        if not STREAM or (STREAM != "always" and self.M * c * 4 <= STREAM_BYTES):
+            return None
+        T = max(1, min(numba.get_num_threads(), self.N))
+        key = ("stream", c, T)
+        if key not in self._ring_plans:
+            plan = None
+            if not self.sorted and c > 1:
+                if not hasattr(self, "_stream_tables"):
+                    tables = (np.empty(self.N, np.int64), np.empty(self.N, np.int64),
+                              np.empty(self.M, np.int64), np.empty(self.M, np.int64))
+                    _stream_tables_cpu(self.offsets, self.M, *tables)
+                    self._stream_tables = tables
+                reach = self._reach()
+                directions = np.arange(self.d + 1, dtype=np.int64)
+                one = np.zeros((1, c), np.float32)
+                spans = np.zeros((T, self.d + 2), np.int64)
+                dummy = np.zeros((1, 1, c), np.float32)
+                _filter_streamed_cpu(one, one[0], self.bary, self.offsets, one[0], self.alpha,
+                                     one, one, False, self.rows, self.neighbours, directions,
+                                     reach, *self._stream_tables, np.zeros(self.d + 2, np.int64),
+                                     np.zeros(self.d + 2, np.int64), dummy, True, spans)
+                sizes = [1 << int(max(1, s) - 1).bit_length() for s in spans.max(axis=0)]
+                total = 1 + sum(sizes)
+                if T * total <= self.M or STREAM == "always":
+                    rings = np.empty((T, total, c), np.float32)
+                    rings[:, 0] = 0
+                    masks = np.array(sizes, np.int64) - 1
+                    bases = np.cumsum([1] + sizes[:-1]).astype(np.int64)
+                    plan = (self._stream_tables, reach, directions, masks, bases, rings)
+            self._ring_plans[key] = plan
+        return self._ring_plans[key]
+
+    def _reach(self):
+        """reach[j]: the largest place distance to a blur neighbour along direction j."""
+        if not hasattr(self, "_reach_of"):
+            self._reach_of = np.zeros(self.d + 1, np.int64)
+            _reach_cpu(self.neighbours, self._reach_of)
+        return self._reach_of
 
     def _work_buffers(self, c, dt):
         """The vertex buffers for c channels of dtype dt, allocated on first use and kept: the

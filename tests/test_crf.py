@@ -243,6 +243,100 @@ def test_blur_in_one_sweep_equals_blur_pass_by_pass(monkeypatch, shares, d, grid
         assert lattice.sorted
 
 
+@pytest.mark.parametrize("shares", [1, 2, 3])
+@pytest.mark.parametrize("H, W, scale, c", [(41, 59, 1.0, 21), (23, 37, 2.7, 5), (1, 97, 1.0, 3),
+                                            (61, 1, 0.6, 2), (7, 9, 0.3, 8)])
+def test_filter_in_one_sweep_equals_splat_blur_slice(monkeypatch, shares, H, W, scale, c):
+    """LatticeCPU.stream (splat, blur and slice in one sweep through rings, _filter_streamed)
+    gives the three steps' result bit for bit, on pixel grids of odd sizes, single rows and
+    columns, with per-point factors, a base, accumulating into out, and the softmax: each share
+    (one per thread: here as many as asked) recomputes the vertices its points need in point
+    order, so the sums are those of one thread's splat — whatever the number of shares."""
+    import numba
+
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(H * W + c)
+    f = np.stack(np.mgrid[0:H, 0:W], -1).reshape(-1, 2).astype(np.float32) / scale
+    N = len(f)
+    lattice = P.LatticeCPU(f)
+    assert not lattice.sorted
+    values = rng.standard_normal((N, c)).astype(np.float32)
+    pre, post = rng.random(N).astype(np.float32), rng.random(N).astype(np.float32)
+    base = rng.standard_normal((N, c)).astype(np.float32)
+    monkeypatch.setattr(P, "STREAM", "always")  # however small the lattice
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)  # the reference: one point block
+    lattice.splat(values, pre)
+    blurred = lattice.blur()
+    expected = {"plain": lattice.slice(blurred),
+                "factors": lattice.slice(blurred, post, out=np.empty_like(values), base=base),
+                "accumulate": lattice.slice(blurred, post, out=base.copy()),
+                "softmax": lattice.slice(blurred, post, out=np.empty_like(values), base=base,
+                                         softmax=True)}
+    monkeypatch.setattr(numba, "get_num_threads", lambda: shares)
+    assert lattice.streams(c)
+    got = {"plain": lattice.stream(values, pre),
+           "factors": lattice.stream(values, pre, post, out=np.empty_like(values), base=base),
+           "accumulate": lattice.stream(values, pre, post, out=base.copy()),
+           "softmax": lattice.stream(values, pre, post, out=np.empty_like(values), base=base,
+                                     softmax=True)}
+    assert lattice._stream_plan(c)[-1].shape[0] == shares  # the sweep ran, in shares
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # filter takes the sweep where it can (not into the values' own array, not reversed)
+    np.testing.assert_array_equal(lattice.filter(values, pre=pre), expected["plain"])
+
+
+def test_filter_in_one_sweep_checks_its_arguments_and_rings(monkeypatch):
+    """stream refuses what it cannot do (a lattice in sorted order, out in the values' memory);
+    its rings are sized by a run of the schedule, and a ring too small is caught."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(2)
+    monkeypatch.setattr(P, "STREAM", "always")
+    scattered = P.LatticeCPU((rng.random((3000, 5)) * 9).astype(np.float32))
+    assert scattered.sorted and not scattered.streams(4)
+    with pytest.raises(ValueError, match="does not stream"):
+        scattered.stream(np.ones((3000, 4), np.float32))
+    grid = P.LatticeCPU(np.stack(np.mgrid[0:30, 0:40], -1).reshape(-1, 2).astype(np.float32))
+    values = rng.random((1200, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="out must not share memory"):
+        grid.stream(values, out=values)
+    assert not grid.streams(1)  # the kernel normalisation stays with splat, blur, slice
+    monkeypatch.setattr(P, "STREAM", True)  # by default only vertex buffers over STREAM_BYTES
+    assert not grid.streams(4)
+    monkeypatch.setattr(P, "STREAM", "always")
+    tables, reach, directions, masks, bases, rings = grid._stream_plan(4)
+    masks[0] = masks[0] // 4  # the splat's ring a quarter of what the schedule needs
+    with pytest.raises(RuntimeError, match="overflowed"):
+        grid.stream(values)
+
+
+@pytest.mark.parametrize("bilateral", [True, False])
+def test_mean_field_with_the_spatial_message_in_one_sweep(monkeypatch, bilateral):
+    """DenseCRF2D.inference with its first (Gaussian) kernel's message in one sweep gives the
+    step-by-step result bit for bit (one thread: the same point order in the splats), with
+    the bilateral kernel after it and alone (then the sweep's output is Q itself)."""
+    import numba
+
+    from tinydeeplab.kernels import permutohedral as P
+
+    H, W, C = 37, 53, 6
+    image, probs = synthetic_scene(H, W, C, seed=11)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    results = {}
+    for stream in (False, "always"):
+        monkeypatch.setattr(P, "STREAM", stream)
+        d = crf.DenseCRF2D(W, H, C)
+        d.setUnaryEnergy(crf.unary_from_softmax(probs))
+        d.addPairwiseGaussian(sxy=1, compat=3)
+        if bilateral:
+            d.addPairwiseBilateral(sxy=20, srgb=5, rgbim=image, compat=4)
+        assert d.pairwise[0].lattice._impl.streams(C) == bool(stream)
+        results[stream] = d.inference(4)
+    np.testing.assert_array_equal(results["always"], results[False])
+
+
 @pytest.mark.parametrize("span", [5, 3000, 2**29])
 def test_packed_keys_radix_sort_as_lexsort(span):
     """Keys packed as key_layout says, sorted by _radix_argsort, come in NumPy's stable
@@ -418,8 +512,14 @@ def test_matches_pydensecrf_on_synthetic_images(compat, normalization):
 
 
 @needs_pydensecrf
-@pytest.mark.parametrize("iterations", [0, 1, 10])
-def test_deeplab_dense_crf_matches_pydensecrf(iterations):
+@pytest.mark.parametrize("iterations, stream", [(0, True), (1, True), (10, True), (1, "always"),
+                                                (10, "always"), (10, False)])
+def test_deeplab_dense_crf_matches_pydensecrf(monkeypatch, iterations, stream):
+    """DeepLab's CRF against pydensecrf; "always": with the spatial kernel's message in one
+    sweep (LatticeCPU.stream), which by default only larger images take; False: never."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    monkeypatch.setattr(P, "STREAM", stream)
     H, W, C = 47, 63, 21
     image, probs = synthetic_scene(H, W, C, seed=iterations)
     if iterations == 0:

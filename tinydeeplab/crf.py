@@ -241,6 +241,12 @@ class DenseCRF:
         else:
             neg_unary = transpose(self.unary, -1.0)
         Q = softmax_rows(neg_unary, xp.empty_like(neg_unary), cuda)
+        # On the CPU, a first kernel on a large grid-like lattice (DeepLab's spatial one)
+        # filters in one sweep (LatticeCPU.stream: no vertex buffer), from Q into an array of
+        # its own, as a thread's sweep reads pixels beyond its share
+        streamed = (not cuda and bool(self.pairwise) and self.pairwise[0].compat[0] == "potts"
+                    and self.pairwise[0].lattice._impl.streams(self.C))
+        logits = np.empty_like(Q) if streamed else None
         with contextlib.ExitStack() as held:  # each lattice's buffers, from splat to slice
             for p in self.pairwise:
                 held.enter_context(p.lattice._impl.lock)
@@ -250,17 +256,29 @@ class DenseCRF:
                 # in place: one (N, C) array less to stream through memory per iteration.
                 # The blurs run last-splatted first (its buffer is the one still in cache),
                 # so the first kernel's blurred buffer is fresh for its slice.
-                if cuda:
+                rest, start = self.pairwise, neg_unary  # the first message starts from the unary
+                if streamed:  # the first kernel's whole message in one sweep, into `logits`
+                    rest, start = self.pairwise[1:], logits
+                    if rest:  # the others splat Q before any writes to it
+                        _lattice.splat_together([p.lattice._impl for p in rest], Q,
+                                                [p.pre for p in rest])
+                    first = self.pairwise[0]
+                    first.lattice._impl.stream(Q, first.pre, first.post_w, out=logits,
+                                               base=neg_unary, softmax=not rest)
+                    if not rest:  # the new Q is normalised in `logits`: swap the arrays
+                        Q, logits = logits, Q
+                        continue
+                elif cuda:
                     for p in self.pairwise:
                         p.splat(Q)
                 else:  # two kernels in one pass over Q where they can
                     _lattice.splat_together([p.lattice._impl for p in self.pairwise], Q,
                                             [p.pre for p in self.pairwise])
-                blurred = [p.blur() for p in reversed(self.pairwise)][::-1]
+                blurred = [p.blur() for p in reversed(rest)][::-1]
                 normalised = False  # the last kernel's slice may normalise as it goes
-                for i, p in enumerate(self.pairwise):  # the first starts from the unary
-                    normalised = p.add_message(blurred[i], Q, neg_unary if i == 0 else None,
-                                               softmax=i == len(self.pairwise) - 1)
+                for i, p in enumerate(rest):
+                    normalised = p.add_message(blurred[i], Q, start if i == 0 else None,
+                                               softmax=i == len(rest) - 1)
                 if not self.pairwise:
                     Q[...] = neg_unary
                 if not normalised:
