@@ -611,9 +611,10 @@ def _row_add_scaled_simd(typingctx, dst, row, w, src, src_row):
 
 
 @intrinsic
-def _row_add_three_simd(typingctx, dst, row, w0, w1, w2, src, a, b, g):
-    """dst[row] += w0 · src[a] + w1 · src[b] + w2 · src[g] (as the slice's loop)."""
-    if not rows_of(dst, src):
+def _row_add_three_simd(typingctx, dst, row, base, w0, w1, w2, src, a, b, g):
+    """dst[row] = base[row] + w0 · src[a] + w1 · src[b] + w2 · src[g] (as the slice's loop;
+    base dst: add to it)."""
+    if not rows_of(dst, base, src):
         return None
 
     def codegen(context, builder, signature, args):
@@ -621,9 +622,9 @@ def _row_add_three_simd(typingctx, dst, row, w0, w1, w2, src, a, b, g):
             terms = [builder.fmul(wi, xi) for wi, xi in zip(w, x[1:])]
             return builder.fadd(x[0], builder.fadd(builder.fadd(terms[0], terms[1]), terms[2]))
         return row_map(context, builder, signature, args, (0, 1),
-                       [(0, 1), (5, 6), (5, 7), (5, 8)], [2, 3, 4], formula)
+                       [(2, 1), (6, 7), (6, 8), (6, 9)], [3, 4, 5], formula)
 
-    return types.none(dst, row, w0, w1, w2, src, a, b, g), codegen
+    return types.none(dst, row, base, w0, w1, w2, src, a, b, g), codegen
 
 
 @intrinsic
@@ -650,8 +651,8 @@ def _row_add_scaled_python(dst, row, w, src, src_row):
     dst[row] += w * src[src_row]
 
 
-def _row_add_three_python(dst, row, w0, w1, w2, src, a, b, g):
-    dst[row] += w0 * src[a] + w1 * src[b] + w2 * src[g]
+def _row_add_three_python(dst, row, base, w0, w1, w2, src, a, b, g):
+    dst[row] = base[row] + (w0 * src[a] + w1 * src[b] + w2 * src[g])
 
 
 def _row_blur_python(dst, row, src, s, a, b):
@@ -850,6 +851,19 @@ def splat_together(lattices, values, pres):
         lat.splat(values, pre)
 
 
+def _slice_start(out, base, N, c, dt):
+    """(out, base, start) for _slice: out (N, c) made if None; start 0 (no base: from 0), 1
+    (no base but an out: add to it) or 2 (from base, made C-contiguous of dtype dt); base is
+    an array in every case (out for 0 and 1), so the kernel compiles one way."""
+    if out is None:
+        out = np.empty((N, c), dtype=dt)
+        if base is None:
+            return out, out, 0
+    if base is None or base is out:
+        return out, out, 1
+    return out, np.ascontiguousarray(base, dtype=dt), 2
+
+
 def _per_point(factor, N, dt):
     """A per-point factor (pre, post) as a contiguous (N,) array of dtype dt; None: ones."""
     return np.ones(N, dt) if factor is None else np.ascontiguousarray(factor, dtype=dt)
@@ -966,15 +980,15 @@ def _blur_fused(src, rows, first_neighbours, neighbours, directions, reach, mask
                 done[i] = target
 
 
-def _slice(buf, bary, offsets, post, alpha, base, out, softmax, prefetch):
-    # out[n] = base[n] + post[n] · α · Σ_r bary[n, r] · buf[vertex(n, r)]   (base None: 0,
-    # base out: accumulate); with softmax, then every row of out is replaced by its softmax
-    # (the CRF's last message of an iteration: each block of pixels is normalised while it is
-    # in the cache, not in another pass over all of them).
+def _slice(buf, bary, offsets, post, alpha, base, out, start, softmax, prefetch):
+    # out[n] = base[n] + post[n] · α · Σ_r bary[n, r] · buf[vertex(n, r)]   (start 0: from 0,
+    # 1: accumulate, base is out; 2: from base); with softmax, then every row of out is
+    # replaced by its softmax (the CRF's last message of an iteration: each block of pixels is
+    # normalised while it is in the cache, not in another pass over all of them).  ``start``
+    # comes from the caller: ``base is out`` here would update both arrays' reference counts
+    # (atomic, and contended between the threads) — and a base that may be None would not be
+    # one type.
     N = bary.shape[0]
-    # decided once, not per point: ``base is out`` inside the loop would update both arrays'
-    # reference counts (atomic, and contended between the threads) for every point
-    start = 0 if base is None else 1 if base is out else 2  # from 0, accumulate, from base
     for block in prange((N + SOFTMAX_BLOCK - 1) // SOFTMAX_BLOCK):
         n0 = block * SOFTMAX_BLOCK
         n1 = min(N, n0 + SOFTMAX_BLOCK)
@@ -1001,10 +1015,12 @@ def _slice_points(buf, row_base, row_mask, bary, offsets, post, alpha, base, out
         if prefetch and n + _u(AHEAD) < _u(N):
             for r in range(D):
                 _prefetch_row(buf, row_base + (_u(offsets[(n + _u(AHEAD)) * D + r]) & row_mask))
+        # the first three rows add to base[n] as they write out[n] (no copy first), from
+        # there on to out[n]; a start from 0, or fewer than three rows, sets out[n] first
         if start == 0:
             for k in range(c):
                 out[n, k] = 0
-        elif start == 2:
+        elif start == 2 and D < _u(3):
             for k in range(c):
                 out[n, k] = base[n, k]
         p = post[n] * alpha
@@ -1015,10 +1031,11 @@ def _slice_points(buf, row_base, row_mask, bary, offsets, post, alpha, base, out
             a = row_base + (_u(offsets[e]) & row_mask)
             b = row_base + (_u(offsets[e + one]) & row_mask)
             g = row_base + (_u(offsets[e + _u(2)]) & row_mask)
+            onto = base if start == 2 and r == _u(0) else out
             if c == 1:  # the kernel normalisation: one number per row
-                out[n, 0] += w0 * buf[a, 0] + w1 * buf[b, 0] + w2 * buf[g, 0]
+                out[n, 0] = onto[n, 0] + (w0 * buf[a, 0] + w1 * buf[b, 0] + w2 * buf[g, 0])
             else:
-                _row_add_three(out, n, w0, w1, w2, buf, a, b, g)
+                _row_add_three(out, n, onto, w0, w1, w2, buf, a, b, g)
             r += _u(3)
         for r in range(r, D):
             _row_add_scaled(out, n, bary[n, r] * p, buf,
@@ -1085,11 +1102,11 @@ def _splat_span(values, pre, bary, offsets, n0, n1, low, ring, row_base, row_mas
                 _row_add_scaled(ring, row_base + (v & row_mask), bary[n, r] * s, values, n)
 
 
-def _filter_streamed(values, pre, bary, offsets, post, alpha, base, out, softmax, rows,
+def _filter_streamed(values, pre, bary, offsets, post, alpha, base, out, start, softmax, rows,
                      neighbours, directions, reach, top, bottom, first, complete, masks, bases,
                      rings, simulate, spans):
-    # The filter of values (N, c) along ``directions`` into out (as _slice: base None, out or
-    # another array; softmax), in one sweep per thread through its rings (T, ., c): the
+    # The filter of values (N, c) along ``directions`` into out (base, start and softmax as
+    # for _slice), in one sweep per thread through its rings (T, ., c): the
     # splat's ring at rows bases[0] + (v & masks[0]), pass i's at bases[i + 1] + (u &
     # masks[i + 1]); row 0 the zero row.  spans[t, k]: the most rows ring k had to hold at
     # once in thread t.  With ``simulate`` only the schedule runs (no arithmetic: rings may be
@@ -1098,7 +1115,6 @@ def _filter_streamed(values, pre, bary, offsets, post, alpha, base, out, softmax
     M = first.shape[0]
     P = directions.shape[0]
     T = spans.shape[0]
-    start = 0 if base is None else 1 if base is out else 2
     for t in prange(T):
         ring = rings[t] if rings.shape[0] == T else rings[0]  # (one dummy ring: simulating)
         a, b = t * N // T, (t + 1) * N // T
@@ -1334,13 +1350,10 @@ class LatticeCPU:
         tables, reach, directions, masks, bases, rings = plan
         values = np.ascontiguousarray(values, dtype=np.float32)
         pre, post = _per_point(pre, self.N, np.float32), _per_point(post, self.N, np.float32)
-        if out is not None and base is None:
-            base = out  # accumulate
-        if out is None:
-            out = np.empty((self.N, c), dtype=np.float32)
+        out, base, start = _slice_start(out, base, self.N, c, np.float32)
         spans = np.zeros((rings.shape[0], len(bases)), np.int64)
         _filter_streamed_cpu(values, pre, self.bary, self.offsets, post, self.alpha, base,
-                             out, softmax, self.rows, self.neighbours, directions, reach,
+                             out, start, softmax, self.rows, self.neighbours, directions, reach,
                              *tables, masks, bases, rings, False, spans)
         if (spans > masks + 1).any():
             raise RuntimeError("permutohedral: a ring of the streamed filter overflowed (a "
@@ -1381,13 +1394,10 @@ class LatticeCPU:
         the result replaced by its softmax (the CRF's normalisation, fused)."""
         dt = blurred.dtype.type
         post = _per_point(post, self.N, dt)
-        if out is not None and base is None:
-            base = out  # accumulate
-        if out is None:
-            out = np.empty((self.N, blurred.shape[1]), dtype=dt)
+        out, base, start = _slice_start(out, base, self.N, blurred.shape[1], dt)
         fused = softmax and dt == np.float32  # the fused softmax is float32's
-        _slice_cpu(blurred, self.bary, self.offsets, post, dt(self.alpha), base, out, fused,
-                   blurred.nbytes > PREFETCH_BYTES)
+        _slice_cpu(blurred, self.bary, self.offsets, post, dt(self.alpha), base, out, start,
+                   fused, blurred.nbytes > PREFETCH_BYTES)
         if softmax and not fused:
             softmax_rows(out, out)
         return out
@@ -1480,7 +1490,7 @@ class LatticeCPU:
                 spans = np.zeros((T, self.d + 2), np.int64)
                 dummy = np.zeros((1, 1, c), np.float32)
                 _filter_streamed_cpu(one, one[0], self.bary, self.offsets, one[0], self.alpha,
-                                     one, one, False, self.rows, self.neighbours, directions,
+                                     one, one, 1, False, self.rows, self.neighbours, directions,
                                      reach, *self._stream_tables, np.zeros(self.d + 2, np.int64),
                                      np.zeros(self.d + 2, np.int64), dummy, True, spans)
                 sizes = [1 << int(max(1, s) - 1).bit_length() for s in spans.max(axis=0)]

@@ -89,6 +89,28 @@ def test_filter_reuses_its_buffers_and_keeps_results_apart():
     np.testing.assert_array_equal(lattice.filter(u), kept)
 
 
+@pytest.mark.parametrize("d, c", [(1, 3), (2, 21), (3, 1), (5, 4)])
+def test_slice_onto_a_base_or_into_out(d, c):
+    """LatticeCPU.slice and filter with a base (added as the first three corners are, or
+    copied first where there are fewer: d = 1), accumulating into out, and from 0; a
+    read-only base; one channel (the kernel normalisation's path)."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    rng = np.random.default_rng(d * 10 + c)
+    lattice = P.LatticeCPU((rng.random((403, d)) * 6).astype(np.float32))
+    values = rng.random((403, c)).astype(np.float32)
+    base = rng.standard_normal((403, c)).astype(np.float32)
+    base.flags.writeable = False
+    plain = lattice.filter(values)
+    onto = lattice.filter(values, out=np.full_like(values, np.nan), base=base)
+    np.testing.assert_allclose(onto, base + plain, rtol=1e-6, atol=1e-5)
+    added = base.copy()
+    lattice.filter(values, out=added)
+    np.testing.assert_array_equal(added, onto)  # the same sums in the same order
+    # out given without base: added to (NaN stays NaN)
+    assert np.isnan(lattice.filter(values, out=np.full_like(values, np.nan))).all()
+
+
 def expected_neighbours(lattice, places):
     """Blur neighbours of the vertices the blur visits at ``places``, found by a dict of keys:
     (place, direction j, side) -> 1 + place of the neighbour, 0 if there is none."""
