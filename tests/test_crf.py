@@ -309,6 +309,30 @@ def test_filter_in_one_sweep_equals_splat_blur_slice(monkeypatch, shares, H, W, 
     np.testing.assert_array_equal(lattice.filter(values, pre=pre), expected["plain"])
 
 
+@pytest.mark.parametrize("H, W, scale", [(37, 41, 2.5), (29, 33, 0.8), (1, 30, 1.0), (30, 1, 0.7)])
+def test_stream_tables_against_their_definitions(H, W, scale):
+    """_stream_tables' sweeps against the definitions, by NumPy: top/bottom the running max/min
+    of each point's highest/lowest vertex, first[v] the first point with a corner at v,
+    complete[v] one past the last point with a corner at a vertex ≤ v."""
+    from tinydeeplab.kernels import permutohedral as P
+
+    f = np.stack(np.mgrid[0:H, 0:W], -1).reshape(-1, 2).astype(np.float32) / scale
+    lattice = P.LatticeCPU(f)
+    N, M = lattice.N, lattice.M
+    corners = lattice.offsets.reshape(N, -1).astype(np.int64)
+    top, bottom = np.empty(N, np.int64), np.empty(N, np.int64)
+    first, complete = np.empty(M, np.int64), np.empty(M, np.int64)
+    P._stream_tables_cpu(lattice.offsets, M, top, bottom, first, complete)
+    point = np.repeat(np.arange(N), corners.shape[1])
+    first_point, last_point = np.full(M, N), np.zeros(M, np.int64)
+    np.minimum.at(first_point, corners.ravel(), point)
+    np.maximum.at(last_point, corners.ravel(), point)
+    np.testing.assert_array_equal(top, np.maximum.accumulate(corners.max(1)))
+    np.testing.assert_array_equal(bottom, np.minimum.accumulate(corners.min(1)[::-1])[::-1])
+    np.testing.assert_array_equal(first, first_point)
+    np.testing.assert_array_equal(complete, np.maximum.accumulate(last_point) + 1)
+
+
 def test_filter_in_one_sweep_checks_its_arguments_and_rings(monkeypatch):
     """stream refuses what it cannot do (a lattice in sorted order, out in the values' memory);
     its rings are sized by a run of the schedule, and a ring too small is caught."""
@@ -375,7 +399,9 @@ def test_packed_keys_radix_sort_as_lexsort(span):
     words = np.zeros((len(keys), W), np.int64)
     for i in range(5):
         words[:, word_of[i]] |= (keys[:, i] - low[i]) << shift_of[i]
-    np.testing.assert_array_equal(P._radix_argsort_cpu(words), np.lexsort(keys.T[::-1]))
+    for blocks in (1, 2, 3):  # in parallel over blocks of entries: the same stable order
+        np.testing.assert_array_equal(P._radix_argsort_cpu(words, blocks),
+                                      np.lexsort(keys.T[::-1]))
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 3, 7])
