@@ -10,7 +10,8 @@ On the scene and with the two parameter sets of ``bench_crf.py`` (no pydensecrf 
    after it), so the times add up to a run that waits at every step.
 2. Kernel launches per run (Numba's CUDA launches; on a GPU each costs the host tens of µs).
 3. On a GPU: the one-launch mean field against the step-by-step one, in turns, in one process;
-   on the CPU: the two kernels' splats in one pass over Q against one after the other.
+   on the CPU: the spatial kernel's message in one sweep against splat, blur and slice, and
+   the two kernels' splats in one pass over Q against one after the other.
 4. --cprofile: the host's functions by their own time over --repeat runs (cProfile).
 """
 import argparse
@@ -83,31 +84,61 @@ class LaunchCounter:
         setattr(self.owner, self.name, self.original)
 
 
-def splats_together_or_apart(image, probs, p, repeat):
-    """On the CPU: whole runs with the two kernels' splats in one pass over Q against one
-    after the other, in turns (permutohedral.SPLAT_TOGETHER_BYTES decides between them)."""
+def settings_in_turns(image, probs, p, repeat, name, values):
+    """Whole CPU runs with permutohedral.<name> set to each of ``values`` (two), in turns:
+    (median seconds of each, ratios second/first per round, max |ΔQ| between them, lattice
+    sizes)."""
     from tinydeeplab.kernels import permutohedral
 
-    default = permutohedral.SPLAT_TOGETHER_BYTES
+    default = getattr(permutohedral, name)
 
-    def with_limit(limit):
+    def with_value(value):
         def one_run():
-            permutohedral.SPLAT_TOGETHER_BYTES = limit
+            setattr(permutohedral, name, value)
             try:
                 return run_ours(image, probs, p)
             finally:
-                permutohedral.SPLAT_TOGETHER_BYTES = default
+                setattr(permutohedral, name, default)
         return one_run
 
-    (t_apart, t_together), (q_apart, q_together) = in_turns(
-        [with_limit(0), with_limit(float("inf"))], repeat)
-    ratios = [a / b for a, b in zip(t_apart, t_together)]
-    sizes = sum((M + 1) * probs.shape[0] * 4 for M in q_apart[1])  # the float32 buffers
-    return (f"two splats in one pass {1e3 * statistics.median(t_together):.2f} ms, one after "
-            f"the other {1e3 * statistics.median(t_apart):.2f} ms (whole runs, in turns): "
-            f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}-{max(ratios):.2f}]; max |ΔQ| "
-            f"{np.abs(q_apart[0] - q_together[0]).max():.1e}; buffers {sizes / 2**20:.1f} MB "
-            f"together, so by default {'in one pass' if sizes <= default else 'apart'}")
+    times, (q_a, q_b) = in_turns([with_value(v) for v in values], repeat)
+    ratios = [b / a for a, b in zip(*times)]
+    return ([statistics.median(t) for t in times], ratios, np.abs(q_a[0] - q_b[0]).max(),
+            q_a[1])
+
+
+def cpu_choices(image, probs, p, repeat):
+    """On the CPU, the two choices made by size, each measured both ways (whole runs, in
+    turns): the first (spatial) kernel's message in one sweep (permutohedral.STREAM, for
+    vertex buffers over STREAM_BYTES) against splat, blur and slice; and, not streaming, the
+    two kernels' splats in one pass over Q against one after the other
+    (SPLAT_TOGETHER_BYTES)."""
+    from tinydeeplab.kernels import permutohedral
+
+    C = probs.shape[0]
+    (t_sweep, t_steps), ratios, dq, sizes = settings_in_turns(
+        image, probs, p, repeat, "STREAM", ["always", False])
+    spatial = (sizes[0] + 1) * C * 4
+    lines = [f"spatial message in one sweep {1e3 * t_sweep:.2f} ms, splat/blur/slice "
+             f"{1e3 * t_steps:.2f} ms: {statistics.median(ratios):.2f}× "
+             f"[{min(ratios):.2f}-{max(ratios):.2f}]; max |ΔQ| {dq:.1e}; its buffer would be "
+             f"{spatial / 2**20:.1f} MB, so by default "
+             f"{'in one sweep' if spatial > permutohedral.STREAM_BYTES else 'in steps'}"]
+    stream = permutohedral.STREAM
+    permutohedral.STREAM = False
+    try:
+        (t_apart, t_together), ratios, dq, sizes = settings_in_turns(
+            image, probs, p, repeat, "SPLAT_TOGETHER_BYTES", [0, float("inf")])
+    finally:
+        permutohedral.STREAM = stream
+    both = sum((M + 1) * C * 4 for M in sizes)  # the float32 buffers
+    ratios = [1 / r for r in ratios]
+    lines.append(f"not streaming: two splats in one pass {1e3 * t_together:.2f} ms, one after "
+                 f"the other {1e3 * t_apart:.2f} ms: {statistics.median(ratios):.2f}× "
+                 f"[{min(ratios):.2f}-{max(ratios):.2f}]; max |ΔQ| {dq:.1e}; buffers "
+                 f"{both / 2**20:.1f} MB together, so then "
+                 f"{'in one pass' if both <= permutohedral.SPLAT_TOGETHER_BYTES else 'apart'}")
+    return "\n".join(lines)
 
 
 def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout, photo=PHOTO):
@@ -150,7 +181,7 @@ def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout,
                   f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}-{max(ratios):.2f}]; "
                   f"max |ΔQ| {np.abs(q_one[0] - q_step[0]).max():.1e}", file=out)
         if device == "cpu":
-            print("\n" + splats_together_or_apart(image, probs, p, repeat), file=out)
+            print("\n" + cpu_choices(image, probs, p, repeat), file=out)
         if cprofile:
             profile = cProfile.Profile()
             profile.enable()
