@@ -1121,8 +1121,8 @@ def _splat_span(values, pre, bary, offsets, n0, n1, low, ring, row_base, row_mas
 def _filter_streamed(values, pre, bary, offsets, post, alpha, base, out, start, softmax, rows,
                      neighbours, directions, reach, top, bottom, first, complete, masks, bases,
                      rings, simulate, spans):
-    # The filter of values (N, c) along ``directions`` into out (base, start and softmax as
-    # for _slice), in one sweep per thread through its rings (T, ., c): the
+    # The filter of values (N, c) along ``directions`` (reach[i]: pass i's, along
+    # directions[i]) into out (base, start and softmax as for _slice), in one sweep per thread through its rings (T, ., c): the
     # splat's ring at rows bases[0] + (v & masks[0]), pass i's at bases[i + 1] + (u &
     # masks[i + 1]); row 0 the zero row.  spans[t, k]: the most rows ring k had to hold at
     # once in thread t.  With ``simulate`` only the schedule runs (no arithmetic: rings may be
@@ -1340,26 +1340,27 @@ class LatticeCPU:
         (the same linear operator, for gradient checks).
         """
         with self.lock:
-            if not reverse and values.dtype == np.float32 and values.ndim == 2 and \
-                    self.streams(values.shape[1]) and \
+            if values.dtype == np.float32 and values.ndim == 2 and \
+                    self.streams(values.shape[1], reverse) and \
                     (out is None or not np.shares_memory(out, values)):
-                return self.stream(values, pre, post, out, base)
+                return self.stream(values, pre, post, out, base, reverse=reverse)
             self.splat(values, pre)
             return self.slice(self.blur(reverse), post, out, base)
 
-    def streams(self, c):
+    def streams(self, c, reverse=False):
         """Whether ``stream`` can filter c float32 channels: a grid-like lattice (vertices
         visited in buffer order) whose buffer would be larger than STREAM_BYTES."""
-        return self._stream_plan(c) is not None
+        return self._stream_plan(c, reverse) is not None
 
-    def stream(self, values, pre=None, post=None, out=None, base=None, softmax=False):
-        """The forward filter of values (N, c) float32 as ``filter`` with ``slice``'s
-        arguments, in one sweep through small rings (_filter_streamed) instead of through
-        the vertex buffer.  ``out`` must not share memory with ``values`` (a thread's sweep
-        reads the values of points beyond its share, which another thread may have written
-        already).  Hold ``lock``."""
+    def stream(self, values, pre=None, post=None, out=None, base=None, softmax=False,
+               reverse=False):
+        """The filter of values (N, c) float32 (the transposed one with ``reverse``) as
+        ``filter`` with ``slice``'s arguments, in one sweep through small rings
+        (_filter_streamed) instead of through the vertex buffer.  ``out`` must not share
+        memory with ``values`` (a thread's sweep reads the values of points beyond its share,
+        which another thread may have written already).  Hold ``lock``."""
         c = values.shape[1]
-        plan = self._stream_plan(c)
+        plan = self._stream_plan(c, reverse)
         if plan is None:
             raise ValueError(f"stream: this lattice does not stream {c} channels (streams)")
         if out is not None and np.shares_memory(out, values):
@@ -1483,16 +1484,17 @@ class LatticeCPU:
             self._ring_plans[key] = plan
         return self._ring_plans[key]
 
-    def _stream_plan(self, c):
+    def _stream_plan(self, c, reverse=False):
         """(tables, reach, directions, masks, bases, rings) for _filter_streamed with c
-        float32 channels and the current number of threads, made on first use and kept;
+        float32 channels, the blur's directions in order (reversed: the transposed filter)
+        and the current number of threads, made on first use and kept;
         None where the lattice does not stream (see ``streams``).  The rings' sizes come from
         a run of the schedule alone: the most rows each ring held, rounded up to a power of
         two (so that a slot is an AND)."""
         if not STREAM or (STREAM != "always" and self.M * c * 4 <= STREAM_BYTES):
             return None
         T = max(1, min(numba.get_num_threads(), self.N))
-        key = ("stream", c, T)
+        key = ("stream", c, reverse, T)
         if key not in self._ring_plans:
             plan = None
             if not self.sorted and c > 1:
@@ -1501,8 +1503,10 @@ class LatticeCPU:
                               np.empty(self.M, np.int64), np.empty(self.M, np.int64))
                     _stream_tables_cpu(self.offsets, self.M, *tables)
                     self._stream_tables = tables
-                reach = self._reach()
                 directions = np.arange(self.d + 1, dtype=np.int64)
+                if reverse:
+                    directions = directions[::-1].copy()
+                reach = self._reach()[directions]  # per pass
                 one = np.zeros((1, c), np.float32)
                 spans = np.zeros((T, self.d + 2), np.int64)
                 dummy = np.zeros((1, 1, c), np.float32)

@@ -305,8 +305,14 @@ def test_filter_in_one_sweep_equals_splat_blur_slice(monkeypatch, shares, H, W, 
     assert lattice._stream_plan(c)[-1].shape[0] == shares  # the sweep ran, in shares
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-    # filter takes the sweep where it can (not into the values' own array, not reversed)
+    # filter takes the sweep where it can (not into the values' own array), the transposed
+    # filter too (the blur's directions in reverse order: rings of their own)
     np.testing.assert_array_equal(lattice.filter(values, pre=pre), expected["plain"])
+    reverse = lattice.filter(values, reverse=True, pre=pre, post=post)
+    assert lattice._stream_plan(c, True) is not None
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    lattice.splat(values, pre)
+    np.testing.assert_array_equal(reverse, lattice.slice(lattice.blur(True), post))
 
 
 @pytest.mark.parametrize("H, W, scale", [(37, 41, 2.5), (29, 33, 0.8), (1, 30, 1.0), (30, 1, 0.7)])
