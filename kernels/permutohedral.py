@@ -1064,14 +1064,16 @@ def _slice_points(buf, row_base, row_mask, bary, offsets, post, alpha, base, out
 # share of the points; everything its share needs — the places of each pass and the points
 # to splat — it recomputes in its own rings, a few image rows more than its share.
 #
-# The schedule pulls: the slice moves STREAM_TILE points ahead per round; for that the last
-# pass must have reached the highest vertex of those points, each pass before it the reach of
-# the next beyond, and the splat every point that touches a vertex the first pass reads.
-# Bookkeeping per lattice (_stream_tables): top[n], the highest vertex of points 0..n;
-# bottom[n], the lowest of points n..N−1; first[v], the first point of vertex v (which grows
-# with v: vertices are numbered in order of first appearance); complete[v], how many points
-# (from the first) cover every point of vertices 0..v.
-STREAM_TILE = 256  # points the slice moves ahead per round
+# The schedule goes in rounds.  In each, every stage — splat, the passes, the slice — moves on
+# as far as the stage before it allows (a pass stays its reach behind the pass before; the
+# first pass reads only vertices all of whose points are splatted; the slice takes the points
+# whose vertices the last pass has made), but at most STREAM_TILE beyond what the stage after
+# it reads next, so that no ring fills with rows that wait.  Bookkeeping per lattice
+# (_stream_tables): top[n], the highest vertex of points 0..n; bottom[n], the lowest of points
+# n..N−1; first[v], the first point of vertex v (which grows with v: vertices are numbered in
+# order of first appearance); complete[v], how many points (from the first) cover every point
+# of vertices 0..v.
+STREAM_TILE = 256  # points or places a stage moves ahead per round, at most (64-1024: 256 best)
 STREAM = True  # False: never streamed; "always": any grid-like lattice, however small (tests)
 STREAM_BYTES = 4 << 20  # stream where the vertex buffer would be larger than this
 
@@ -1122,11 +1124,11 @@ def _filter_streamed(values, pre, bary, offsets, post, alpha, base, out, start, 
                      neighbours, directions, reach, top, bottom, first, complete, masks, bases,
                      rings, simulate, spans):
     # The filter of values (N, c) along ``directions`` (reach[i]: pass i's, along
-    # directions[i]) into out (base, start and softmax as for _slice), in one sweep per thread through its rings (T, ., c): the
-    # splat's ring at rows bases[0] + (v & masks[0]), pass i's at bases[i + 1] + (u &
-    # masks[i + 1]); row 0 the zero row.  spans[t, k]: the most rows ring k had to hold at
-    # once in thread t.  With ``simulate`` only the schedule runs (no arithmetic: rings may be
-    # a dummy) — to measure the spans for the rings' sizes.
+    # directions[i]) into out (base, start and softmax as for _slice), in one sweep per
+    # thread through its rings (T, ., c): the splat's ring at rows bases[0] + (v & masks[0]),
+    # pass i's at bases[i + 1] + (u & masks[i + 1]); row 0 the zero row.  spans[t, k]: the
+    # most rows ring k had to hold at once in thread t.  With ``simulate`` only the schedule
+    # runs (no arithmetic: rings may be a dummy) — to measure the spans for the rings' sizes.
     N = bary.shape[0]
     M = first.shape[0]
     P = directions.shape[0]
@@ -1337,7 +1339,8 @@ class LatticeCPU:
         (N,) the result; with ``out`` given the result is *added* to it, or to ``base``
         (N, c) if that is given too, and written to ``out`` (the CRF's fused message passing:
         one pass over the pixels instead of four).  float64 values are filtered in float64
-        (the same linear operator, for gradient checks).
+        (the same linear operator, for gradient checks).  A large grid-like lattice filters
+        float32 values in one sweep (``stream``) where ``out`` is not the values' own array.
         """
         with self.lock:
             if values.dtype == np.float32 and values.ndim == 2 and \
@@ -1487,10 +1490,10 @@ class LatticeCPU:
     def _stream_plan(self, c, reverse=False):
         """(tables, reach, directions, masks, bases, rings) for _filter_streamed with c
         float32 channels, the blur's directions in order (reversed: the transposed filter)
-        and the current number of threads, made on first use and kept;
-        None where the lattice does not stream (see ``streams``).  The rings' sizes come from
-        a run of the schedule alone: the most rows each ring held, rounded up to a power of
-        two (so that a slot is an AND)."""
+        and the current number of threads, made on first use and kept; None where the
+        lattice does not stream (see ``streams``).  The rings' sizes come from a run of the
+        schedule alone: the most rows each ring held, rounded up to a power of two (so that
+        a slot is an AND)."""
         if not STREAM or (STREAM != "always" and self.M * c * 4 <= STREAM_BYTES):
             return None
         T = max(1, min(numba.get_num_threads(), self.N))

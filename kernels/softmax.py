@@ -130,6 +130,14 @@ def _exp_any(builder, x):
     return builder.fpext(_vector_exp(builder, builder.fptrunc(x, single)), x.type)
 
 
+def _out_and_source(context, builder, signature, args):
+    """For an intrinsic (out, n, a, ...): pointers to row n of out and of a, the number of
+    columns, the element type."""
+    dst, columns = row_start(context, builder, signature.args[0], args[0], args[1])
+    src, _ = row_start(context, builder, signature.args[2], args[2], args[1])
+    return dst, src, columns, signature.args[0].dtype
+
+
 @intrinsic
 def _row_exp_sum_simd(typingctx, out, n, a, m):
     """out[n] = exp(a[n] − m) (as _exp_f32; out may be a), returning Σ out[n] — one pass over
@@ -142,9 +150,7 @@ def _row_exp_sum_simd(typingctx, out, n, a, m):
         return None
 
     def codegen(context, builder, signature, args):
-        dst, columns = row_start(context, builder, signature.args[0], args[0], args[1])
-        src, _ = row_start(context, builder, signature.args[2], args[2], args[1])
-        dtype = signature.args[0].dtype
+        dst, src, columns, dtype = _out_and_source(context, builder, signature, args)
         wide = Rows(context, builder, dtype, LANES)
         partial = cgutils.alloca_once_value(builder, ir.Constant(wide.type, [0.0] * LANES))
         tail = cgutils.alloca_once_value(builder, ir.Constant(wide.type.element, 0.0))
@@ -186,9 +192,7 @@ def _row_softmax_simd(typingctx, out, n, a):
         return None
 
     def codegen(context, builder, signature, args):
-        dst, columns = row_start(context, builder, signature.args[0], args[0], args[1])
-        src, _ = row_start(context, builder, signature.args[2], args[2], args[1])
-        dtype = signature.args[0].dtype
+        dst, src, columns, dtype = _out_and_source(context, builder, signature, args)
         rows = Rows(context, builder, dtype, LANES)
         i64 = columns.type
         steps = builder.lshr(builder.add(columns, ir.Constant(i64, LANES - 1)),
