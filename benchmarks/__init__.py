@@ -21,3 +21,14 @@ def existing_file(path):
     if not os.path.isfile(path):
         raise argparse.ArgumentTypeError(f"no such file: {path}")
     return path
+
+
+def add_image_argument(parser):
+    """--image for the CRF benchmarks: an existing file, checked before any work starts; by
+    default None — the caller then takes the shared example photograph where it is found and
+    a synthetic scene where not (``bench_crf.make_scene``), saying which.  (Not the
+    photograph's path as the default: argparse would check a string default like a given
+    path, and without ../shared — an installed package, the GPU machine — stop there.)"""
+    parser.add_argument("--image", type=existing_file, default=None,
+                        help="the photograph to use (default: the shared example im1.png where "
+                             "it is found, else a synthetic scene)")

@@ -24,7 +24,7 @@ import tracemalloc
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import existing_file, positive_int
+from tinydeeplab.benchmarks import add_image_argument, positive_int
 
 PARAMS = {
     "DeepLab v2 (pos 1/3, bi 67/3/4)": dict(gs=1, gw=3, bs=67, br=3, bw=4),
@@ -166,10 +166,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeat", type=positive_int, default=5)
-    parser.add_argument("--image", type=existing_file, default=PHOTO,
-                        help="the photograph to use (default: the shared example, if present)")
+    add_image_argument(parser)
     args = parser.parse_args(argv)
-    run(args.device, args.repeat, photo=args.image)
+    run(args.device, args.repeat, photo=args.image or PHOTO)
 
 
 if __name__ == "__main__":

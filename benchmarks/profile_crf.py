@@ -24,7 +24,7 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import existing_file, positive_int
+from tinydeeplab.benchmarks import add_image_argument, positive_int
 from tinydeeplab.benchmarks.bench_crf import PARAMS, PHOTO, in_turns, make_scene, run_ours
 
 
@@ -199,12 +199,11 @@ def main(argv=None):
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"),
                         help="image size (the simulator needs tiny ones)")
-    parser.add_argument("--image", type=existing_file, default=PHOTO,
-                        help="the photograph to use (default: the shared example, if present)")
+    add_image_argument(parser)
     args = parser.parse_args(argv)
     if min(args.size) < 1:
         parser.error(f"--size needs two positive numbers, got {args.size[0]} {args.size[1]}")
-    run(args.device, args.repeat, args.cprofile, tuple(args.size), photo=args.image)
+    run(args.device, args.repeat, args.cprofile, tuple(args.size), photo=args.image or PHOTO)
 
 
 if __name__ == "__main__":

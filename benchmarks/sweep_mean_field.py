@@ -17,7 +17,7 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import existing_file, positive_int
+from tinydeeplab.benchmarks import add_image_argument, positive_int
 from tinydeeplab.benchmarks.bench_crf import PARAMS, PHOTO, make_scene
 
 SIZES = [(375, 500), (188, 250), (750, 1000)]
@@ -91,7 +91,7 @@ def sweep(image, probs, p, kernels, repeat):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", type=existing_file, default=PHOTO)
+    add_image_argument(parser)
     parser.add_argument("--blocks", type=positive_int, nargs="+", default=[6, 8, 12])
     parser.add_argument("--repeat", type=positive_int, default=9)
     args = parser.parse_args(argv)
@@ -103,7 +103,7 @@ def main(argv=None):
 
     quiet_small_grid_warnings()
     kernels = variants(args.blocks)
-    scenes = [(size, args.image) for size in SIZES] + [(SIZES[0], None)]
+    scenes = [(size, args.image or PHOTO) for size in SIZES] + [(SIZES[0], None)]
     for (H, W), photo in scenes:
         image, probs, scene = make_scene(H, W, photo=photo)
         for name, p in PARAMS.items():

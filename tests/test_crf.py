@@ -863,6 +863,34 @@ def test_profile_script_runs_on_the_cpu():
         assert text.count(ab) == 2, text  # the CPU's A/Bs, per parameter set
 
 
+@pytest.mark.parametrize("script", ["bench_crf", "profile_crf", "crf_parts", "sweep_mean_field"])
+def test_crf_benchmarks_start_without_the_shared_photograph(monkeypatch, tmp_path, script):
+    """Without ../shared (an installed package, the GPU machine) the CRF benchmarks run on the
+    synthetic scene: their --image defaults to None (argparse would check a path default and
+    stop with 'no such file'); a given path that is missing is still a clear error first."""
+    import argparse
+    import importlib
+
+    from tinydeeplab.benchmarks import bench_crf
+
+    module = importlib.import_module(f"tinydeeplab.benchmarks.{script}")
+    monkeypatch.setattr(bench_crf, "PHOTO", str(tmp_path / "absent.png"))
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, argv=None, namespace=None):  # stop right after parsing
+        seen["args"] = real(self, argv, namespace)
+        raise SystemExit("parsed")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    with pytest.raises(SystemExit, match="parsed"):
+        module.main([])
+    assert seen["args"].image is None
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--image", str(tmp_path / "missing.png")])
+    assert stop.value.code == 2  # argparse's error (no such file), not the end of parsing
+
+
 def test_benchmark_scene_says_which_image_it_is(tmp_path):
     """bench_crf / profile_crf run on the photograph when it is there, else on a synthetic
     scene whose lattice is several times larger: the scene's name must say which."""
