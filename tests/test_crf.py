@@ -891,6 +891,24 @@ def test_crf_benchmarks_start_without_the_shared_photograph(monkeypatch, tmp_pat
     assert stop.value.code == 2  # argparse's error (no such file), not the end of parsing
 
 
+def test_crf_parts_script_runs_on_the_cpu():
+    """benchmarks/crf_parts.py (the CPU CRF's parts against what they replaced, in turns)
+    runs on a tiny scene and reports each A/B with results that agree."""
+    import io
+    import re
+
+    from tinydeeplab.benchmarks import crf_parts
+
+    out = io.StringIO()
+    crf_parts.run(repeat=1, size=(20, 24), out=out)
+    text = out.getvalue()
+    for ab in ("spatial filter: one sweep", "spatial filter (transposed): one sweep",
+               "in registers", "radix sort of the spatial", "radix sort of the bilateral"):
+        assert ab in text, text
+    for delta in re.findall(r"max \|Δ\| ([0-9.e+-]+)", text):
+        assert float(delta) < 1e-5, text
+
+
 def test_benchmark_scene_says_which_image_it_is(tmp_path):
     """bench_crf / profile_crf run on the photograph when it is there, else on a synthetic
     scene whose lattice is several times larger: the scene's name must say which."""
