@@ -10,8 +10,10 @@ setup(
     # The top-level kernels/ folder installs as tinydeeplab.kernels: a top-level package named
     # "kernels" would clash with the unrelated PyPI distribution of that name.
     # benchmarks/ installs as tinydeeplab.benchmarks so that `tinydeeplab bench` works anywhere.
-    packages=["tinydeeplab", "tinydeeplab.kernels", "tinydeeplab.benchmarks"],
+    packages=["tinydeeplab", "tinydeeplab.kernels", "tinydeeplab.kernels.permutohedral",
+              "tinydeeplab.benchmarks"],
     package_dir={"tinydeeplab": "tinydeeplab", "tinydeeplab.kernels": "kernels",
+                 "tinydeeplab.kernels.permutohedral": "kernels/permutohedral",
                  "tinydeeplab.benchmarks": "benchmarks"},
     install_requires=["numpy", "numba", "numba-cuda", "pillow", "matplotlib", "tqdm",
                       "threadpoolctl",

@@ -59,9 +59,10 @@ def make_scene(H=375, W=500, C=21, seed=0, photo=PHOTO):
     return image, probs.astype(np.float32), scene
 
 
-def run_ours(image, probs, p, device="cpu", step=None):
+def run_ours(image, probs, p, device="cpu", step=None, engine=None):
     """One CRF run as the benchmark times it; ``step(name)``, if given, is called after each
-    step (profile_crf.py times the steps with it)."""
+    step (profile_crf.py times the steps with it); ``engine`` as DenseCRF.inference takes it
+    (None: the default; "plain": the plain loop)."""
     from tinydeeplab import crf
 
     step = step or (lambda name: None)
@@ -77,9 +78,9 @@ def run_ours(image, probs, p, device="cpu", step=None):
     d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=image, compat=p["bw"])
     step("bilateral lattice + normalisation")
     if device == "cuda":  # (inference would make it first thing; made here, it is timed apart)
-        d._mean_field_in_one_launch()
+        d.mean_field_engine(engine)
         step("one-launch mean field: set-up")
-    Q = d.inference(10)
+    Q = d.inference(10, engine)
     step("10 iterations")
     if device == "cuda":
         Q = crf.to_device(Q, "cpu")

@@ -33,22 +33,15 @@ def line(what, names, times):
 
 
 def stream_against_steps(lattice, values, factor, repeat, reverse):
-    from tinydeeplab.kernels import permutohedral
-
     base = np.ones_like(values)
-    default = permutohedral.STREAM
 
-    def run(mode):
-        def one():
-            permutohedral.STREAM = mode
-            try:  # onto a base, as the CRF's message onto the unary
-                return lattice.filter(values, reverse, factor, factor, np.empty_like(values),
-                                      base)
-            finally:
-                permutohedral.STREAM = default
+    def run(schedule):
+        def one():  # onto a base, as the CRF's message onto the unary
+            return lattice.filter(values, reverse, factor, factor, np.empty_like(values), base,
+                                  schedule=schedule)
         return one
 
-    times, (a, b) = in_turns([run("always"), run(False)], repeat)
+    times, (a, b) = in_turns([run("stream"), run("steps")], repeat)
     return times, np.abs(a - b).max()
 
 
@@ -75,7 +68,7 @@ def softmax_in_registers_against_three_passes(N, C, repeat):
 
 
 def radix_in_blocks_against_one(words, repeat):
-    from tinydeeplab.kernels.permutohedral import _radix_argsort_cpu
+    from tinydeeplab.kernels.permutohedral.cpu_fast_build import _radix_argsort_cpu
 
     T = numba.get_num_threads()
     times, (a, b) = in_turns([lambda: _radix_argsort_cpu(words, T),
@@ -86,7 +79,7 @@ def radix_in_blocks_against_one(words, repeat):
 
 def run(repeat=9, size=(375, 500), out=sys.stdout, photo=PHOTO):
     from tinydeeplab import crf
-    from tinydeeplab.kernels.permutohedral import LatticeCPU
+    from tinydeeplab.kernels.permutohedral.cpu_fast import LatticeCPU
 
     image, probs, scene = make_scene(*size, photo=photo)
     C, H, W = probs.shape
@@ -114,7 +107,7 @@ def run(repeat=9, size=(375, 500), out=sys.stdout, photo=PHOTO):
     d = crf.DenseCRF2D(W, H, C)
     d.setUnaryEnergy(crf.unary_from_softmax(probs))
     d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=image, compat=p["bw"])
-    for name, lat in (("spatial", lattice), ("bilateral", d.pairwise[0].lattice._impl)):
+    for name, lat in (("spatial", lattice), ("bilateral", d.pairwise[0].lattice.kernel)):
         times, T = radix_in_blocks_against_one(lat.vertex_words, repeat)
         print(line(f"radix sort of the {name} lattice's {lat.M} keys",
                    [f"{T} blocks", "1 block"], times), file=out)

@@ -84,21 +84,24 @@ class LaunchCounter:
         setattr(self.owner, self.name, self.original)
 
 
-def settings_in_turns(image, probs, p, repeat, name, values):
-    """Whole CPU runs with permutohedral.<name> set to each of ``values`` (two), in turns:
+def settings_in_turns(image, probs, p, repeat, name, values, fixed=None):
+    """Whole CPU runs with the size threshold permutohedral.cpu_fast.<name> set to each of
+    ``values`` (two), in turns (``fixed``: other thresholds held at a value meanwhile):
     (median seconds of each, ratios second/first per round, max |ΔQ| between them, lattice
     sizes)."""
-    from tinydeeplab.kernels import permutohedral
-
-    default = getattr(permutohedral, name)
+    from tinydeeplab.kernels.permutohedral import cpu_fast
 
     def with_value(value):
         def one_run():
-            setattr(permutohedral, name, value)
+            settings = dict(fixed or {}, **{name: value})
+            defaults = {key: getattr(cpu_fast, key) for key in settings}
+            for key, v in settings.items():
+                setattr(cpu_fast, key, v)
             try:
                 return run_ours(image, probs, p)
             finally:
-                setattr(permutohedral, name, default)
+                for key, v in defaults.items():
+                    setattr(cpu_fast, key, v)
         return one_run
 
     times, (q_a, q_b) = in_turns([with_value(v) for v in values], repeat)
@@ -109,41 +112,36 @@ def settings_in_turns(image, probs, p, repeat, name, values):
 
 def cpu_choices(image, probs, p, repeat):
     """On the CPU, the two choices made by size, each measured both ways (whole runs, in
-    turns): the first (spatial) kernel's message in one sweep (permutohedral.STREAM, for
-    vertex buffers over STREAM_BYTES) against splat, blur and slice; and, not streaming, the
-    two kernels' splats in one pass over Q against one after the other
-    (SPLAT_TOGETHER_BYTES)."""
-    from tinydeeplab.kernels import permutohedral
+    turns): the first (spatial) kernel's message in one sweep (cpu_fast.stream_pays: vertex
+    buffers over STREAM_BYTES) against splat, blur and slice; and, not streaming, the two
+    kernels' splats in one pass over Q against one after the other (splat_together_pays:
+    SPLAT_TOGETHER_BYTES)."""
+    from tinydeeplab.kernels.permutohedral import cpu_fast
 
     C = probs.shape[0]
+    never, always = float("inf"), 0
     (t_sweep, t_steps), ratios, dq, sizes = settings_in_turns(
-        image, probs, p, repeat, "STREAM", ["always", False])
+        image, probs, p, repeat, "STREAM_BYTES", [always, never])
     spatial = (sizes[0] + 1) * C * 4
     lines = [f"spatial message in one sweep {1e3 * t_sweep:.2f} ms, splat/blur/slice "
              f"{1e3 * t_steps:.2f} ms: {statistics.median(ratios):.2f}× "
              f"[{min(ratios):.2f}-{max(ratios):.2f}]; max |ΔQ| {dq:.1e}; its buffer would be "
              f"{spatial / 2**20:.1f} MB, so by default "
-             f"{'in one sweep' if spatial > permutohedral.STREAM_BYTES else 'in steps'}"]
-    stream = permutohedral.STREAM
-    permutohedral.STREAM = False
-    try:
-        (t_apart, t_together), ratios, dq, sizes = settings_in_turns(
-            image, probs, p, repeat, "SPLAT_TOGETHER_BYTES", [0, float("inf")])
-    finally:
-        permutohedral.STREAM = stream
+             f"{'in one sweep' if cpu_fast.stream_pays(sizes[0] + 1, C) else 'in steps'}"]
+    (t_apart, t_together), ratios, dq, sizes = settings_in_turns(
+        image, probs, p, repeat, "SPLAT_TOGETHER_BYTES", [0, float("inf")],
+        fixed={"STREAM_BYTES": never})
     both = sum((M + 1) * C * 4 for M in sizes)  # the float32 buffers
     ratios = [1 / r for r in ratios]
     lines.append(f"not streaming: two splats in one pass {1e3 * t_together:.2f} ms, one after "
                  f"the other {1e3 * t_apart:.2f} ms: {statistics.median(ratios):.2f}× "
                  f"[{min(ratios):.2f}-{max(ratios):.2f}]; max |ΔQ| {dq:.1e}; buffers "
                  f"{both / 2**20:.1f} MB together, so then "
-                 f"{'in one pass' if both <= permutohedral.SPLAT_TOGETHER_BYTES else 'apart'}")
+                 f"{'in one pass' if cpu_fast.splat_together_pays(both) else 'apart'}")
     return "\n".join(lines)
 
 
 def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout, photo=PHOTO):
-    from tinydeeplab.kernels import permutohedral_cuda
-
     image, probs, scene = make_scene(*size, photo=photo)
     C, H, W = probs.shape
     print(f"# dense CRF profile: {W}×{H} {scene}, {C} labels, 10 iterations, device={device}, "
@@ -159,25 +157,21 @@ def run(device="cpu", repeat=5, cprofile=False, size=(375, 500), out=sys.stdout,
         total = statistics.median(sum(r.values()) for r in runs)
         print(f"| all (each step waited for) | {1e3 * total:.2f} |", file=out)
         if device == "cuda":
-            def step_by_step():
-                permutohedral_cuda.FUSED_MEAN_FIELD = False
-                try:
-                    return run_ours(image, probs, p, device)
-                finally:
-                    permutohedral_cuda.FUSED_MEAN_FIELD = True
+            def step_by_step():  # the plain loop on the CUDA lattices
+                return run_ours(image, probs, p, device, engine="plain")
 
             with LaunchCounter() as launches:
                 run_ours(image, probs, p, device)
             with LaunchCounter() as launches_step:
                 step_by_step()
             print(f"\nkernel launches per run: {launches.count} "
-                  f"(step by step: {launches_step.count})", file=out)
+                  f"(plain loop: {launches_step.count})", file=out)
 
             (t_one, t_step), (q_one, q_step) = in_turns(
                 [lambda: run_ours(image, probs, p, device), step_by_step], repeat)
             ratios = [b / a for a, b in zip(t_one, t_step)]
             print(f"one-launch mean field {1e3 * statistics.median(t_one):.2f} ms, step by "
-                  f"step {1e3 * statistics.median(t_step):.2f} ms (whole runs, in turns): "
+                  f"loop {1e3 * statistics.median(t_step):.2f} ms (whole runs, in turns): "
                   f"{statistics.median(ratios):.2f}× [{min(ratios):.2f}-{max(ratios):.2f}]; "
                   f"max |ΔQ| {np.abs(q_one[0] - q_step[0]).max():.1e}", file=out)
         if device == "cpu":

@@ -2,12 +2,12 @@
 
     python benchmarks/sweep_mean_field.py [--image PHOTO] [--blocks 6 8 12]   # GPU only
 
-``permutohedral_cuda._mean_field_kernel`` is compiled with launch bounds that let B blocks of
+``permutohedral.cuda_mean_field._mean_field_kernel`` is compiled with launch bounds that let B blocks of
 128 threads share a multiprocessor (B = MEAN_FIELD_BLOCKS_PER_SM by default; the compiler then
 keeps it to 65536 / (128 B) registers a thread), and once without any bound.  For the photograph
 at three sizes (and the synthetic scene) and both parameter sets, each variant's 10 iterations
 (``inference(10)`` alone, the lattices built once, synchronised) run in turns, --repeat rounds;
-the table gives the medians in ms and checks that every variant's Q equals step by step's.
+the table gives the medians in ms and checks that every variant's Q is within float32 rounding of the plain loop's.
 """
 import argparse
 import statistics
@@ -25,8 +25,8 @@ SIZES = [(375, 500), (188, 250), (750, 1000)]
 
 def variants(blocks):
     """{name: kernel}: the mean-field kernel without launch bounds and with each cap."""
-    from tinydeeplab.kernels import permutohedral_cuda as pc
     from tinydeeplab.kernels._cuda import cuda
+    from tinydeeplab.kernels.permutohedral import cuda_mean_field as pc
 
     plain = pc._mean_field_kernel.py_func
     kernels = {"no bound": cuda.jit(plain)}
@@ -36,32 +36,29 @@ def variants(blocks):
 
 
 def sweep(image, probs, p, kernels, repeat):
-    """{variant: (median ms, max |Q − Q step by step|, blocks launched)} for one scene."""
+    """{variant: (median ms, max |Q − Q plain loop|, blocks launched)} for one scene."""
     import cupy
 
     from tinydeeplab import crf
-    from tinydeeplab.kernels import permutohedral_cuda as pc
+    from tinydeeplab.kernels.permutohedral import cuda as pcu
+    from tinydeeplab.kernels.permutohedral import cuda_mean_field as pc
 
     C, H, W = probs.shape
     d = crf.DenseCRF2D(W, H, C, device="cuda")
     d.setUnaryEnergy(crf.unary_from_softmax(cupy.asarray(probs)))
     d.addPairwiseGaussian(sxy=p["gs"], compat=p["gw"])
     d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=cupy.asarray(image), compat=p["bw"])
-    lattices = [k.lattice._impl for k in d.pairwise]
+    lattices = [k.lattice.kernel for k in d.pairwise]
     original = pc._mean_field_kernel
     runs, blocks = {}, {}
 
-    def step_by_step():
-        pc.FUSED_MEAN_FIELD = False
-        try:
-            return d.inference(10)
-        finally:
-            pc.FUSED_MEAN_FIELD = True
+    def plain_loop():  # the plain loop on the CUDA lattices
+        return d.inference(10, engine="plain")
 
-    runs["step by step"] = step_by_step
+    runs["plain loop"] = plain_loop
     for name, kernel in kernels.items():
         pc._mean_field_kernel = kernel  # MeanFieldCUDA sizes its grid for this kernel
-        pc._COOPERATIVE_BLOCKS.clear()
+        pcu._COOPERATIVE_BLOCKS.clear()
         fused = pc.MeanFieldCUDA.make(lattices, [k.pre for k in d.pairwise],
                                       [k.post_w for k in d.pairwise], C)
         blocks[name] = fused.blocks
@@ -83,9 +80,9 @@ def sweep(image, probs, p, kernels, repeat):
                 times[name].append(time.perf_counter() - t0)
     finally:
         pc._mean_field_kernel = original
-        pc._COOPERATIVE_BLOCKS.clear()
+        pcu._COOPERATIVE_BLOCKS.clear()
     return {name: (1e3 * statistics.median(times[name]),
-                   float(np.abs(q[name] - q["step by step"]).max()), blocks.get(name, ""))
+                   float(np.abs(q[name] - q["plain loop"]).max()), blocks.get(name, ""))
             for name in runs}, [k.lattice.num_vertices for k in d.pairwise]
 
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from tinydeeplab import crf
-from tinydeeplab.kernels import permutohedral
+from tinydeeplab.kernels.permutohedral import reference as R
 
 FAST = os.environ.get("TDL_FAST") == "1"
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -28,20 +28,26 @@ rng = np.random.default_rng(0)
 # Features f ∈ ℝ² are lifted onto the plane Σx = 0 of ℝ³ (the "elevation"), which the lattice
 # tiles with triangles (in d dimensions: simplices with d+1 corners).  Each point gets the 3
 # corners of its triangle and 3 barycentric weights that sum to 1 and rebuild its position.
+# kernels/permutohedral/reference.py does each step as a few NumPy operations over all points
+# (read it beside this lesson); here we call its steps one at a time.
 d = 2
 f = rng.uniform(0, 3, (12, d)).astype(np.float32)
-lattice = crf.PermutohedralLattice(f)
-impl = lattice._impl
-scale = permutohedral.elevation_scale(d).astype(np.float64)
-elevated = np.zeros((len(f), d + 1))
-for j in range(d, 0, -1):  # step 1 of kernels/permutohedral.py, in float64
-    elevated[:, j] = (f[:, j:] * scale[j:]).sum(1) - j * f[:, j - 1] * scale[j - 1]
-elevated[:, 0] = (f * scale).sum(1)
-keys = np.concatenate([impl.vertex_keys, -impl.vertex_keys.sum(1, keepdims=True)], 1)
-corners = impl.offsets.reshape(len(f), d + 1)  # vertex index of each point's corners
-rebuilt = np.einsum("nk,nkj->nj", impl.bary.astype(np.float64), keys[corners])
-print(f"{len(f)} points, {lattice.num_vertices} lattice vertices; barycentric weights rebuild "
+elevated = R.elevate(f)  # (N, 3): step 1
+rem0, rank = R.enclosing_simplex(elevated)  # step 2: the remainder-0 corner, the ranks
+bary = R.barycentric(elevated, rem0, rank)  # step 3: (N, 3) weights
+corner_keys = R.corner_keys(rem0, rank)  # (N, 3 corners, 2): first d coordinates
+full = np.concatenate([corner_keys, -corner_keys.sum(2, keepdims=True)], 2)  # Σ = 0
+rebuilt = (bary[:, :, None].astype(np.float64) * full).sum(1)
+reference = R.LatticeReference(f)  # the same steps, then the vertices numbered
+keys = np.concatenate([reference.vertex_keys, -reference.vertex_keys.sum(1, keepdims=True)], 1)
+corners = reference.offsets.reshape(len(f), d + 1)  # vertex index of each point's corners
+print(f"{len(f)} points, {reference.M} lattice vertices; barycentric weights rebuild "
       f"the elevated points to {np.abs(rebuilt - elevated).max():.1e}")
+# The library's lattice (the fast CPU variant) builds the same lattice and filters alike:
+lattice = crf.PermutohedralLattice(f)
+v = rng.random((len(f), 3)).astype(np.float32)
+print(f"library lattice: {lattice.num_vertices} vertices; filter max |difference| from the "
+      f"reference {np.abs(lattice.filter(v) - reference.filter(v)).max():.1e}")
 # to draw the plane Σx = 0, project onto two orthonormal vectors in it
 basis = np.array([[1, -1, 0] / np.sqrt(2), [1, 1, -2] / np.sqrt(6)]).T
 
@@ -51,15 +57,22 @@ basis = np.array([[1, -1, 0] / np.sqrt(2), [1, 1, -2] / np.sqrt(6)]).T
 # with the same weights.  Splat is the transpose of slice, so the whole filter is symmetric.
 x1 = np.sort(rng.uniform(0, 12, 40)).astype(np.float32)[:, None]
 v1 = (np.sin(x1[:, 0]) > 0).astype(np.float32)  # a square wave
-lat1 = crf.PermutohedralLattice(x1)
-smooth = lat1.filter(v1) / lat1.filter(np.ones_like(v1))  # normalised, as the CRF uses it
+lat1 = R.LatticeReference(x1)
+splatted = lat1.splat(v1[:, None])  # (M, 1): each vertex's share of the nearby values
+blurred = lat1.blur(splatted)  # 1-2-1 along each direction
+filtered = lat1.slice_(blurred)[:, 0]  # back at the points
+ones = lat1.filter(np.ones_like(v1)[:, None])[:, 0]
+smooth = filtered / ones  # normalised, as the CRF uses it
 exact_w = np.exp(-0.5 * (x1 - x1.T) ** 2)
 exact = exact_w @ v1 / exact_w.sum(1)
-print(f"1-D normalised filter vs exact: max |difference| {np.abs(smooth - exact).max():.3f}")
+print(f"1-D: {len(x1)} points on {lat1.M} vertices; normalised filter vs exact: "
+      f"max |difference| {np.abs(smooth - exact).max():.3f}")
 
 # %% 3. Error against the exact filter, d = 2 and d = 5 (the CRF's two kernels)
 # The lattice blurs with a slightly different kernel than exp(−|Δf|²/2) and its overall scale is
-# off by a constant; the CRF normalises each kernel by its filtered ones, which removes the scale.
+# off by a constant.  The CRF normalises each kernel symmetrically, as densecrf does: with
+# n = 1/√(K·1), it uses n ⊙ K(n ⊙ v) — which also removes the scale.  Here, to compare with the
+# exact filter row by row, we divide by the filtered ones instead.
 errors = {}
 for dim in (2, 5):
     fd = (rng.random((400, dim)) * 3).astype(np.float32)
@@ -139,8 +152,10 @@ plt.close(fig)
 
 # %% Check
 assert np.abs(rebuilt - elevated).max() < 1e-4, "barycentric weights must rebuild the points"
-assert np.allclose(impl.bary.sum(1), 1, atol=1e-5) and (impl.bary >= -1e-6).all()
+assert np.allclose(bary.sum(1), 1, atol=1e-5) and (bary >= -1e-6).all()
+assert lattice.num_vertices == reference.M  # the library's lattice is the reference's
+assert np.allclose(lattice.filter(v), reference.filter(v), rtol=1e-5, atol=1e-6)
 assert np.abs(smooth - exact).max() < 0.1
-assert errors[2] < 0.01 and errors[5] < 0.025  # the bands of tests/test_crf.py
+assert errors[2] < 0.01 and errors[5] < 0.025  # the bands of tests/test_lattice.py
 assert max(vertices) <= 6  # at most d+1 = 6 per point for d = 5: the lattice is O(N)
 print("Check passed.")

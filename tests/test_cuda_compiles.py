@@ -90,9 +90,10 @@ def record_launches(workload):
 def every_kernel(monkeypatch):
     """Launch each CUDA kernel at least once, float32 and float64, tiny shapes."""
     from tinydeeplab import crf
-    from tinydeeplab.kernels import atrous_conv, permutohedral_cuda
+    from tinydeeplab.kernels import atrous_conv
     from tinydeeplab.kernels import batch_norm as bn
     from tinydeeplab.kernels import bilinear, max_pool
+    from tinydeeplab.kernels.permutohedral import cuda as permutohedral_cuda
     from tinydeeplab.kernels.softmax import softmax_rows
 
     rng = np.random.default_rng(0)
@@ -118,14 +119,14 @@ def every_kernel(monkeypatch):
                                    variant="cuda_v1")
         softmax_rows(x.reshape(-1, 4), np.empty_like(x.reshape(-1, 4)), cuda=True)
         features = (rng.random((30, 5)) * 2).astype(np.float32)
-        crf.PermutohedralLattice(features, device="cuda").filter(
-            rng.random((30, 2)).astype(dt), reverse=True)
+        lattice = crf.PermutohedralLattice(features, device="cuda")
+        lattice.filter(rng.random((30, 2)).astype(dt), reverse=True)
+        lattice.kernel.splat(rng.random((30, 2)).astype(dt))
+        lattice.kernel.blur(one_launch=False)  # one launch per direction
     image = rng.integers(0, 256, (5, 6, 3)).astype(np.uint8)
     probs = rng.dirichlet(np.ones(3), (5, 6)).transpose(2, 0, 1).astype(np.float32)
     monkeypatch.setattr(permutohedral_cuda, "SPLAT_CHUNK", 2)  # the two-step splat too
     crf.dense_crf(image, probs, iterations=2, device="cuda")
-    monkeypatch.setattr(permutohedral_cuda, "ONE_LAUNCH_BLUR", False)  # per direction
-    crf.dense_crf(image, probs, iterations=1, device="cuda")
 
 
 def test_every_cuda_kernel_compiles_for_a_real_gpu(monkeypatch):
@@ -146,11 +147,12 @@ def test_every_cuda_kernel_compiles_for_a_real_gpu(monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
     failures, bounds = json.loads(done.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(failures)
-    # the one-launch mean field's register cap (permutohedral_cuda.MEAN_FIELD_BLOCKS_PER_SM)
+    # the one-launch mean field's register cap (cuda_mean_field.MEAN_FIELD_BLOCKS_PER_SM)
     # reaches the compiled code: PTX directives .maxntid 128 and .minnctapersm 8
-    from tinydeeplab.kernels import _common, permutohedral_cuda
+    from tinydeeplab.kernels import _common
+    from tinydeeplab.kernels.permutohedral import cuda_mean_field
 
     directives = {words[0]: words[1].rstrip(",") for words in bounds["_mean_field_kernel"]}
     assert directives == {".maxntid": str(_common.THREADS),
-                          ".minnctapersm": str(permutohedral_cuda.MEAN_FIELD_BLOCKS_PER_SM)}, \
+                          ".minnctapersm": str(cuda_mean_field.MEAN_FIELD_BLOCKS_PER_SM)}, \
         bounds["_mean_field_kernel"]

@@ -8,13 +8,14 @@ inference (their §3, eq. 4-5) iterates
 
 and the sum over all pixels j is one Gaussian filter per kernel, computed on the permutohedral
 lattice (``kernels.permutohedral``) in linear time.  As in densecrf/pydensecrf, the filter
-includes the pixel itself, kernels are normalised symmetrically (k̃ = D^−½ K D^−½ with
-D = K·1), and a Potts compatibility of weight w contributes  +w · k̃ Q  to the log-potential.
+includes the pixel itself (the paper's sum is over j ≠ i), kernels are normalised
+symmetrically (k̃ = D^−½ K D^−½ with D = K·1), and a Potts compatibility of weight w
+contributes  +w · k̃ Q  to the log-potential.  ``DenseCRF.inference`` is that loop, plainly;
+the fast schedules of the same loop (``kernels.permutohedral.ENGINES``) are tested against it.
 
 ``DenseCRF2D`` copies pydensecrf's interface and semantics, so switching is one import line;
 ``dense_crf`` is DeepLab v2's post-processing with its ResNet-101 VOC parameters.
 """
-import contextlib
 import math
 
 import numpy as np
@@ -23,7 +24,6 @@ from .autograd import Function, Tensor, is_grad_enabled
 from .backend import array_module, cuda_simulator, has_cuda, is_cupy_array, to_device
 from .kernels import permutohedral as _lattice
 from .kernels.softmax import softmax_rows
-from .kernels.transpose import transpose
 from .nn import Module, Parameter
 
 # pydensecrf's enums, same values
@@ -58,11 +58,14 @@ class PermutohedralLattice:
 
     ``PermutohedralLattice(features)``: features (N, d) — divide each feature by its kernel
     width first.  ``filter(values)``: values (N, c) → Σ_j exp(−|f_i − f_j|²/2) v_j,
-    approximately (see tests/test_crf.py for the error against the exact sum), the point
+    approximately (see tests/test_lattice.py for the error against the exact sum), the point
     itself included.  NumPy arrays run on the CPU, CuPy arrays on the GPU (or pass device=).
+    ``variant``: a name from ``kernels.permutohedral.VARIANTS`` ("reference", "cpu",
+    "cpu_fast", "cuda"); None: the default for the device.  ``kernel`` is the built lattice
+    of that variant (its ``filter`` also takes per-point factors ``pre`` and ``post``).
     """
 
-    def __init__(self, features, device=None):
+    def __init__(self, features, device=None, variant=None):
         self.device = resolve_device(device, features)
         features = on_device(features, self.device)
         xp = array_module(features)
@@ -78,17 +81,13 @@ class PermutohedralLattice:
             raise ValueError(f"features up to {top:.3g} are too large "
                              f"for the lattice's int32 keys (limit {limit:.3g} for d = "
                              f"{features.shape[1]}); are they divided by the kernel widths?")
-        if self.device == "cpu":
-            self._impl = _lattice.LatticeCPU(features)
-        else:
-            from .kernels import permutohedral_cuda
-
-            self._impl = permutohedral_cuda.LatticeCUDA(features)
+        self.variant = _lattice.variant_name(variant, self.device)
+        self.kernel = _lattice.build(features, self.variant)
         self.N, self.d = features.shape
 
     @property
     def num_vertices(self):
-        return self._impl.M
+        return self.kernel.M
 
     def filter(self, values, reverse=False):
         """Filter values (N, c) (or (N,)); ``reverse=True`` applies the transposed operator.
@@ -103,62 +102,48 @@ class PermutohedralLattice:
             values = values[:, None]
         if values.ndim != 2 or values.shape[0] != self.N:
             raise ValueError(f"values must be ({self.N}, c), got shape {values.shape}")
-        out = self._impl.filter(values, reverse)
+        out = self.kernel.filter(values, reverse)
         return out[:, 0] if vector else out
 
 
 class _Pairwise:
     """One Gaussian kernel with its normalisation and label compatibility."""
 
-    def __init__(self, features, compat, normalization, num_labels, device):
+    def __init__(self, features, compat, normalization, num_labels, device, variant):
         if normalization not in (NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER,
                                  NORMALIZE_SYMMETRIC):
             raise ValueError(f"normalization must be one of NO_NORMALIZATION ... "
                              f"NORMALIZE_SYMMETRIC (0-3), got {normalization!r}")
-        self.lattice = PermutohedralLattice(features, device)
-        self.normalization = normalization
+        self.lattice = PermutohedralLattice(features, device, variant)
         xp = array_module(features)
         norm = self.lattice.filter(xp.ones(features.shape[0], dtype=xp.float32))
         if normalization == NO_NORMALIZATION:
-            self.norm = None
+            norm = xp.ones_like(norm)
         elif normalization == NORMALIZE_SYMMETRIC:
-            self.norm = (1.0 / xp.sqrt(norm + 1e-20)).astype(xp.float32)
+            norm = (1.0 / xp.sqrt(norm + 1e-20)).astype(xp.float32)
         else:
-            self.norm = (1.0 / (norm + 1e-20)).astype(xp.float32)
-        self.compat = _compatibility(compat, num_labels, xp)
+            norm = (1.0 / (norm + 1e-20)).astype(xp.float32)
         ones = xp.ones(features.shape[0], dtype=xp.float32)
-        self.pre = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else ones
-        self.post = self.norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else ones
-        if self.compat[0] == "potts":
+        self.pre = norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else ones
+        self.post = norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else ones
+        self.compat = _compatibility(compat, num_labels, xp)
+        if self.compat[0] == "potts":  # for the engines: the weight rides along with post
             self.post_w = self.post * self.compat[1]  # float32 (the weight is a Python float)
 
-    def splat(self, Q):
-        """The first step of this kernel's message: Q (N, C), normalised, onto its lattice."""
-        self.lattice._impl.splat(Q, self.pre)
+    def message(self, Q):
+        """Σ_j k̃(f_i, f_j) Q_j for every pixel i: the normalised Gaussian filter of Q (N, C)."""
+        return self.lattice.kernel.filter(Q, pre=self.pre, post=self.post)
 
-    def blur(self):
-        return self.lattice._impl.blur()
-
-    def add_message(self, blurred, logits, base=None, softmax=False):
-        """Add this kernel's contribution, sliced from its ``blurred`` vertex buffer, to the
-        log-potentials: logits (N, C) += f(Q), or logits = base + f(Q) when ``base`` is given.
-        With ``softmax``, a Potts kernel then normalises the rows too (in the same pass);
-        returns whether it did."""
-        lattice, (kind, w) = self.lattice._impl, self.compat
-        if kind == "potts":  # +w · k̃Q: the weight rides along with the output scaling
-            lattice.slice(blurred, self.post_w, out=logits, base=base, softmax=softmax)
-            return softmax
-        if base is not None:
-            logits[...] = base
-        x = lattice.slice(blurred, self.post)
-        # Signs as in densecrf (checked against pydensecrf): a Potts weight w rewards agreeing
-        # with the neighbours (+w·x above); a diagonal or full compatibility μ is an energy
-        # and enters as −μ x.
+    def compatibility(self, message):
+        """Σ_l' μ(l, l') message(l'), signs as densecrf (checked against pydensecrf): a Potts
+        weight w rewards agreeing with the neighbours, μ(l, l') = −w·[l = l']; a diagonal or
+        full compatibility μ is an energy as given (a matrix symmetrised)."""
+        kind, w = self.compat
+        if kind == "potts":
+            return message * -w
         if kind == "diag":
-            logits -= x * w[None, :]
-        else:
-            logits -= x @ w  # w symmetrised, so x @ w is (μ xᵀ)ᵀ
-        return False
+            return message * w[None, :]
+        return message @ w  # w symmetric: (μ messageᵀ)ᵀ
 
 
 def _compatibility(compat, C, xp):
@@ -177,14 +162,15 @@ def _compatibility(compat, C, xp):
 class DenseCRF:
     """pydensecrf.densecrf.DenseCRF: N variables, C labels, any pairwise features."""
 
-    def __init__(self, N, C, device=None):
+    def __init__(self, N, C, device=None, variant=None):
         if int(N) < 1 or int(C) < 1:
             raise ValueError(f"DenseCRF needs N ≥ 1 pixels and C ≥ 1 labels, got N={N}, C={C}")
         self.N, self.C = int(N), int(C)
         self.device = None if device is None else resolve_device(device)
+        self.variant = variant  # of the lattices (None: the default for the device)
         self.unary = None
         self.pairwise = []
-        self._fused = (None, None)  # (the kernels it was made for, MeanFieldCUDA or None)
+        self._engines = {}  # (engine, the kernels it was made for) -> the engine, or None
 
     def _place(self, a):
         """Fix the device on first use (from the first array seen) and move ``a`` there."""
@@ -223,83 +209,58 @@ class DenseCRF:
         if kernel != DIAG_KERNEL:
             raise ValueError("only kernel=DIAG_KERNEL (pydensecrf's default) is implemented")
         features = self._place(features)
-        self.pairwise.append(_Pairwise(features, compat, normalization, self.C, self.device))
+        self.pairwise.append(_Pairwise(features, compat, normalization, self.C, self.device,
+                                       self.variant))
 
-    def inference(self, n_iterations):
-        """Q (C, N) float32 after n mean-field iterations (0: softmax of the unary)."""
+    def inference(self, n_iterations, engine=None):
+        """Q (C, N) float32 after n mean-field iterations (0: the softmax of −U).
+
+        Krähenbühl & Koltun (2011), Algorithm 1, as densecrf computes it (the filter
+        includes the pixel itself).  ``engine``: "plain" runs the loop below; a name from
+        ``kernels.permutohedral.ENGINES`` runs that fast schedule of the same loop; None
+        (default) takes the lattices' engine where every kernel is Potts, else the loop."""
         if int(n_iterations) != n_iterations or n_iterations < 0:
             raise ValueError(f"n_iterations must be a non-negative integer, got {n_iterations}")
         if self.unary is None:
             raise ValueError("call setUnaryEnergy before inference")
-        xp = array_module(self.unary)
-        cuda = self.device == "cuda"
-        fused = self._mean_field_in_one_launch() if cuda else None
-        if fused is not None:
-            return fused.run(self.unary, int(n_iterations))
-        if cuda:
-            neg_unary = xp.ascontiguousarray(-self.unary.T)  # (N, C): pixels in rows
-        else:
-            neg_unary = transpose(self.unary, -1.0)
-        Q = softmax_rows(neg_unary, xp.empty_like(neg_unary), cuda)
-        # On the CPU, a first kernel on a large grid-like lattice (DeepLab's spatial one)
-        # filters in one sweep (LatticeCPU.stream: no vertex buffer), from Q into an array of
-        # its own, as a thread's sweep reads pixels beyond its share
-        streamed = (not cuda and bool(self.pairwise) and self.pairwise[0].compat[0] == "potts"
-                    and self.pairwise[0].lattice._impl.streams(self.C))
-        logits = np.empty_like(Q) if streamed else None
-        with contextlib.ExitStack() as held:  # each lattice's buffers, from splat to slice
-            for p in self.pairwise:
-                held.enter_context(p.lattice._impl.lock)
-            for _ in range(int(n_iterations)):
-                # Every kernel splats Q before any writes its message, so the new
-                # log-potentials can go into Q's own array and the softmax normalises them
-                # in place: one (N, C) array less to stream through memory per iteration.
-                # The blurs run last-splatted first (its buffer is the one still in cache),
-                # so the first kernel's blurred buffer is fresh for its slice.
-                rest, start = self.pairwise, neg_unary  # the first message starts from the unary
-                if streamed:  # the first kernel's whole message in one sweep, into `logits`
-                    rest, start = self.pairwise[1:], logits
-                    if rest:  # the others splat Q before any writes to it
-                        _lattice.splat_together([p.lattice._impl for p in rest], Q,
-                                                [p.pre for p in rest])
-                    first = self.pairwise[0]
-                    first.lattice._impl.stream(Q, first.pre, first.post_w, out=logits,
-                                               base=neg_unary, softmax=not rest)
-                    if not rest:  # the new Q is normalised in `logits`: swap the arrays
-                        Q, logits = logits, Q
-                        continue
-                elif cuda:
-                    for p in self.pairwise:
-                        p.splat(Q)
-                else:  # two kernels in one pass over Q where they can
-                    _lattice.splat_together([p.lattice._impl for p in self.pairwise], Q,
-                                            [p.pre for p in self.pairwise])
-                blurred = [p.blur() for p in reversed(rest)][::-1]
-                normalised = False  # the last kernel's slice may normalise as it goes
-                for i, p in enumerate(rest):
-                    normalised = p.add_message(blurred[i], Q, start if i == 0 else None,
-                                               softmax=i == len(rest) - 1)
-                if not self.pairwise:
-                    Q[...] = neg_unary
-                if not normalised:
-                    softmax_rows(Q, Q, cuda)
-        return xp.ascontiguousarray(Q.T) if cuda else transpose(Q)
+        fast = self.mean_field_engine(engine)
+        if fast is not None:
+            return fast.run(self.unary, int(n_iterations))
+        xp, cuda = array_module(self.unary), self.device == "cuda"
+        neg_unary = xp.ascontiguousarray(-self.unary.T)  # (N, C): pixels in rows
+        Q = softmax_rows(neg_unary, xp.empty_like(neg_unary), cuda)  # Q ∝ exp(−U)
+        for _ in range(int(n_iterations)):
+            A = neg_unary.copy()
+            for kernel in self.pairwise:
+                message = kernel.message(Q)  # message passing: Σ_j k̃(f_i, f_j) Q_j
+                A -= kernel.compatibility(message)  # compatibility transform, local update
+            Q = softmax_rows(A, A, cuda)  # normalise
+        return xp.ascontiguousarray(Q.T)
 
-    def _mean_field_in_one_launch(self):
-        """On a GPU, with Potts kernels only: the whole inference as one kernel launch
-        (``permutohedral_cuda.MeanFieldCUDA``), made once per set of kernels; else None."""
-        if not self.pairwise or any(p.compat[0] != "potts" for p in self.pairwise):
+    def mean_field_engine(self, engine=None):
+        """The fast mean-field schedule ``inference(n, engine)`` runs (made once per set of
+        kernels and kept), or None where it runs the plain loop."""
+        if engine == "plain" or not self.pairwise:
             return None
-        from .kernels import permutohedral_cuda
-
-        if not permutohedral_cuda.FUSED_MEAN_FIELD:
-            return None
-        key = tuple(id(p) for p in self.pairwise)
-        if self._fused[0] != key:
-            self._fused = (key, permutohedral_cuda.MeanFieldCUDA.make(
-                [p.lattice._impl for p in self.pairwise], [p.pre for p in self.pairwise],
-                [p.post_w for p in self.pairwise], self.C))
-        return self._fused[1]
+        variant = self.pairwise[0].lattice.variant
+        potts = all(p.compat[0] == "potts" for p in self.pairwise)
+        if engine is None:
+            engine = _lattice.engine_for(variant) if potts else None
+            if engine is None:
+                return None
+        elif engine not in _lattice.ENGINES:
+            raise ValueError(f"engine must be 'plain' or one of {sorted(_lattice.ENGINES)}, "
+                             f"got {engine!r}")
+        elif _lattice.ENGINES[engine].variant != variant or not potts:
+            raise ValueError(f"engine {engine!r} runs Potts kernels on "
+                             f"{_lattice.ENGINES[engine].variant!r} lattices; these are "
+                             f"{variant!r}{'' if potts else ' and not all Potts'}")
+        key = (engine, tuple(id(p) for p in self.pairwise))
+        if key not in self._engines:
+            self._engines = {key: _lattice.make_engine(
+                engine, [p.lattice.kernel for p in self.pairwise],
+                [p.pre for p in self.pairwise], [p.post_w for p in self.pairwise], self.C)}
+        return self._engines[key]
 
 
 def _pair(value, name):
@@ -312,10 +273,10 @@ def _pair(value, name):
 class DenseCRF2D(DenseCRF):
     """pydensecrf.densecrf.DenseCRF2D: an image of W×H pixels (row-major) and C labels."""
 
-    def __init__(self, W, H, C, device=None):
+    def __init__(self, W, H, C, device=None, variant=None):
         if int(W) < 1 or int(H) < 1:
             raise ValueError(f"image size must be at least 1×1, got W={W}, H={H}")
-        super().__init__(int(W) * int(H), C, device)
+        super().__init__(int(W) * int(H), C, device, variant)
         self.W, self.H = int(W), int(H)
 
     def _xp(self):
@@ -495,7 +456,7 @@ class _Kernel:
 
     def __init__(self, features, device):
         self.lattice = PermutohedralLattice(features, device)
-        self.xp = getattr(self.lattice._impl, "xp", np)  # the CUDA lattice's array module
+        self.xp = getattr(self.lattice.kernel, "xp", np)  # the CUDA lattice's array module
         self._norms = {}
 
     def norm(self, dtype):
@@ -511,7 +472,7 @@ class _Kernel:
         """(scale ·) F(x) (or Fᵀ with reverse), added to ``out`` when given."""
         n = self.norm(x.dtype)
         post = n if scale is None else n * x.dtype.type(scale)
-        return self.lattice._impl.filter(x, reverse, n, post, out)
+        return self.lattice.kernel.filter(x, reverse, n, post, out)
 
 
 class _MeanField(Function):
