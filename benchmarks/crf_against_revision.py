@@ -2,7 +2,8 @@
 
 Speed work is judged against the code before it: this runs ``bench_crf.run_ours`` (one whole
 CRF run as ``bench_crf.py`` times it: unary, both lattices, 10 iterations) from two source
-trees alternately, each in a warm worker process of its own, and prints the medians and the
+trees alternately (the first of each round alternating too), each in a warm worker process
+of its own, and prints the medians and the
 per-round ratios (the other tree's time over this one's: above 1 means this checkout is
 faster), with the largest difference between their Q.
 
@@ -78,9 +79,13 @@ def main(argv=None):
     for name in PARAMS:
         ask(this, name), ask(that, name)  # warm-up: compiles, first-touch of buffers
         times = [[], []]
-        for _ in range(args.repeat):
-            times[0].append(ask(this, name))
-            times[1].append(ask(that, name))
+        for r in range(args.repeat):  # who goes first alternates (ABBA): no order bias
+            if r % 2:
+                times[1].append(ask(that, name))
+                times[0].append(ask(this, name))
+            else:
+                times[0].append(ask(this, name))
+                times[1].append(ask(that, name))
         dq = float(np.abs(np.load(q_this) - np.load(q_other)).max())
         ratios = [b / a for a, b in zip(*times)]
         print(f"| {name} | {statistics.median(times[0]):.3f} | {statistics.median(times[1]):.3f} "

@@ -110,12 +110,11 @@ def row_operation(context, builder, dtype, columns, make_step):
 
 def row_tail(context, builder, dtype, columns, make_step):
     """The last columns % 8 columns of a row (after its whole 8-wide steps) as a 4-wide, a
-    2-wide and a single step, each where that bit of the remainder is set.  Not, as before,
-    one more 8-wide step ending at the last column and overlapping the step before it: a
-    store that partly overlaps an earlier one defeats the CPU's store-to-load forwarding, so
-    the next row operation on the same row (the splat adds to one vertex row point after
-    point) waited for both stores to reach the cache — measured on the CRF's 21 labels as
-    24 columns running faster than 21."""
+    2-wide and a single step, each where that bit of the remainder is set — not one more
+    8-wide step ending at the last column and overlapping the step before it: a store that
+    partly overlaps an earlier one defeats the CPU's store-to-load forwarding, so the next
+    row operation on the same row (the splat adds to one vertex row point after point) would
+    wait for both stores to reach the cache."""
     rest = builder.and_(columns, ir.Constant(_i64, LANES - 1))
     column = builder.sub(columns, rest)
     for lanes in (4, 2, 1):

@@ -10,8 +10,7 @@ operations and their temporaries.
 Speed on the CPU (float32): Numba calls the C library's scalar ``expf`` for ``math.exp``, one
 value at a time, and that call was most of the CRF's softmax time.  ``exp_f32`` below is exp
 written with arithmetic only, so the compiler turns the loop into SIMD instructions (8 floats at
-a time with AVX2); the mean-field softmax got 3× faster.  float64 arrays (gradient checks) keep
-``math.exp``.
+a time with AVX2).  float64 arrays (gradient checks) keep ``math.exp``.
 """
 import math
 
@@ -293,7 +292,7 @@ def _softmax_block(a, out, n0, n1):
     out itself).
 
     Rows of 8 to 32 labels (the CRF's 21): each row in registers, in one go (_row_softmax:
-    1.3× faster than the three passes for 21 labels).  Longer rows: per row its maximum, then
+    loaded once instead of once per pass).  Longer rows: per row its maximum, then
     exp and sum in one 8-wide pass (_row_exp_sum), then the scaling.  Shorter rows: the exp
     runs over the block's (n1−n0)·C contiguous values — one long loop the compiler vectorises,
     rather than C-long loops too short for SIMD."""
