@@ -48,7 +48,8 @@ def stream_against_steps(lattice, values, factor, repeat, reverse):
 def softmax_in_registers_against_three_passes(N, C, repeat):
     from tinydeeplab.kernels import softmax as S
 
-    one, row_max, exp_sum, times_ = S._row_softmax, S._row_max, S._row_exp_sum, S._row_times
+    ops = S.ROW_OPERATIONS
+    one, row_max, exp_sum, times_ = ops["softmax"], ops["max"], ops["exp_sum"], ops["times"]
 
     @numba.njit(fastmath=True)
     def registers(a, out):
@@ -68,11 +69,11 @@ def softmax_in_registers_against_three_passes(N, C, repeat):
 
 
 def radix_in_blocks_against_one(words, repeat):
-    from tinydeeplab.kernels.permutohedral.cpu_fast_build import _radix_argsort_cpu
+    from tinydeeplab.kernels.permutohedral.cpu_fast_build import radix_argsort
 
     T = numba.get_num_threads()
-    times, (a, b) = in_turns([lambda: _radix_argsort_cpu(words, T),
-                              lambda: _radix_argsort_cpu(words, 1)], repeat)
+    times, (a, b) = in_turns([lambda: radix_argsort(words, T),
+                              lambda: radix_argsort(words, 1)], repeat)
     assert np.array_equal(a, b)
     return times, T
 

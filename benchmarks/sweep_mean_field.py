@@ -25,13 +25,11 @@ SIZES = [(375, 500), (188, 250), (750, 1000)]
 
 def variants(blocks):
     """{name: kernel}: the mean-field kernel without launch bounds and with each cap."""
-    from tinydeeplab.kernels._cuda import cuda
     from tinydeeplab.kernels.permutohedral import cuda_mean_field as pc
 
-    plain = pc._mean_field_kernel.py_func
-    kernels = {"no bound": cuda.jit(plain)}
+    kernels = {"no bound": pc.compile_kernel(None)}
     for b in blocks:
-        kernels[f"{b} blocks"] = cuda.jit(launch_bounds=(pc.THREADS, b))(plain)
+        kernels[f"{b} blocks"] = pc.compile_kernel(b)
     return kernels
 
 
@@ -40,7 +38,6 @@ def sweep(image, probs, p, kernels, repeat):
     import cupy
 
     from tinydeeplab import crf
-    from tinydeeplab.kernels.permutohedral import cuda as pcu
     from tinydeeplab.kernels.permutohedral import cuda_mean_field as pc
 
     C, H, W = probs.shape
@@ -49,38 +46,27 @@ def sweep(image, probs, p, kernels, repeat):
     d.addPairwiseGaussian(sxy=p["gs"], compat=p["gw"])
     d.addPairwiseBilateral(sxy=p["bs"], srgb=p["br"], rgbim=cupy.asarray(image), compat=p["bw"])
     lattices = [k.lattice.kernel for k in d.pairwise]
-    original = pc._mean_field_kernel
     runs, blocks = {}, {}
 
     def plain_loop():  # the plain loop on the CUDA lattices
         return d.inference(10, engine="plain")
 
     runs["plain loop"] = plain_loop
-    for name, kernel in kernels.items():
-        pc._mean_field_kernel = kernel  # MeanFieldCUDA sizes its grid for this kernel
-        pcu._COOPERATIVE_BLOCKS.clear()
+    for name, kernel in kernels.items():  # each sizes its grid for its own kernel
         fused = pc.MeanFieldCUDA.make(lattices, [k.pre for k in d.pairwise],
-                                      [k.post_w for k in d.pairwise], C)
+                                      [k.post_w for k in d.pairwise], C, kernel=kernel)
         blocks[name] = fused.blocks
-
-        def one_launch(kernel=kernel, fused=fused):
-            pc._mean_field_kernel = kernel
-            return fused.run(d.unary, 10)
-        runs[name] = one_launch
+        runs[name] = lambda fused=fused: fused.run(d.unary, 10)
     sync = cupy.cuda.get_current_stream().synchronize
-    try:
-        q = {name: cupy.asnumpy(run()) for name, run in runs.items()}  # (and warm-up)
-        times = {name: [] for name in runs}
-        for _ in range(repeat):
-            for name, run in runs.items():
-                sync()
-                t0 = time.perf_counter()
-                run()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        pc._mean_field_kernel = original
-        pcu._COOPERATIVE_BLOCKS.clear()
+    q = {name: cupy.asnumpy(run()) for name, run in runs.items()}  # (and warm-up)
+    times = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - t0)
     return {name: (1e3 * statistics.median(times[name]),
                    float(np.abs(q[name] - q["plain loop"]).max()), blocks.get(name, ""))
             for name in runs}, [k.lattice.num_vertices for k in d.pairwise]

@@ -268,6 +268,10 @@ _row_softmax = _row_softmax_python if _python else _row_softmax_simd
 _row_max = _row_max_python if _python else _row_max_simd
 _row_times = _row_times_python if _python else _row_times_simd
 _row_exp_sum = _row_exp_sum_python if _python else _row_exp_sum_simd
+# the row operations by name, for code that composes them in a jitted loop of its own
+# (benchmarks/crf_parts.py times the one-go softmax against max / exp-and-sum / times)
+ROW_OPERATIONS = {"softmax": _row_softmax, "max": _row_max, "times": _row_times,
+                  "exp_sum": _row_exp_sum}
 
 
 def _softmax_rows(a, out):

@@ -69,9 +69,10 @@ def test_cuda_blur_in_one_launch_equals_one_launch_per_direction(monkeypatch, re
     v = on_device(rng.random((37, 4)).astype(np.float32), "cuda")
     lattice = crf.PermutohedralLattice(f, device="cuda").kernel
     together = to_numpy(lattice.filter(v, reverse))
-    assert any(blocks > 0 for (name, dtype, _), blocks in
+    assert any(blocks > 0 for (kernel, dtype, _), blocks in
                permutohedral_cuda._COOPERATIVE_BLOCKS.items()
-               if name == "_blur_all_kernel" and dtype == "float32")  # the one-launch blur ran
+               if kernel is permutohedral_cuda._blur_all_kernel and dtype == "float32"), \
+        "the one-launch blur did not run"
     lattice.splat(v)
     apart = to_numpy(lattice.slice(lattice.blur(reverse, one_launch=False)))
     np.testing.assert_allclose(together, apart, rtol=1e-6, atol=1e-7)

@@ -531,6 +531,7 @@ _merge_blocks_cpu = parallel_njit(_merge_blocks)
 _global_offsets_cpu = parallel_njit(_global_offsets)
 _key_ranges_cpu = njit(cache=True)(_key_ranges)
 _radix_argsort_cpu = parallel_njit(_radix_argsort)
+radix_argsort = _radix_argsort_cpu  # (words (K, W) int64 ≥ 0, blocks) -> the stable order
 _compare_step = njit(inline="always", cache=True)(_compare_step)
 _merge_neighbours_cpu = parallel_njit(_merge_neighbours)
 _mean_step = njit(cache=True)(_mean_step)

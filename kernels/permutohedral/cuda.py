@@ -214,7 +214,7 @@ def _blur_all_kernel(buf, tmp, neighbours, reverse):
         src, dst = dst, src
 
 
-# (kernel name, dtype name, GPU) -> how many blocks a kernel with a grid-wide barrier may
+# (kernel, dtype name, GPU) -> how many blocks a kernel with a grid-wide barrier may
 # launch there (all must be resident at once for the barrier: the occupancy API says how many),
 # or 0 where it cannot run (a cooperative launch needs the CUDA toolkit's cudadevrt library)
 _COOPERATIVE_BLOCKS = {}
@@ -225,12 +225,12 @@ def _cooperative_blocks(kernel, args, dtype):
     with arguments of these types (``args``: a function that makes them — called only the
     first time); 0 (after a warning, once) where it cannot."""
     if cuda_simulator():
-        key = (kernel.py_func.__name__, np.dtype(dtype).name, -1)
+        key = (kernel, np.dtype(dtype).name, -1)
         _COOPERATIVE_BLOCKS.setdefault(key, 1)  # the simulator's grid barrier takes one block
     else:
         import cupy
 
-        key = (kernel.py_func.__name__, np.dtype(dtype).name, cupy.cuda.runtime.getDevice())
+        key = (kernel, np.dtype(dtype).name, cupy.cuda.runtime.getDevice())
     if key not in _COOPERATIVE_BLOCKS:
         try:
             compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args()))

@@ -33,7 +33,7 @@ ITERATIONS_PER_LAUNCH = 25
 # gives this kernel 104 registers a thread: 4 blocks per multiprocessor, too few threads in
 # flight to hide the memory latency of its scattered reads.  Eight caps it at 64 registers
 # (65536 / (8 · 128); ptxas spills a few hundred bytes of array descriptors to the cache).
-# benchmarks/sweep_mean_field.py measures the caps against each other and step by step.
+# benchmarks/sweep_mean_field.py measures the caps against each other and the plain loop.
 MEAN_FIELD_BLOCKS_PER_SM = 8
 
 
@@ -165,11 +165,12 @@ class MeanFieldCUDA:
     """
 
     @classmethod
-    def make(cls, lattices, pres, posts, C):
-        self = cls(lattices, pres, posts, C)
+    def make(cls, lattices, pres, posts, C, kernel=None):
+        self = cls(lattices, pres, posts, C, kernel)
         return self if self.blocks > 0 else None
 
-    def __init__(self, lattices, pres, posts, C):
+    def __init__(self, lattices, pres, posts, C, kernel=None):
+        self.kernel = _mean_field_kernel if kernel is None else kernel  # (see compile_kernel)
         xp = self.xp = lattices[0].xp
         N = self.N = lattices[0].N
         self.C = C
@@ -207,7 +208,7 @@ class MeanFieldCUDA:
         self.q = _view(xp.empty((N, C), dtype=xp.float32))
         self.lock = threading.Lock()  # base, q, buf, partial: scratch for one run at a time
         self.work = max(N * C, n_chunks * C, R * C)  # the most parallel work of a step
-        self.blocks = _cooperative_blocks(_mean_field_kernel, lambda: self._launch_args(
+        self.blocks = _cooperative_blocks(self.kernel, lambda: self._launch_args(
             xp.empty((C, N), xp.float32), True, 0, True, xp.empty((C, N), xp.float32)),
             np.float32)
 
@@ -230,8 +231,16 @@ class MeanFieldCUDA:
             while True:  # one launch for up to ITERATIONS_PER_LAUNCH iterations
                 n = min(ITERATIONS_PER_LAUNCH, iterations - done)
                 last = done + n == iterations
-                _mean_field_kernel[blocks, THREADS](*self._launch_args(
+                self.kernel[blocks, THREADS](*self._launch_args(
                     unary_view, done == 0, n, last, out_view))
                 done += n
                 if last:
                     return out
+
+
+def compile_kernel(min_blocks=None):
+    """The one-launch mean-field kernel compiled anew with launch bounds for ``min_blocks``
+    blocks per multiprocessor (None: none), for ``MeanFieldCUDA(..., kernel=)`` —
+    benchmarks/sweep_mean_field.py measures the caps against each other."""
+    source = _mean_field_kernel.py_func
+    return (cuda.jit if min_blocks is None else _jit_bounded(min_blocks))(source)
