@@ -20,6 +20,9 @@ from tinydeeplab import Tensor
 from tinydeeplab.kernels import atrous_conv
 
 FAST = os.environ.get("TDL_FAST") == "1"
+if FAST:
+    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
+          "results (run without TDL_FAST for those)")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(OUT, exist_ok=True)
 rng = np.random.default_rng(0)
@@ -64,8 +67,11 @@ for d, shape in shapes.items():
 # The same 9 weights per layer cover far more at higher rates: we measure it by pushing a
 # single bright pixel through the stack and looking at where it arrives.  The *extent* grows
 # with the rates; the *number* of pixels reached can lag behind — with rates (2, 4, 8) only
-# every other pixel is ever read (the "gridding" of holes), which is why DeepLab's backbone
-# keeps rate-1 layers under the dilated ones.
+# every other pixel is ever read.  The DeepLab v2 paper does not discuss this; the name
+# "gridding" and the remedy of choosing rates without a common factor (such as 1, 2, 5) come
+# from later work (Wang et al. 2018, "Understanding Convolution for Semantic Segmentation",
+# hybrid dilated convolution).  In DeepLab's ResNet the dilated 3×3 convolutions sit between
+# undilated 1×1s and after a stage's first block, which keeps the previous rate (lesson 04).
 
 
 def reach(rates, size=101):

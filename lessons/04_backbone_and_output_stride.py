@@ -20,6 +20,9 @@ import numpy as np
 from tinydeeplab import Tensor, models, nn, no_grad
 
 FAST = os.environ.get("TDL_FAST") == "1"
+if FAST:
+    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
+          "results (run without TDL_FAST for those)")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(OUT, exist_ok=True)
 rng = np.random.default_rng(0)
@@ -27,20 +30,28 @@ BACKBONE, SIZE = "resnet50", (129 if FAST else 321)
 
 # %% 1. Stage by stage
 # conv1 (stride 2) and the max-pool (stride 2) take 1/4; layer2, layer3 and layer4 each halve
-# again: 1/8, 1/16, 1/32.  Output stride 16 gives layer4's stride away (dilation 2 from there
-# on); output stride 8 also layer3's (dilation 2 in layer3, 4 in layer4).
+# again: 1/8, 1/16, 1/32.  Output stride 16 gives layer4's stride away (its 3×3 convolutions
+# dilated by 2); output stride 8 also layer3's (3×3 dilation 2 in layer3, 4 in layer4).  The
+# first block of such a stage keeps the previous stage's dilation in its 3×3 (the one that
+# held the stride), as torchvision's ``replace_stride_with_dilation`` does.
 x = Tensor(rng.standard_normal((1, 3, SIZE, SIZE)).astype(np.float32))
 nets = {os_: models.ResNet(BACKBONE, output_stride=os_, seed=0).eval() for os_ in (32, 16, 8)}
-sizes = {}
+sizes, dilations = {}, {}
 with no_grad():
     for os_, net in nets.items():
         h = net.maxpool(net.bn1(net.conv1(x)))
         sizes[os_] = [("stem", h.shape[2])]
         for name in ("layer1", "layer2", "layer3", "layer4"):
             h = getattr(net, name)(h)
-            dil = getattr(net, name)[0].conv1.dilation if hasattr(
-                getattr(net, name)[0].conv1, "dilation") else "?"
-            sizes[os_].append((f"{name} (dilation in {dil})", h.shape[2]))
+            # the dilations of the stage's 3×3 convolutions, block by block (the 1×1s have
+            # nothing to dilate): as torchvision's replace_stride_with_dilation, the first block
+            # of a stage that gave up its stride keeps the previous dilation
+            dils = [m.dilation for _, m in getattr(net, name).named_modules()
+                    if isinstance(m, nn.Conv2d) and m.weight.shape[2:] == (3, 3)]
+            first, rest = dils[0], sorted(set(dils[1:]))
+            label = f"3×3 dilation {first}" + (f", then {rest[0]}" if rest != [first] else "")
+            sizes[os_].append((f"{name} ({label})", h.shape[2]))
+            dilations[(os_, name)] = dils
 for os_, rows in sizes.items():
     print(f"output stride {os_:2d}: " + ", ".join(f"{n} {s}×{s}" for n, s in rows))
 
@@ -109,5 +120,6 @@ plt.close(fig)
 assert [s for _, s in sizes[32]][-1] == -(-SIZE // 32)  # ⌈321 / 32⌉ = 11
 assert feats[8].shape[2] == -(-SIZE // 8) and feats[16].shape[2] == -(-SIZE // 16)
 assert err8 < 1e-4 and err16 < 1e-4, "the dense map must contain the sparse one"
-assert isinstance(nets[8].layer4[0].conv1, nn.Conv2d)
+assert set(dilations[(8, "layer3")][1:]) == {2} and set(dilations[(8, "layer4")][1:]) == {4}
+assert set(dilations[(16, "layer4")][1:]) == {2} and set(dilations[(32, "layer4")]) == {1}
 print("Check passed.")

@@ -20,6 +20,9 @@ from tinydeeplab.evaluate import predict_probs
 from tinydeeplab.train import TrainConfig, train
 
 FAST = os.environ.get("TDL_FAST") == "1"
+if FAST:
+    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
+          "results (run without TDL_FAST for those)")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(OUT, exist_ok=True)
 rng = np.random.default_rng(0)
@@ -69,10 +72,12 @@ valid = {r: sum(0 <= 8 + dy * r < feat and 0 <= 8 + dx * r < feat
 print("taps inside a 17×17 map, from its centre:", valid)
 
 # %% 3. Train both briefly on the synthetic set
-root = os.path.join(OUT, "data_05")
-if not os.path.exists(os.path.join(root, "classes.txt")):
-    data.make_synthetic_voc(root, n_train=24 if FAST else 120, n_val=8 if FAST else 30,
-                            size=96, seed=5)
+# the set is kept between runs, in a folder named by its settings: a fast run's smaller set
+# is never mistaken for the full one (and the other way round)
+n_train, n_val = (24, 8) if FAST else (120, 30)
+root = os.path.join(OUT, f"data_05_{n_train}x{n_val}_96px_seed5")
+if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: a complete set)
+    data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=96, seed=5)
 iterations = 30 if FAST else 600
 scores, histories, nets = {}, {}, {}
 for head in ("largefov", "aspp"):

@@ -20,6 +20,9 @@ from tinydeeplab import crf
 from tinydeeplab.kernels.permutohedral import reference as R
 
 FAST = os.environ.get("TDL_FAST") == "1"
+if FAST:
+    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
+          "results (run without TDL_FAST for those)")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(OUT, exist_ok=True)
 rng = np.random.default_rng(0)
@@ -97,7 +100,9 @@ for n in sizes:
     colour = (shade + rng.normal(0, 4, shade.shape)).reshape(-1, 3).astype(np.float32)
     feats = np.column_stack([xx.ravel() / 60, yy.ravel() / 60, colour / 10])  # bilateral, d = 5
     values = rng.random((side * side, 21)).astype(np.float32)
-    crf.PermutohedralLattice(feats[:100]).filter(values[:100])  # compile once
+    # run once untimed at this very size: the first call compiles (seconds), and which
+    # schedule runs depends on the size (cpu_fast's rules), so a small warm-up is not enough
+    crf.PermutohedralLattice(feats).filter(values)
     t0 = time.perf_counter()
     lat = crf.PermutohedralLattice(feats)
     lat.filter(values)
@@ -157,5 +162,7 @@ assert lattice.num_vertices == reference.M  # the library's lattice is the refer
 assert np.allclose(lattice.filter(v), reference.filter(v), rtol=1e-5, atol=1e-6)
 assert np.abs(smooth - exact).max() < 0.1
 assert errors[2] < 0.01 and errors[5] < 0.025  # the bands of tests/test_lattice.py
-assert max(vertices) <= 6  # at most d+1 = 6 per point for d = 5: the lattice is O(N)
+# each point has d+1 = 6 corners, but neighbouring pixels share them: far fewer vertices than
+# 6 per point (without the sharing the lattice would have 6N of them)
+assert max(vertices) < 1, f"{max(vertices):.2f} vertices per point: corners are not shared"
 print("Check passed.")

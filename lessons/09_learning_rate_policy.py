@@ -21,6 +21,9 @@ from tinydeeplab.evaluate import evaluate
 from tinydeeplab.train import TrainConfig, learning_rate, param_groups, train
 
 FAST = os.environ.get("TDL_FAST") == "1"
+if FAST:
+    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
+          "results (run without TDL_FAST for those)")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(OUT, exist_ok=True)
 
@@ -40,10 +43,12 @@ print(f"at the half-way point: poly {lr_poly[half]:.5f} (= {base} · 0.5^0.9), "
 print(f"Σ lr: poly {sum(lr_poly):.2f}, step {sum(lr_step):.2f}")
 
 # %% 2. Train the same network twice, changing only the schedule
-root = os.path.join(OUT, "data_09")
-if not os.path.exists(os.path.join(root, "classes.txt")):
-    data.make_synthetic_voc(root, n_train=24 if FAST else 120, n_val=8 if FAST else 30,
-                            size=96, seed=9)
+# the set is kept between runs, in a folder named by its settings: a fast run's smaller set
+# is never mistaken for the full one (and the other way round)
+n_train, n_val = (24, 8) if FAST else (120, 30)
+root = os.path.join(OUT, f"data_09_{n_train}x{n_val}_96px_seed9")
+if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: a complete set)
+    data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=96, seed=9)
 runs = {}
 for name, cfg in (("poly", poly), ("step", step)):
     run_dir = os.path.join(OUT, f"run_09_{name}")

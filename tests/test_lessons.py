@@ -21,3 +21,5 @@ def test_lesson_runs_and_checks(path):
                          timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "Check passed." in out.stdout
+    if "TDL_FAST" in path.read_text(encoding="utf-8").split('"""', 2)[2]:  # it has a fast mode
+        assert "not the lesson's results" in out.stdout, "a fast run must say it is a smoke test"
