@@ -26,5 +26,6 @@ setup(
                  # with the real compiler on machines without a GPU (NVVM: the CUDA toolkit)
                  "nvidia-cuda-nvrtc-cu12; platform_system == 'Linux'"],
     },
+    package_data={"tinydeeplab.benchmarks": ["*.json"]},  # recorded results lessons read
     entry_points={"console_scripts": ["tinydeeplab = tinydeeplab.cli:main"]},
 )

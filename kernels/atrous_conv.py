@@ -367,6 +367,21 @@ VARIANTS = {
 DEFAULT = {"cpu": "cpu_v3", "cuda": "cuda_v4"}
 
 
+def kernel_source(variant):
+    """The Python source of the forward kernel of the teaching variant "cpu_v1" (the loops)
+    or "cuda_v1" (one thread per output): one piece of index math, two devices."""
+    import inspect
+
+    if variant == "cpu_v1":
+        return inspect.getsource(_cpu._forward_v1)
+    if variant == "cuda_v1":
+        from . import atrous_conv_cuda
+
+        kernel = atrous_conv_cuda._forward_v1_kernel
+        return inspect.getsource(getattr(kernel, "py_func", kernel))
+    raise ValueError(f"variant must be 'cpu_v1' or 'cuda_v1', got {variant!r}")
+
+
 def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, variant=None):
     """y = conv(x, w) + b on arrays (NumPy → CPU kernels, CuPy → CUDA kernels)."""
     stride, padding, dilation, _ = check_conv_args(x, w, b, stride, padding, dilation)

@@ -8,7 +8,7 @@ You will learn:
     convolving and upsampling (DeepLab v2 §3.1, Fig. 2-3).
 
 Run:  python lessons/01_atrous_convolution.py   (TDL_FAST=1 for a smaller, quicker run)
-Figures go to lessons/out/.
+Figures go to $TDL_OUT, else ./lesson_out/ in the working directory.
 """
 # %% Setup
 import os
@@ -16,15 +16,11 @@ import os
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor
+from tinydeeplab import Tensor, lessons
 from tinydeeplab.kernels import atrous_conv
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 
 # %% 1. The definition, as loops
@@ -105,9 +101,6 @@ small = F.interpolate(img, (size // 2, size // 2))
 sparse = F.interpolate(F.conv2d(small, Tensor(edge), padding=1), (size, size)).numpy()[0, 0]
 print(f"responses computed: atrous {dense.size}, downsample path {(size // 2) ** 2}")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(1, 3, figsize=(10, 3.4))

@@ -12,7 +12,6 @@ You will learn:
 Run:  python lessons/02_writing_the_kernel.py   (TDL_FAST=1 for a smaller, quicker run)
 """
 # %% Setup — without a GPU, CUDA kernels run on Numba's simulator (chosen before numba loads)
-import inspect
 import os
 import time
 
@@ -28,15 +27,11 @@ if not GPU:
 import numpy as np  # noqa: E402
 
 import tinydeeplab.functional as F  # noqa: E402
-from tinydeeplab import Tensor, gradcheck  # noqa: E402
+from tinydeeplab import Tensor, gradcheck, lessons  # noqa: E402
 from tinydeeplab.kernels import atrous_conv, atrous_conv_cpu  # noqa: E402
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 
 # %% 1. The definition as loops (float64: this is our reference)
@@ -99,9 +94,6 @@ cols_lib = atrous_conv_cpu.im2col_dilated(x, w.shape, (s, s), (pad, pad), (d, d)
 print("im2col + GEMM vs loops, max |difference|:", np.abs(y_gemm - y_loops).max())
 print("our im2col vs the library's:", np.abs(cols - cols_lib).max())
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 tiny = np.arange(1, 7 * 7 + 1, dtype=np.float64).reshape(1, 1, 7, 7)
@@ -120,11 +112,9 @@ plt.close(fig)
 # Both the CPU teaching kernel (v1) and the CUDA one compute the input row of tap p as
 # i·s − pad + p·d.  The CUDA kernel is the body of the CPU loops with the outer loops replaced
 # by the thread index: t = cuda.grid(1) → (n, k, i, j).
-from tinydeeplab.kernels import atrous_conv_cuda  # noqa: E402
-
-for name, fn in [("CPU  (Numba, prange)", atrous_conv_cpu._forward_v1),
-                 ("CUDA (numba.cuda)   ", atrous_conv_cuda._forward_v1_kernel.py_func)]:
-    line = next(ln for ln in inspect.getsource(fn).splitlines() if "p * dh" in ln)
+for name, variant in [("CPU  (Numba, prange)", "cpu_v1"), ("CUDA (numba.cuda)   ", "cuda_v1")]:
+    source = atrous_conv.kernel_source(variant)
+    line = next(ln for ln in source.splitlines() if "p * dh" in ln)
     print(f"{name}: {line.strip()}")
 x32, w32 = x.astype(np.float32), w.astype(np.float32)
 y_cpu = atrous_conv.conv2d_forward(x32, w32, b.astype(np.float32), s, pad, d, variant="cpu_v1")

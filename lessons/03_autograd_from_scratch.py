@@ -12,20 +12,21 @@ You will learn:
 Run:  python lessons/03_autograd_from_scratch.py   (TDL_FAST=1 changes nothing here: it is quick)
 """
 # %% Setup
+import inspect
 import os
 
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Function, Tensor, gradcheck
+from tinydeeplab import Function, Tensor, gradcheck, lessons
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 
 # %% 1. A graph is recorded as you compute
-# Each result remembers (function, saved state, inputs) in ``_node``; leaves (your inputs and
-# parameters) have none.  Here: loss = Σ (relu(x·w) + x·w)  — the product is used twice.
+# Each result remembers the Function that made it (``creator``) and the tensors it was made
+# from (``inputs``: the graph's edges); leaves (your inputs and parameters) have neither.
+# Here: loss = Σ (relu(x·w) + x·w)  — the product is used twice.
 x = Tensor(rng.standard_normal((3, 4)), requires_grad=True)
 w = Tensor(rng.standard_normal((4, 2)), requires_grad=True)
 h = x @ w
@@ -33,15 +34,17 @@ loss = (h.relu() + h).sum()
 
 
 def describe(t, names):
-    return names.get(id(t), t._node[0].__name__ if t._node else "leaf")
+    return names.get(id(t), t.creator.__name__ if t.creator else "leaf")
 
 
 names = {id(x): "x", id(w): "w", id(h): "h = x @ w", id(loss): "loss"}
-order = loss._topological_order()
+order = loss.topological_order()
 print("topological order (inputs before the nodes that use them):")
 for t in order:
-    inputs = [describe(i, names) for i in t._node[2] if isinstance(i, Tensor)] if t._node else []
-    print(f"  {describe(t, names):>10s}  <- {inputs}")
+    print(f"  {describe(t, names):>10s}  <- {[describe(i, names) for i in t.inputs]}")
+# The engine's own code (tinydeeplab/autograd.py): a depth-first walk that appends a node only
+# after all of its inputs — a topological order — which backward then walks in reverse.
+print(inspect.getsource(Tensor.topological_order))
 
 # %% 2. Backward: reverse topological order, gradients summed
 # Walking the list backwards guarantees that when we reach h, *both* of its consumers (relu and
@@ -117,9 +120,6 @@ for step in range(100):
 accuracy = float(((features @ W + bias).numpy().argmax(1) == labels).mean())
 print(f"cross-entropy {losses[0]:.3f} -> {losses[-1]:.3f}, accuracy {accuracy:.2f}")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -127,16 +127,23 @@ ax[0].plot(losses)
 ax[0].set_xlabel("step")
 ax[0].set_ylabel("cross-entropy")
 ax[0].set_title("gradient descent with our autograd", fontsize=9)
-for depth, t in enumerate(order):
-    ax[1].text(0.5, 1 - (depth + 0.5) / len(order), describe(t, names), ha="center",
-               va="center", bbox=dict(boxstyle="round", fc="w"), fontsize=8)
-ax[1].set_title("the graph in topological order (top: first)", fontsize=9)
+place = {id(t): (0.5 + 0.28 * ((depth % 3) - 1), 1 - (depth + 0.5) / len(order))
+         for depth, t in enumerate(order)}  # top: first in topological order
+for t in order:  # the edges: an arrow from each input to the node made from it
+    for i in t.inputs:
+        ax[1].annotate("", xy=place[id(t)], xytext=place[id(i)],
+                       arrowprops=dict(arrowstyle="->", color="tab:blue", lw=0.8))
+for t in order:
+    ax[1].text(*place[id(t)], describe(t, names), ha="center", va="center",
+               bbox=dict(boxstyle="round", fc="w"), fontsize=8)
+ax[1].set_title("the graph, edges from inputs to results (top: first)", fontsize=9)
 ax[1].axis("off")
 fig.savefig(os.path.join(OUT, "03_autograd.png"), dpi=90, bbox_inches="tight")
 plt.close(fig)
 
 # %% Check
 assert [describe(t, names) for t in order][-1] == "loss" and order.index(h) < len(order) - 1
+assert all(order.index(i) < order.index(t) for t in order for i in t.inputs), "inputs first"
 assert np.allclose(x.grad, dh @ w.data.T) and np.allclose(w.grad, x.data.T @ dh)
 assert good and not wrong, "gradcheck must accept the right backward and reject the wrong one"
 assert same_as_torch

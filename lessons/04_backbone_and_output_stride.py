@@ -17,14 +17,10 @@ import time
 
 import numpy as np
 
-from tinydeeplab import Tensor, models, nn, no_grad
+from tinydeeplab import Tensor, lessons, models, nn, no_grad
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 BACKBONE, SIZE = "resnet50", (129 if FAST else 321)
 
@@ -98,9 +94,6 @@ for os_ in (32, 16, 8):
     print(f"output stride {os_:2d}: {feats[os_].shape[2] ** 2:5d} output positions, forward "
           f"{times[os_] * 1e3:7.1f} ms ({times[os_] / times[32]:.1f}× the OS-32 time)")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 channel = int(np.argmax(feats[8][0].std(axis=(1, 2))))

@@ -15,16 +15,12 @@ import os
 
 import numpy as np
 
-from tinydeeplab import Tensor, data, models
+from tinydeeplab import Tensor, data, lessons, models
 from tinydeeplab.evaluate import predict_probs
 from tinydeeplab.train import TrainConfig, train
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 
 # %% 1. Fields of view, on paper
@@ -118,9 +114,6 @@ for head in nets:
     print(f"{head:>8s}: mean object IoU small {small:.3f}, large {large:.3f} "
           f"(final training loss {np.mean([h['loss'] for h in histories[head][-20:]]):.3f})")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(1, 3, figsize=(13, 4))

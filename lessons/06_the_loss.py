@@ -18,15 +18,11 @@ import time
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor, data, models
+from tinydeeplab import Tensor, data, lessons, models
 from tinydeeplab.train import downsample_labels
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 
 # %% 1. Cross-entropy, written out
@@ -115,9 +111,6 @@ print(f"loss + its backward: labels at 1/8 {t8 * 1e3:.2f} ms (loss {l8:.4f}); lo
 cosine = float(g8 @ gfull / (np.linalg.norm(g8) * np.linalg.norm(gfull)))
 print(f"cosine between the two gradients on the 21×21 logits: {cosine:.3f}")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(1, 4, figsize=(13, 3.3))

@@ -16,15 +16,11 @@ import time
 
 import numpy as np
 
-from tinydeeplab import crf
+from tinydeeplab import crf, lessons
 from tinydeeplab.kernels.permutohedral import reference as R
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 
 # %% 1. Elevate, find the simplex, weigh the corners (2-D features)
@@ -123,9 +119,6 @@ for n, t in zip(brute_sizes, brute_times):
     print(f"N = {n:7d}: exact sum {t * 1e3:8.1f} ms  (a 500×375 image would take "
           f"~{t * (187500 / n) ** 2:.0f} s)")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(1, 3, figsize=(14, 4))

@@ -15,36 +15,30 @@ Run:  python lessons/08_fully_connected_crf.py   (TDL_FAST=1 for a smaller, quic
 # %% Setup
 import json
 import os
-import pathlib
 
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor, crf, data, gradcheck
+from tinydeeplab import Tensor, crf, data, gradcheck, lessons
 from tinydeeplab.kernels.permutohedral import reference as R
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-VOC_MINI = ROOT.parent / "shared" / "data" / "voc_mini"
+VOC_MINI = lessons.shared_data("voc_mini")  # None where ../shared/data is not at hand
 
 # %% 1. A photograph and a coarse, noisy prediction of it
 # The aeroplane photograph of VOC (2007_000032) when the reference data is present; otherwise a
 # synthetic scene.  The "network" is simulated the way DeepLab's output looks: the truth seen at
 # 1/8 resolution (soft class coverage of each 8×8 cell), with a few small wrong regions and
 # noise added, upsampled bilinearly — blurry boundaries and spurious blobs.
-if (VOC_MINI / "JPEGImages" / "2007_000032.jpg").exists():
+if VOC_MINI is not None and (VOC_MINI / "JPEGImages" / "2007_000032.jpg").exists():
     image = data.read_image(str(VOC_MINI / "JPEGImages" / "2007_000032.jpg"))
     label = data.read_mask(str(VOC_MINI / "SegmentationClass" / "2007_000032.png"), 21)
     source = "VOC 2007_000032 (aeroplanes)"
 else:
     image, label = data.synthetic_sample(200, np.random.default_rng(8))
-    source = f"a synthetic scene ({VOC_MINI} is not on this machine)"
+    source = "a synthetic scene (shared/data/voc_mini is not on this machine)"
 px = 1.0  # the image's scale: the CRF's widths in pixels scale with it (section 4)
 if FAST:
     image, label = image[::2, ::2].copy(), label[::2, ::2].copy()
@@ -191,8 +185,8 @@ print("gradcheck through the layer:", grad_ok)
 # benchmarks/crf_layer_results.json (see benchmarks/RESULTS.md).  Reproduce them with
 #     python benchmarks/crf_layer.py --base ~/.cache/tinydeeplab/demo/run/checkpoint.npz
 # (after `tinydeeplab demo`, which trains that base network).
-results = ROOT / "benchmarks" / "crf_layer_results.json"
-if results.exists():
+results = lessons.recorded_result("crf_layer_results.json")
+if results is not None:
     r = json.loads(results.read_text())
     print(f"recorded by benchmarks/crf_layer.py, read from {results.name} (not computed here):")
     print(f"fine-tuning {r['iterations']} iterations, mIoU (mean of {len(r['runs'])} seeds), "
@@ -209,11 +203,9 @@ if results.exists():
     print(f"  {r['seconds_per_step_layer']:.2f} s per training step against "
           f"{r['seconds_per_step_plain']:.2f} s")
 else:
-    print(f"{results} is missing: run benchmarks/crf_layer.py to produce it")
+    print("benchmarks/crf_layer_results.json is missing: run benchmarks/crf_layer.py to "
+          "produce it")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 cmap = data.voc_colormap()

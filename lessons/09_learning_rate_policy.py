@@ -16,16 +16,12 @@ import shutil
 
 import numpy as np
 
-from tinydeeplab import data
+from tinydeeplab import data, lessons
 from tinydeeplab.evaluate import evaluate
 from tinydeeplab.train import TrainConfig, learning_rate, param_groups, train
 
-FAST = os.environ.get("TDL_FAST") == "1"
-if FAST:
-    print("TDL_FAST=1: smaller sizes, a smoke test — the numbers below are not the lesson's "
-          "results (run without TDL_FAST for those)")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 
 # %% 1. The two schedules
 iterations = 60 if FAST else 600
@@ -66,9 +62,6 @@ groups = param_groups(model, poly)
 print("learning-rate multipliers: backbone 1, head weights "
       f"{groups[1]['lr_mult']:g}, head biases {groups[2]['lr_mult']:g} (no weight decay)")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))

@@ -17,10 +17,9 @@ import os
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor, crf
+from tinydeeplab import Tensor, crf, lessons
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-os.makedirs(OUT, exist_ok=True)
+OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
 
 # %% 1. A constructed scene: a wheel with thin spokes, a thick frame
@@ -104,9 +103,6 @@ print(f"the frame carries {100 * frame_share:.0f} % of a spoke pixel's bilateral
 # beside the spoke: both messages push the same way as the unary.  The CRF refines the
 # unary's boundaries; it cannot add what the unary, and so Q, denies nearly everywhere.
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(2, 4, figsize=(13, 6.6))

@@ -151,7 +151,7 @@ class Tensor:
                 )
 
         grads = {id(self): grad}
-        for node in reversed(self._topological_order()):
+        for node in reversed(self.topological_order()):
             g = grads.pop(id(node))
             if node._node is None:  # a leaf: keep the gradient
                 node.grad = g if node.grad is None else node.grad + g
@@ -166,7 +166,20 @@ class Tensor:
                         gt = gt.astype(t.dtype)
                     grads[id(t)] = gt if id(t) not in grads else grads[id(t)] + gt
 
-    def _topological_order(self):
+    @property
+    def creator(self):
+        """The Function that computed this tensor, or None (a leaf: an input or a parameter,
+        or a result computed without gradients)."""
+        return None if self._node is None else self._node[0]
+
+    @property
+    def inputs(self):
+        """The tensors this one was computed from that need gradients: the graph's edges."""
+        if self._node is None:
+            return []
+        return [t for t in self._node[2] if isinstance(t, Tensor) and t.requires_grad]
+
+    def topological_order(self):
         """Nodes reachable from self, each after all of its inputs (iterative DFS)."""
         order, visited, stack = [], set(), [(self, False)]
         while stack:
@@ -178,10 +191,9 @@ class Tensor:
                 continue
             visited.add(id(node))
             stack.append((node, True))
-            if node._node is not None:
-                for t in node._node[2]:
-                    if isinstance(t, Tensor) and t.requires_grad and id(t) not in visited:
-                        stack.append((t, False))
+            for t in node.inputs:
+                if id(t) not in visited:
+                    stack.append((t, False))
         return order
 
     # ---- operators: thin wrappers over the Functions in ops.py ----------------------------
