@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor, lessons
+from tinydeeplab import Tensor, exercises, lessons
 from tinydeeplab.kernels import atrous_conv
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
@@ -122,3 +122,20 @@ assert reach((2, 4, 8))[1] < reach((2, 4, 8))[0]  # gridding: holes never filled
 detail = lambda m: np.abs(np.diff(m, axis=1)).mean()  # noqa: E731
 assert detail(dense) > detail(sparse)
 print("Check passed.")
+
+# %% Exercise — the output size (a solution: lessons/solutions/01_atrous_convolution.py)
+# Write the output size of a dilated convolution (one side): input H, kernel k, stride s,
+# padding pad, dilation d.  The check compares it with the kernel's on 40 random layers.
+def output_size(H, k, s, pad, d):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_output_size, output_size)
+
+# %% Summary — read next
+# * y = Σ w · x[i·s − pad + p·d]: a dilated 3×3 reads pixels d apart; with pad = d and s = 1 it
+#   keeps the map's size, and its field of view grows as 1 + 2·Σd at the same 9 weights.
+# * Convolving the full-resolution map with holes computes every response; downsampling,
+#   convolving and upsampling computes a quarter of them and blurs the rest.
+# Next: lesson 04 (how DeepLab's ResNet uses this to keep a 1/8 map) — the network track
+# 01 → 04 → 05 → 06 → 09.  For the kernel itself: 03 → 02.

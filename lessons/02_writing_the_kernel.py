@@ -27,7 +27,7 @@ if not GPU:
 import numpy as np  # noqa: E402
 
 import tinydeeplab.functional as F  # noqa: E402
-from tinydeeplab import Tensor, gradcheck, lessons  # noqa: E402
+from tinydeeplab import Tensor, exercises, gradcheck, lessons  # noqa: E402
 from tinydeeplab.kernels import atrous_conv, atrous_conv_cpu  # noqa: E402
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
@@ -235,3 +235,21 @@ assert max(np.abs(dx - dx_lib).max(), np.abs(dw - dw_lib).max(), np.abs(db - db_
     < 1e-10
 assert abs(adjoint) < 1e-9 and grad_ok
 print("Check passed.")
+
+# %% Exercise — the weight gradient without im2col (a solution: lessons/solutions/02_writing_the_kernel.py)
+# dw[k,c,p,q] = Σ_{n,i,j} dy[n,k,i,j] · x[n, c, i·s − pad + p·d, j·s − pad + q·d]: write it with
+# one loop over the taps (p, q) and array operations inside (pad x first, then slice it as
+# im2col does).  The check compares with atrous_conv.conv2d_backward, strided and dilated.
+def weight_gradient(x, dy, kh, kw, s, pad, d):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_weight_gradient, weight_gradient)
+
+# %% Summary — read next
+# * im2col with holes turns the dilated convolution into one matrix product; its backward is
+#   two more products and col2im, the transpose of im2col (checked by the adjoint identity).
+# * The CPU loops and the CUDA kernel share one line of index math; gradcheck checks every
+#   gradient element by finite differences.
+# * Speed depends on the shape and on the BLAS kernel: benchmarks/ measure it side by side.
+# Next: lesson 04 for the network built from these convolutions, or 07 for the CRF's kernel.

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Function, Tensor, gradcheck, lessons
+from tinydeeplab import Function, Tensor, exercises, gradcheck, lessons
 
 OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
@@ -149,3 +149,25 @@ assert good and not wrong, "gradcheck must accept the right backward and reject 
 assert same_as_torch
 assert losses[-1] < 0.5 * losses[0] and accuracy > 0.9
 print("Check passed.")
+
+# %% Exercise — a Sigmoid op (a solution: lessons/solutions/03_autograd_from_scratch.py)
+# Write σ(x) = 1 / (1 + e^−x) as a Function: forward saves what backward needs, backward
+# returns grad · σ'(x).  The check runs gradcheck on it (and a wrong backward fails).
+class Sigmoid(Function):
+    @staticmethod
+    def forward(ctx, x):
+        raise NotImplementedError("your code here")
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_sigmoid_function, Sigmoid)
+
+# %% Summary — read next
+# * A Function pairs forward and backward; apply records creator and inputs, so every result
+#   knows its graph.
+# * backward walks a topological order in reverse and sums the gradients of a tensor used
+#   twice; gradcheck (finite differences) accepts a right backward and rejects a wrong one.
+# Next: lesson 02, which writes the backward of the convolution by hand (kernels track 03 → 02).

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from tinydeeplab import Tensor, lessons, models, nn, no_grad
+from tinydeeplab import Tensor, exercises, lessons, models, nn, no_grad
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
 OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
@@ -116,3 +116,20 @@ assert err8 < 1e-4 and err16 < 1e-4, "the dense map must contain the sparse one"
 assert set(dilations[(8, "layer3")][1:]) == {2} and set(dilations[(8, "layer4")][1:]) == {4}
 assert set(dilations[(16, "layer4")][1:]) == {2} and set(dilations[(32, "layer4")]) == {1}
 print("Check passed.")
+
+# %% Exercise — the dilations of each stage (a solution: lessons/solutions/04_backbone_and_output_stride.py)
+# For an output stride (8, 16 or 32), return the dilation of layer3's and layer4's first
+# 3×3 convolution and of their other blocks' 3×3s: {"layer3": (first, rest), "layer4": ...}.
+# The check builds the ResNets and compares (section 1 printed the answer for 8 and 16).
+def stage_dilations(output_stride):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_stage_dilations, stage_dilations)
+
+# %% Summary — read next
+# * Output stride 8: the strides of layer3 and layer4 become 3×3 dilations 2 and 4 (each
+#   stage's first block keeps the previous rate), with the same weights.
+# * The dense map contains the sparse one exactly (every 4th position); the rest are new
+#   responses, paid for in compute and memory.
+# Next: lesson 05 — what to put on top of the 1/8 features (network track).

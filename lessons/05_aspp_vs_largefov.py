@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from tinydeeplab import Tensor, data, lessons, models
+from tinydeeplab import Tensor, data, exercises, lessons, models
 from tinydeeplab.evaluate import predict_probs
 from tinydeeplab.train import TrainConfig, train
 
@@ -148,3 +148,18 @@ for head in nets:
     losses = [h["loss"] for h in histories[head]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), f"{head} did not learn"
 print("Check passed.")
+
+# %% Exercise — taps inside the map (a solution: lessons/solutions/05_aspp_vs_largefov.py)
+# For a size×size feature map and a 3×3 kernel at `rate` centred on its middle pixel, how many
+# of the 9 taps read inside the map (the rest read padding)?  Section 2 counted it for 17×17.
+def taps_inside(size, rate):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_taps_inside, taps_inside)
+
+# %% Summary — read next
+# * LargeFOV looks through one 3×3 at rate 12; ASPP sums four classifiers at rates 6-24.
+# * A rate larger than the feature map reads padding with its outer taps: on small maps both
+#   heads degenerate towards 1×1 classifiers.
+# Next: lesson 06 — the loss both heads are trained with (network track).

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor, data, lessons, models
+from tinydeeplab import Tensor, data, exercises, lessons, models
 from tinydeeplab.train import downsample_labels
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
@@ -137,3 +137,19 @@ assert int(shrunk[1]) == 2, "interpolating ids 1 and 3 invents id 2"
 assert set(downsample_labels(strip[0].astype(np.uint8), (1, 3))[0, 0]) <= {1, 3}
 assert cosine > 0.9, "the two losses push the logits the same way"
 print("Check passed.")
+
+# %% Exercise — nearest-neighbour label resizing (a solution: lessons/solutions/06_the_loss.py)
+# Resize labels (B, H, W) to (h, w) by nearest neighbour, sampling the input at the centre of
+# each output pixel.  The check compares with the library's train.downsample_labels.
+def resize_labels(labels, size):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_resize_labels, resize_labels)
+
+# %% Summary — read next
+# * The loss is the cross-entropy over non-void pixels at the logits' 1/8 resolution.
+# * Labels are resized by nearest neighbour (ids are names); the labels, not the logits, are
+#   resized: the gradient on the logits points the same way (cosine printed above) for far
+#   less work.
+# Next: lesson 09 — the learning-rate schedule of the training loop (network track).

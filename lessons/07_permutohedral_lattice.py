@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from tinydeeplab import crf, lessons
+from tinydeeplab import crf, exercises, lessons
 from tinydeeplab.kernels.permutohedral import reference as R
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
@@ -159,3 +159,21 @@ assert errors[2] < 0.01 and errors[5] < 0.025  # the bands of tests/test_lattice
 # 6 per point (without the sharing the lattice would have 6N of them)
 assert max(vertices) < 1, f"{max(vertices):.2f} vertices per point: corners are not shared"
 print("Check passed.")
+
+# %% Exercise — splat as loops (a solution: lessons/solutions/07_permutohedral_lattice.py)
+# Write the splat with plain loops: every point n adds bary[n, k] · values[n] to the vertex
+# of its corner k, offsets[n·(d+1) + k], on a reference lattice (R.LatticeReference).  Return
+# the (M, c) vertex values; the check compares with the reference's splat.
+def splat(lattice, values):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_splat, splat)
+
+# %% Summary — read next
+# * The lattice filters in d dimensions in three steps: splat onto the corners of each
+#   point's simplex, blur 1-2-1 along the d+1 lattice directions, slice back.
+# * Its error against the exact Gaussian is a few per cent after normalisation, and its cost
+#   grows linearly with the points: kernels/permutohedral/reference.py is the whole algorithm
+#   in NumPy, cpu.py the same in parallel loops, cpu_fast*.py the fast version.
+# Next: lesson 08 — the fully connected CRF built on it (CRF track 07 → 08 → 10).

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor, crf, data, gradcheck, lessons
+from tinydeeplab import Tensor, crf, data, exercises, gradcheck, lessons
 from tinydeeplab.kernels.permutohedral import reference as R
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
@@ -236,3 +236,20 @@ assert effects["DeepLab defaults"] > effects["no bilateral"], "the bilateral ker
 assert same < 1e-4 and grad_ok
 assert loop_gap < 1e-4, "the written-out mean-field loop must give dense_crf's Q"
 print("Check passed.")
+
+# %% Exercise — the Potts message (a solution: lessons/solutions/08_fully_connected_crf.py)
+# A Potts kernel's message to the log-potentials, as in section 2: weight · n ⊙ K(n ⊙ Q), where
+# K is lattice.filter and n = 1/√(K·1).  The check runs one mean-field iteration with it and
+# compares with crf.DenseCRF2D.
+def potts_message(lattice, n, Q, weight):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_potts_message, potts_message)
+
+# %% Summary — read next
+# * Mean field: Q = softmax(−U); each iteration filters Q with each normalised kernel, weighs
+#   the messages by the Potts weights, adds them to −U and normalises (written out above).
+# * The bilateral kernel snaps boundaries to image edges; the widths in pixels scale with the
+#   image; the CRF after the network is not trained with it — as a layer it can be.
+# Next: lesson 10 — what the CRF cannot do (CRF track).

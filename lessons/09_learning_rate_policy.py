@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 
-from tinydeeplab import data, lessons
+from tinydeeplab import data, exercises, lessons
 from tinydeeplab.evaluate import evaluate
 from tinydeeplab.train import TrainConfig, learning_rate, param_groups, train
 
@@ -89,3 +89,18 @@ for name, run in runs.items():  # the log records the schedule that was actually
     losses = [h["loss"] for h in run["history"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), f"{name} did not learn"
 print("Check passed.")
+
+# %% Exercise — the poly schedule (a solution: lessons/solutions/09_learning_rate_policy.py)
+# DeepLab v2's learning rate at `iteration` (from 0) of `max_iter`: base · (1 − it/max)^power.
+# The check compares with the library's train.learning_rate.
+def poly_lr(base_lr, iteration, max_iter, power=0.9):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_poly_lr, poly_lr)
+
+# %% Summary — read next
+# * Poly decays smoothly to 0; step divides by 10 at fixed iterations.  Compare them over
+#   seeds at the same budget before believing a difference.
+# * The head's 10× learning rate lets the new classifier catch up with a pre-trained body.
+# Next: the CRF track, 07 → 08 → 10.

@@ -4,8 +4,9 @@ You will learn:
   * why a network that predicts at 1/8 resolution loses structures a few pixels wide (bicycle
     spokes, chair legs): after downsampling they are a fraction of one output cell;
   * that the dense CRF only *redistributes* what the unary already believes — it sharpens
-    boundaries the unary roughly has, but a structure the unary misses everywhere gets no
-    support from its (equally unsure) look-alike neighbours;
+    boundaries the unary roughly has, but a structure the unary misses everywhere gets too
+    little support: its look-alike neighbours are as unsure, and a confident look-alike
+    further away (the frame) is outvoted — the messages are measured;
   * where the line is: the same thin bars survive the CRF once the unary gives them a little
     more than the background.
 
@@ -17,7 +18,7 @@ import os
 import numpy as np
 
 import tinydeeplab.functional as F
-from tinydeeplab import Tensor, crf, lessons
+from tinydeeplab import Tensor, crf, exercises, lessons
 
 OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
 rng = np.random.default_rng(0)
@@ -127,3 +128,19 @@ assert recall(seen["after"], thin) > recall(missed["after"], thin) + 0.3, \
 assert unary_gap < 0 and message_gap < 0, "no message outvotes the unary on the spokes"
 assert frame_share > 0.1, "the frame is a sizeable voice in the spokes' bilateral sum"
 print("Check passed.")
+
+# %% Exercise — the appearance kernel (a solution: lessons/solutions/10_limits_thin_structures.py)
+# The bilateral kernel's weight between two pixels at positions p_i, p_j (x, y) with colours
+# I_i, I_j (r, g, b): exp(−|p_i − p_j|² / 2·sxy² − |I_i − I_j|² / 2·srgb²).  Section 3's
+# frame share is built from these weights.
+def bilateral_weight(p_i, p_j, I_i, I_j, sxy, srgb):
+    raise NotImplementedError("your code here")
+
+
+exercises.run(exercises.check_bilateral_weight, bilateral_weight)
+
+# %% Summary — read next
+# * A 1/8-resolution unary loses structures a few pixels wide; the CRF redistributes what the
+#   unary believes — its messages on the spokes push the way the unary already does.
+# * With a little unary support the CRF recovers them: it refines, it does not invent.
+# Next: back to lesson 05 or 09 to see what a better unary needs (network track).

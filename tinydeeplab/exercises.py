@@ -1,0 +1,209 @@
+"""The checks of the lessons' exercises: each compares a function you write with the library
+(or a reference) on random inputs and says what is wrong.
+
+A lesson ends with a stub — ``def output_size(...): raise NotImplementedError`` — and
+``exercises.run(exercises.check_output_size, output_size)``, which prints whether it is done
+and right.  A check returns True when the function is right and raises AssertionError, with
+a message, when it is not.  Solutions are in lessons/solutions/; the test suite runs every check
+against its solution and against a plausible mistake.
+"""
+import numpy as np
+
+
+def run(check, fn):
+    """Run ``check(fn)`` and say how it went; returns whether ``fn`` is right (never raises:
+    the lesson goes on either way)."""
+    name = getattr(fn, "__name__", "your function")
+    try:
+        check(fn)
+    except NotImplementedError:
+        print(f"exercise: not done yet — write {name} and run this cell again")
+        return False
+    except AssertionError as error:
+        print(f"exercise: {name} is not right yet — {error}")
+        return False
+    print(f"exercise: {name} is right")
+    return True
+
+
+def _close(got, expected, what, atol=1e-8):
+    got, expected = np.asarray(got), np.asarray(expected)
+    assert got.shape == expected.shape, f"{what}: shape {got.shape}, expected {expected.shape}"
+    err = float(np.abs(got - expected).max()) if got.size else 0.0
+    assert err <= atol * (1 + float(np.abs(expected).max(initial=0))), \
+        f"{what}: largest difference {err:.3g}"
+
+
+# ---- 01 ------------------------------------------------------------------------------------
+def check_output_size(fn):
+    """fn(H, k, s, pad, d): the output size of a dilated convolution, against the kernel's."""
+    from tinydeeplab.kernels import atrous_conv
+
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        k, s, d = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        pad = int(rng.integers(0, 2 * d + 1))
+        H = int(rng.integers(d * (k - 1) + 1 - 2 * pad if d * (k - 1) + 1 > 2 * pad else 1, 40))
+        y = atrous_conv.conv2d_forward(np.zeros((1, 1, H, H), np.float32),
+                                       np.zeros((1, 1, k, k), np.float32), None, s, pad, d)
+        got = fn(H, k, s, pad, d)
+        assert got == y.shape[2], (f"H={H}, k={k}, s={s}, pad={pad}, d={d}: you say {got}, "
+                                   f"the kernel makes {y.shape[2]}")
+    return True
+
+
+# ---- 02 ------------------------------------------------------------------------------------
+def check_weight_gradient(fn):
+    """fn(x, dy, kh, kw, s, pad, d) -> dw (K, C, kh, kw), against conv2d_backward's."""
+    from tinydeeplab.kernels import atrous_conv
+
+    rng = np.random.default_rng(2)
+    for s, pad, d in ((1, 2, 2), (2, 1, 1), (1, 0, 3)):
+        x = rng.standard_normal((2, 3, 11, 9))
+        w = rng.standard_normal((4, 3, 3, 3))
+        y = atrous_conv.conv2d_forward(x, w, None, s, pad, d)
+        dy = rng.standard_normal(y.shape)
+        _, dw, _ = atrous_conv.conv2d_backward(x, w, dy, s, pad, d)
+        _close(fn(x, dy, 3, 3, s, pad, d), dw, f"dw with s={s}, pad={pad}, d={d}")
+    return True
+
+
+# ---- 03 ------------------------------------------------------------------------------------
+def check_sigmoid_function(cls):
+    """cls: a Function with forward σ(x) = 1/(1 + e^−x) and its backward."""
+    from tinydeeplab import Tensor, gradcheck
+
+    x = np.random.default_rng(3).standard_normal((4, 5)) * 3
+    y = cls.apply(Tensor(x)).numpy()
+    _close(y, 1 / (1 + np.exp(-x)), "forward")
+    assert gradcheck(lambda t: cls.apply(t), [Tensor(x, requires_grad=True)],
+                     raise_exception=False), "backward disagrees with finite differences"
+    return True
+
+
+# ---- 04 ------------------------------------------------------------------------------------
+def check_stage_dilations(fn):
+    """fn(output_stride) -> {"layer3": (first, rest), "layer4": (first, rest)}: the dilation of
+    the stage's first block's 3×3 convolution and of the others', against models.ResNet."""
+    from tinydeeplab import models, nn
+
+    for os_ in (8, 16, 32):
+        net = models.ResNet("resnet50", output_stride=os_, seed=0)
+        for name in ("layer3", "layer4"):
+            dils = [m.dilation for _, m in getattr(net, name).named_modules()
+                    if isinstance(m, nn.Conv2d) and m.weight.shape[2:] == (3, 3)]
+            expected = (dils[0], dils[1])
+            got = tuple(fn(os_)[name])
+            assert got == expected, (f"output stride {os_}, {name}: you say {got}, the network "
+                                     f"has {expected}")
+    return True
+
+
+# ---- 05 ------------------------------------------------------------------------------------
+def check_taps_inside(fn):
+    """fn(size, rate) -> how many of a 3×3 kernel's 9 taps at `rate`, centred on the middle
+    pixel of a size×size map, read inside the map (the others read padding)."""
+    for size in (1, 5, 11, 17, 41, 65):
+        for rate in (1, 2, 6, 12, 18, 24):
+            c = size // 2
+            expected = sum(0 <= c + dy * rate < size and 0 <= c + dx * rate < size
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+            got = fn(size, rate)
+            assert got == expected, f"size {size}, rate {rate}: you say {got}, it is {expected}"
+    return True
+
+
+# ---- 06 ------------------------------------------------------------------------------------
+def check_resize_labels(fn):
+    """fn(labels (B, H, W), (h, w)) -> nearest-neighbour labels, as train.downsample_labels
+    (sampling at pixel centres: output pixel i reads input row ⌊(i + ½)·H/h⌋)."""
+    from tinydeeplab.train import downsample_labels
+
+    rng = np.random.default_rng(6)
+    for H, W, h, w in ((161, 161, 21, 21), (50, 37, 7, 5), (9, 9, 9, 9), (8, 12, 3, 5)):
+        labels = rng.choice([0, 1, 3, 255], size=(2, H, W)).astype(np.uint8)
+        got = fn(labels, (h, w))
+        expected = downsample_labels(labels, (h, w))
+        assert np.asarray(got).shape == expected.shape, \
+            f"{H}×{W} → {h}×{w}: shape {np.asarray(got).shape}, expected {expected.shape}"
+        assert set(np.unique(got)) <= set(np.unique(labels)), "ids that were not in the labels"
+        assert np.array_equal(got, expected), \
+            f"{H}×{W} → {h}×{w}: {int((np.asarray(got) != expected).sum())} pixels differ"
+    return True
+
+
+# ---- 07 ------------------------------------------------------------------------------------
+def check_splat(fn):
+    """fn(lattice, values (N, c)) -> (M, c): each vertex's Σ weight · value, against the
+    reference lattice's splat."""
+    from tinydeeplab.kernels.permutohedral import reference
+
+    rng = np.random.default_rng(7)
+    for d in (1, 2, 3):
+        lattice = reference.LatticeReference((rng.random((57, d)) * 4).astype(np.float32))
+        values = rng.standard_normal((57, 3))
+        _close(fn(lattice, values), lattice.splat(values), f"splat, d = {d}", atol=1e-10)
+    return True
+
+
+# ---- 08 ------------------------------------------------------------------------------------
+def check_potts_message(fn):
+    """fn(lattice, n, Q, weight) -> (N, C): a Potts kernel's message weight · n ⊙ K(n ⊙ Q),
+    with n = 1/√(K·1) the symmetric normalisation; one mean-field iteration built with it
+    must equal crf.DenseCRF2D's."""
+    from tinydeeplab import crf
+
+    rng = np.random.default_rng(8)
+    H, W, C = 9, 13, 4
+    image = rng.integers(0, 256, (H, W, 3)).astype(np.uint8)
+    probs = rng.dirichlet(np.ones(C), H * W).T.astype(np.float32)
+    U = crf.unary_from_softmax(probs)  # (C, N)
+    d = crf.DenseCRF2D(W, H, C)
+    d.setUnaryEnergy(U)
+    d.addPairwiseGaussian(sxy=2, compat=3)
+    d.addPairwiseBilateral(sxy=5, srgb=20, rgbim=image, compat=4)
+    expected = d.inference(1, engine="plain").T
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    pos = np.stack([xx.ravel(), yy.ravel()], 1)
+    kernels = [(pos / 2, 3.0),
+               (np.concatenate([pos / 5, image.reshape(-1, 3).astype(np.float32) / 20], 1), 4.0)]
+    Q = np.exp(-U.T - (-U.T).max(1, keepdims=True))
+    Q /= Q.sum(1, keepdims=True)
+    A = -U.T.astype(np.float64)
+    for features, weight in kernels:
+        lattice = crf.PermutohedralLattice(features)
+        n = 1 / np.sqrt(lattice.filter(np.ones(H * W, np.float32)))
+        A = A + fn(lattice, n, Q, weight)
+    A -= A.max(1, keepdims=True)
+    got = np.exp(A) / np.exp(A).sum(1, keepdims=True)
+    _close(got, expected, "Q after one iteration with your message", atol=1e-4)
+    return True
+
+
+# ---- 09 ------------------------------------------------------------------------------------
+def check_poly_lr(fn):
+    """fn(base_lr, iteration, max_iter, power=0.9) -> DeepLab's poly learning rate, against
+    train.learning_rate."""
+    from tinydeeplab.train import TrainConfig, learning_rate
+
+    for base, max_iter in ((0.02, 600), (2.5e-4, 20000)):
+        cfg = TrainConfig("unused", "unused", lr=base, iterations=max_iter)
+        for it in (0, 1, max_iter // 3, max_iter // 2, max_iter - 1):
+            _close(fn(base, it, max_iter), learning_rate(cfg, it), f"iteration {it} of {max_iter}",
+                   atol=1e-12)
+    return True
+
+
+# ---- 10 ------------------------------------------------------------------------------------
+def check_bilateral_weight(fn):
+    """fn(p_i, p_j, I_i, I_j, sxy, srgb) -> exp(−|p_i − p_j|²/2sxy² − |I_i − I_j|²/2srgb²),
+    the appearance kernel of Krähenbühl & Koltun (eq. 3), for one pair of pixels."""
+    rng = np.random.default_rng(10)
+    for _ in range(20):  # pairs at about a kernel width apart: weights well above 0
+        sxy, srgb = rng.uniform(5, 80), rng.uniform(3, 30)
+        p_i, I_i = rng.random(2) * 40, rng.random(3) * 255
+        p_j, I_j = p_i + rng.normal(0, 0.7 * sxy, 2), I_i + rng.normal(0, 0.7 * srgb, 3)
+        expected = np.exp(-((p_i - p_j) ** 2).sum() / (2 * sxy ** 2)
+                          - ((I_i - I_j) ** 2).sum() / (2 * srgb ** 2))
+        _close(fn(p_i, p_j, I_i, I_j, sxy, srgb), expected, "the weight", atol=1e-9)
+    return True
