@@ -197,10 +197,15 @@ class DeepLabV2(nn.Module):
 
 def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
                aspp_rates=(6, 12, 18, 24), head="aspp", seed=0, stem_ceil_mode=False,
-               crf_layer=None):
-    """DeepLab v2 (``head="aspp"``) or v1-style LargeFOV (``head="largefov"``).
-    ``crf_layer``: None, or a dict of ``crf.CRFLayer`` arguments (e.g. {"iterations": 5}) to
-    end the network with a trainable CRF."""
+               crf_layer=None, largefov_rate=12):
+    """DeepLab v2 (``head="aspp"``, branches at ``aspp_rates``) or v1-style LargeFOV
+    (``head="largefov"``, its 3×3 at ``largefov_rate``).  ``crf_layer``: None, or a dict of
+    ``crf.CRFLayer`` arguments (e.g. {"iterations": 5}) to end the network with a trainable
+    CRF."""
+    if int(largefov_rate) != largefov_rate or largefov_rate < 1:
+        raise ValueError(f"largefov_rate must be a positive integer, got {largefov_rate!r}")
+    if not aspp_rates or any(int(r) != r or r < 1 for r in aspp_rates):
+        raise ValueError(f"aspp_rates must be positive integers, got {aspp_rates!r}")
     if head not in ("aspp", "largefov"):
         raise ValueError(f"head must be 'aspp' or 'largefov', got {head!r}")
     body = ResNet(backbone, output_stride, stem_ceil_mode, seed)
@@ -208,7 +213,7 @@ def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
         top = ASPP(body.out_channels, num_classes, aspp_rates, seed)
     else:
         top = LargeFOV(body.out_channels, num_classes, min(1024, 4 * body.out_channels),
-                       seed=seed)
+                       rate=int(largefov_rate), seed=seed)
     layer = None
     if crf_layer is not None:
         from .crf import CRFLayer

@@ -32,6 +32,8 @@ class TrainConfig:
     backbone: str = "tiny"
     output_stride: int = 8
     head: str = "aspp"
+    aspp_rates: tuple = (6, 12, 18, 24)  # ASPP's branches (head "aspp")
+    largefov_rate: int = 12  # LargeFOV's 3×3 (head "largefov")
     crop: int = 161
     scale: tuple = (0.5, 1.5)
     batch_size: int = 4
@@ -129,7 +131,8 @@ def train(cfg, log=print, progress=True):
         raise PermissionError(f"output folder {cfg.out_dir!r} is not writable")
     dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
     model = models.deeplab_v2(dataset.num_classes, cfg.backbone, cfg.output_stride,
-                              head=cfg.head, seed=cfg.seed, crf_layer=_crf_config(cfg))
+                              aspp_rates=tuple(cfg.aspp_rates), head=cfg.head, seed=cfg.seed,
+                              crf_layer=_crf_config(cfg), largefov_rate=cfg.largefov_rate)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
     if os.path.exists(ckpt) and not cfg.resume:
         raise FileExistsError(f"{ckpt} exists: resume it (--resume) or choose another output "
@@ -218,6 +221,7 @@ def model_config(cfg, dataset):
     """What rebuilds the network from a checkpoint (stored in it as JSON)."""
     return json.dumps({"num_classes": dataset.num_classes, "backbone": cfg.backbone,
                        "output_stride": cfg.output_stride, "head": cfg.head,
+                       "aspp_rates": list(cfg.aspp_rates), "largefov_rate": cfg.largefov_rate,
                        "crf_layer": _crf_config(cfg), "class_names": dataset.class_names})
 
 
@@ -232,6 +236,8 @@ def load_model(path, device="cpu"):
         config = json.loads(str(f["extra/config"]))
     model = models.deeplab_v2(config["num_classes"], config["backbone"],
                               config["output_stride"], head=config["head"],
+                              aspp_rates=tuple(config.get("aspp_rates", (6, 12, 18, 24))),
+                              largefov_rate=config.get("largefov_rate", 12),
                               crf_layer=config.get("crf_layer"))
     models.load_checkpoint(model, path)
     return model.to(device).eval(), config
