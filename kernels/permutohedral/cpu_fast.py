@@ -460,7 +460,8 @@ class MeanFieldCPU:
     - the blurs run last-splatted first (its buffer is the one still in the caches);
     - the last slice applies the softmax to each block of pixels while it is in the caches;
     - a first kernel that ``streams`` (DeepLab's spatial one) filters in one sweep into an
-      array of its own (a thread's sweep reads pixels beyond its share of Q).
+      array of its own (a thread's sweep reads pixels beyond its share of Q), before the
+      other kernels splat, so that their buffers stay in the caches from splat to slice.
     ``stream`` / ``together``: force those choices (True / False) instead of the rules.
     """
 
@@ -492,13 +493,14 @@ class MeanFieldCPU:
                 rest, start = lattices, neg_unary  # the first message starts from −U
                 if streamed:  # the first kernel's whole message in one sweep, into `logits`
                     rest, start = lattices[1:], logits
-                    if rest:
-                        splat_together(rest, Q, pres[1:], self.together)
                     lattices[0].stream(Q, pres[0], posts[0], out=logits, base=neg_unary,
                                        softmax=not rest)
                     if not rest:  # the new Q is normalised in `logits`: swap the arrays
                         Q, logits = logits, Q
                         continue
+                    # the others splat after the sweep (it leaves Q as it was), so their
+                    # buffers go from splat to blur to slice without the sweep in between
+                    splat_together(rest, Q, pres[1:], self.together)
                 else:
                     splat_together(lattices, Q, pres, self.together)
                 blurred = [lat.blur() for lat in reversed(rest)][::-1]
