@@ -17,6 +17,7 @@ the fast schedules of the same loop (``kernels.permutohedral.ENGINES``) are test
 ``dense_crf`` is DeepLab v2's post-processing with its ResNet-101 VOC parameters.
 """
 import math
+import warnings
 
 import numpy as np
 
@@ -148,9 +149,13 @@ class _Pairwise:
 
 def _compatibility(compat, C, xp):
     if np.isscalar(compat):
+        if not np.isfinite(compat):
+            raise ValueError(f"compat must be a finite number, got {compat!r}")
         return "potts", float(compat)
     m = np.asarray(to_device(compat, "cpu") if not isinstance(compat, list) else compat,
                    dtype=np.float32)
+    if not np.isfinite(m).all():
+        raise ValueError("compat holds NaN or infinite values")
     if m.shape == (C,):
         return "diag", xp.asarray(m)
     if m.shape == (C, C):
@@ -274,8 +279,9 @@ class DenseCRF2D(DenseCRF):
     """pydensecrf.densecrf.DenseCRF2D: an image of W×H pixels (row-major) and C labels."""
 
     def __init__(self, W, H, C, device=None, variant=None):
-        if int(W) < 1 or int(H) < 1:
-            raise ValueError(f"image size must be at least 1×1, got W={W}, H={H}")
+        if int(W) != W or int(H) != H or int(W) < 1 or int(H) < 1:
+            raise ValueError(f"image size must be whole numbers of at least 1×1, got W={W}, "
+                             f"H={H}")
         super().__init__(int(W) * int(H), C, device, variant)
         self.W, self.H = int(W), int(H)
 
@@ -414,8 +420,17 @@ def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_
         raise ValueError(f"probs must be (C, H, W) with every size ≥ 1, got {probs.shape}")
     C, H, W = probs.shape
     image = _check_image(image, H, W)
+    if probs.dtype.kind != "f":
+        raise ValueError(f"probs must hold floating-point class probabilities, got dtype "
+                         f"{probs.dtype}")
     if not bool(xp.isfinite(probs).all()) or bool((probs < 0).any()):
         raise ValueError("probs must be finite and non-negative (class probabilities)")
+    sums = probs.sum(axis=0, dtype=xp.float64)
+    low, high = float(sums.min()), float(sums.max())
+    if low < 1 - 1e-3 or high > 1 + 1e-3:  # another scale gives another labelling, silently
+        raise ValueError(f"probs must sum to 1 over the classes at every pixel, found sums "
+                         f"from {low:.3g} to {high:.3g}: divide by probs.sum(0), or pass the "
+                         f"softmax of the logits")
     if int(iterations) != iterations or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations}")
     crf = DenseCRF2D(W, H, C, device=resolve_device(device, probs))
@@ -616,6 +631,10 @@ class CRFLayer(Module):
         if images.dtype != np.uint8 and not (np.isfinite(images).all() and images.min() >= 0
                                              and images.max() <= 255):
             raise ValueError("images must be RGB values in 0..255")
+        if images.dtype.kind == "f" and images.size and images.max() <= 1.0:
+            warnings.warn("CRFLayer: the images' values all lie in 0..1, but the kernels' "
+                          "colour widths are for 0..255 (multiply by 255)", UserWarning,
+                          stacklevel=2)
         if self.compat == "matrix" and self.pos_w.shape[0] != C:
             raise ValueError(f"the layer's compatibility matrices are for "
                              f"{self.pos_w.shape[0]} labels, the logits have {C}")

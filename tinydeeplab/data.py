@@ -110,6 +110,9 @@ class VOCSegmentation:
         if os.path.isfile(names_file):
             with open(names_file) as f:
                 self.class_names = [line.strip() for line in f if line.strip()]
+            if not self.class_names:
+                raise ValueError(f"{names_file} is empty: it must name the classes, one per "
+                                 f"line (or delete it to use VOC's 21)")
         else:
             self.class_names = list(VOC_CLASSES)
         self.num_classes = num_classes or len(self.class_names)

@@ -202,6 +202,8 @@ def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
     (``head="largefov"``, its 3×3 at ``largefov_rate``).  ``crf_layer``: None, or a dict of
     ``crf.CRFLayer`` arguments (e.g. {"iterations": 5}) to end the network with a trainable
     CRF."""
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if int(largefov_rate) != largefov_rate or largefov_rate < 1:
         raise ValueError(f"largefov_rate must be a positive integer, got {largefov_rate!r}")
     if not aspp_rates or any(int(r) != r or r < 1 for r in aspp_rates):
@@ -277,7 +279,17 @@ def save_checkpoint(model, path, **extra):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
-    arrays.update({f"extra/{k}": np.asarray(v) for k, v in extra.items()})
+    for k, v in extra.items():
+        # None, dicts and ragged lists become object arrays, which np.savez pickles and
+        # load_checkpoint (which never unpickles) would then reject with the whole file
+        try:
+            a = np.asarray(v)
+        except ValueError:
+            a = None
+        if a is None or a.dtype.kind not in "biufcUS":
+            raise TypeError(f"save_checkpoint: extra {k}={v!r:.80} is not a number, a string "
+                            f"or a numeric array; store structured values as a JSON string")
+        arrays[f"extra/{k}"] = a
     fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -302,6 +314,10 @@ def load_checkpoint(model, path, strict=True):
     state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
     if not state:
         raise ValueError(f"checkpoint {path!r} holds no model weights")
+    for k, v in state.items():  # a diverged run's weights would load and predict nonsense
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise ValueError(f"checkpoint {path!r} holds non-finite weights (NaN or inf) in "
+                             f"{k}: the run that wrote it diverged; use an earlier checkpoint")
     try:
         model.load_state_dict(state, strict=strict)
     except ValueError as e:

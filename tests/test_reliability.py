@@ -1,0 +1,80 @@
+"""Inputs that used to lose data or give a silent wrong answer (issue: nothing lost, nothing
+silent): each case is refused with a message naming the argument, or warned about."""
+import os
+
+import numpy as np
+import pytest
+
+from tinydeeplab import crf, data, models
+
+
+def tiny_net(classes=3):
+    return models.deeplab_v2(classes, "tiny", 8, seed=0)
+
+
+@pytest.mark.parametrize("extra, what", [({"note": None}, "note"), ({"meta": {"a": 1}}, "meta"),
+                                         ({"ragged": [1, [2, 3]]}, "ragged")])
+def test_save_checkpoint_refuses_extras_it_could_not_load(tmp_path, extra, what):
+    """None, a dict or a ragged list would be pickled into the file, which load_checkpoint
+    (no pickles) then rejects whole: refused at save time, nothing written."""
+    path = tmp_path / "c.npz"
+    with pytest.raises(TypeError, match=what):
+        models.save_checkpoint(tiny_net(), path, **extra)
+    assert not os.listdir(tmp_path)
+    models.save_checkpoint(tiny_net(), path, iteration=3, config='{"a": 1}')  # these load
+    assert models.load_checkpoint(tiny_net(), path)["iteration"] == 3
+
+
+def test_load_checkpoint_refuses_non_finite_weights(tmp_path):
+    """A checkpoint of a diverged run (NaN weights) used to load and predict background
+    everywhere."""
+    net = tiny_net()
+    first = next(iter(net.state_dict()))
+    state = net.state_dict()
+    state[first] = state[first].copy()
+    state[first].flat[0] = np.nan
+    net.load_state_dict(state)
+    models.save_checkpoint(net, tmp_path / "nan.npz")
+    with pytest.raises(ValueError, match=f"non-finite.*{first}"):
+        models.load_checkpoint(tiny_net(), tmp_path / "nan.npz")
+
+
+@pytest.mark.parametrize("scale", [7.5, 1e-9, 0.0])
+def test_dense_crf_refuses_probabilities_that_do_not_sum_to_one(scale):
+    """×7.5 used to agree with the right answer on about half the pixels."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), (6, 7)).transpose(2, 0, 1).astype(np.float32)
+    image = rng.integers(0, 256, (6, 7, 3)).astype(np.uint8)
+    crf.dense_crf(image, probs, iterations=1)  # sums to 1: fine
+    with pytest.raises(ValueError, match="sum to 1"):
+        crf.dense_crf(image, probs * np.float32(scale), iterations=1)
+    with pytest.raises(ValueError, match="floating-point"):
+        crf.dense_crf(image, (probs * 100).astype(np.int64), iterations=1)
+
+
+def test_model_and_crf_arguments_out_of_range():
+    with pytest.raises(ValueError, match="num_classes"):
+        models.deeplab_v2(0, "tiny", 8)
+    with pytest.raises(ValueError, match="W=2.5"):
+        crf.DenseCRF2D(2.5, 4, 3)
+    d = crf.DenseCRF2D(5, 4, 3)
+    with pytest.raises(ValueError, match="compat"):
+        d.addPairwiseGaussian(sxy=3, compat=float("nan"))
+    with pytest.raises(ValueError, match="compat"):
+        d.addPairwiseGaussian(sxy=3, compat=np.full((3, 3), np.inf))
+
+
+def test_empty_classes_file_is_a_clear_error(tmp_path):
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=2, n_val=1, size=32)
+    open(os.path.join(root, "classes.txt"), "w").close()
+    with pytest.raises(ValueError, match="classes.txt"):
+        data.VOCSegmentation(root, "train")
+
+
+def test_crf_layer_warns_about_images_in_0_to_1():
+    from tinydeeplab import Tensor
+
+    layer = crf.CRFLayer(iterations=1)
+    logits = Tensor(np.zeros((1, 2, 5, 6), np.float32))
+    with pytest.warns(UserWarning, match="0..255"):
+        layer(logits, np.random.default_rng(0).random((1, 5, 6, 3)))
