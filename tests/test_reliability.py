@@ -78,3 +78,28 @@ def test_crf_layer_warns_about_images_in_0_to_1():
     logits = Tensor(np.zeros((1, 2, 5, 6), np.float32))
     with pytest.warns(UserWarning, match="0..255"):
         layer(logits, np.random.default_rng(0).random((1, 5, 6, 3)))
+
+
+def test_training_that_diverges_stops_and_keeps_the_last_checkpoint(tmp_path):
+    """lr 1e6 used to log NaN losses, overwrite the checkpoint with NaN weights and exit 0."""
+    import json
+    import subprocess
+    import sys
+
+    from tinydeeplab.train import TrainConfig, TrainingDiverged, train
+
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=4, n_val=1, size=48)
+    cfg = TrainConfig(root, str(tmp_path / "run"), crop=33, scale=None, batch_size=2,
+                      iterations=30, lr=1e6, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="diverged at iteration") as caught:
+        train(cfg, log=lambda s: None, progress=False)
+    assert "--lr" in str(caught.value)
+    done = json.loads(open(tmp_path / "run" / "log.jsonl").read().splitlines()[-1])
+    assert np.isfinite(done["loss"])  # no non-finite record was logged
+    net = models.deeplab_v2(5, "tiny", 8)
+    extra = models.load_checkpoint(net, tmp_path / "run" / "checkpoint.npz")  # finite weights
+    assert 1 <= int(extra["iteration"]) <= done["iteration"]
+    out = subprocess.run([sys.executable, "-m", "tinydeeplab.cli", "train", "--data", root,
+                          "--out", str(tmp_path / "cli"), "--iterations", "30", "--crop", "33",
+                          "--batch-size", "2", "--lr", "1e6"], capture_output=True, text=True)
+    assert out.returncode != 0 and "diverged" in out.stderr and "Traceback" not in out.stderr

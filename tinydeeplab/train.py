@@ -18,7 +18,7 @@ import numpy as np
 from . import functional as F
 from . import models
 from .autograd import Tensor
-from .backend import to_device
+from .backend import array_module, to_device
 from .data import Loader, VOCSegmentation, train_transform
 from .optim import SGD
 
@@ -60,6 +60,38 @@ class TrainConfig:
     crf_compat: str = "potts"  # or "matrix": a learned C×C compatibility per kernel
     crf_scale: bool = False  # with crf_layer: learn a scale (temperature) of its output
     crf_test_iterations: int = None  # the CRF layer's iterations at test time (None: crf_layer)
+
+
+class TrainingDiverged(ValueError):
+    """The loss or a gradient became NaN or infinite: the run stopped before the step."""
+
+
+def _finite(a):
+    return bool(array_module(a).isfinite(a).all())
+
+
+def _check_finite(total, model, it, cfg, ckpt, weights=False):
+    """Stop before a non-finite loss or gradient reaches the weights, or (``weights``: after
+    the step, before a save) non-finite weights or statistics reach the checkpoint."""
+    bad = None
+    if not np.isfinite(total):
+        bad = f"the loss is {total}"
+    elif not weights:
+        bad = next((f"the gradient of {name} is not finite" for name, p in
+                    model.named_parameters() if p.grad is not None and not _finite(p.grad)),
+                   None)
+    else:
+        bad = next((f"{name} is not finite after the step" for name, v in
+                    model.state_dict().items() if v.dtype.kind == "f" and not _finite(v)),
+                   None)
+    if bad is None:
+        return
+    kept = (f"the last checkpoint, {ckpt}, is kept as it was" if os.path.exists(ckpt)
+            else "no checkpoint had been written yet")
+    raise TrainingDiverged(
+        f"training diverged at iteration {it + 1}: {bad}; {kept}.  Try a lower --lr (now "
+        f"{cfg.lr:g}), start from pre-trained weights (--init) if batch norm is frozen, or "
+        f"check that the masks hold class ids and 255 only")
 
 
 def learning_rate(cfg, iteration):
@@ -171,6 +203,7 @@ def train(cfg, log=print, progress=True):
                 loss = segmentation_loss(model(Tensor(x).to(cfg.device)), y)
                 (loss * (1.0 / cfg.iter_size)).backward()
                 total += loss.item() / cfg.iter_size
+            _check_finite(total, model, it, cfg, ckpt)
             opt.step()
             seconds = time.perf_counter() - t0
             record = {"iteration": it + 1, "loss": total, "lr": opt.lr,
@@ -183,6 +216,7 @@ def train(cfg, log=print, progress=True):
                                 img_s=f"{record['images_per_s']:.1f}")
                 bar.update(1)
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                _check_finite(total, model, it, cfg, ckpt, weights=True)
                 models.save_checkpoint(model, ckpt, iteration=it + 1, config=model_config(cfg,
                                        dataset), **_velocity_state(opt, model))
     if bar is not None:
