@@ -103,3 +103,49 @@ def test_training_that_diverges_stops_and_keeps_the_last_checkpoint(tmp_path):
                           "--out", str(tmp_path / "cli"), "--iterations", "30", "--crop", "33",
                           "--batch-size", "2", "--lr", "1e6"], capture_output=True, text=True)
     assert out.returncode != 0 and "diverged" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_stale_checkpoint_temporaries_are_removed_on_the_next_start(tmp_path):
+    """A save killed mid-write left tmp*.npz.tmp behind forever; now the next run removes the
+    temporaries whose writer is gone, and leaves a live writer's alone."""
+    import subprocess
+    import sys
+
+    from tinydeeplab.train import TrainConfig, train
+
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=2, n_val=1, size=40)
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = run / f".checkpoint.npz.{dead}.abc123.tmp"
+    live = run / f".checkpoint.npz.{os.getpid()}.def456.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    messages = []
+    train(TrainConfig(root, str(run), crop=33, scale=None, batch_size=2, iterations=1),
+          log=messages.append, progress=False)
+    assert not stale.exists() and live.exists()
+    assert any("killed" in m for m in messages)
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(tmp_path):
+    """A resumed run used to keep the records of the iterations it redid (twice in the log),
+    and a torn last line made the finished run fail reading its log."""
+    import json
+
+    from tinydeeplab.cli import _read_log
+    from tinydeeplab.train import TrainConfig, train
+
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=2, n_val=1, size=40)
+    kw = dict(crop=33, scale=None, batch_size=2, checkpoint_every=2)
+    train(TrainConfig(root, str(tmp_path / "run"), iterations=4, **kw), log=lambda s: None,
+          progress=False)
+    log = tmp_path / "run" / "log.jsonl"
+    with open(log, "a") as f:  # as if killed after iteration 5, in the middle of a record
+        f.write(json.dumps({"iteration": 5, "loss": 1.0, "lr": 0.1, "images_per_s": 1}) + "\n")
+        f.write('{"iteration": 6, "lo')
+    assert [r["iteration"] for r in _read_log(str(log))] == [1, 2, 3, 4, 5]  # torn line skipped
+    train(TrainConfig(root, str(tmp_path / "run"), iterations=6, resume=True, **kw),
+          log=lambda s: None, progress=False)
+    assert [r["iteration"] for r in _read_log(str(log))] == [1, 2, 3, 4, 5, 6]

@@ -42,8 +42,15 @@ def _train(args):
 
 
 def _read_log(path):
+    """The log's records; a torn last line (a run killed while writing it) is left out."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def _scales(text):

@@ -290,7 +290,10 @@ def save_checkpoint(model, path, **extra):
             raise TypeError(f"save_checkpoint: extra {k}={v!r:.80} is not a number, a string "
                             f"or a numeric array; store structured values as a JSON string")
         arrays[f"extra/{k}"] = a
-    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=folder)
+    # the temporary's name carries our process id, so that a later run can tell a stale one
+    # (its writer was killed mid-save) from one another process is writing now
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+                               suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -299,6 +302,30 @@ def save_checkpoint(model, path, **extra):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporaries of checkpoint saves that were killed mid-write in ``folder``
+    (their writing process is gone; they can be hundreds of MB); returns their names."""
+    removed = []
+    for name in os.listdir(folder):
+        parts = name.split(".")
+        if not (name.startswith(".") and name.endswith(".tmp") and len(parts) >= 5):
+            continue
+        try:
+            pid = int(parts[-3])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)  # raises if no such process
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, someone else's
+            continue
+        os.remove(os.path.join(folder, name))
+        removed.append(name)
+    return removed
 
 
 def load_checkpoint(model, path, strict=True):

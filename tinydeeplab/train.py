@@ -66,6 +66,30 @@ class TrainingDiverged(ValueError):
     """The loss or a gradient became NaN or infinite: the run stopped before the step."""
 
 
+def _truncate_log(path, iteration):
+    """Keep the log's records of iterations 1..``iteration`` (those the checkpoint holds): a
+    resumed run redoes the later ones, and a run killed mid-write leaves a torn last line.
+    Rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn line: the run was killed while writing it
+            continue
+        if record.get("iteration", 0) <= iteration:
+            kept.append(line)
+    if kept == lines:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def _finite(a):
     return bool(array_module(a).isfinite(a).all())
 
@@ -161,6 +185,8 @@ def train(cfg, log=print, progress=True):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not os.access(cfg.out_dir, os.W_OK):
         raise PermissionError(f"output folder {cfg.out_dir!r} is not writable")
+    for name in models.remove_stale_temporaries(cfg.out_dir):
+        log(f"removed {name}: a checkpoint save that was killed before it finished")
     dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
     model = models.deeplab_v2(dataset.num_classes, cfg.backbone, cfg.output_stride,
                               aspp_rates=tuple(cfg.aspp_rates), head=cfg.head, seed=cfg.seed,
@@ -182,6 +208,7 @@ def train(cfg, log=print, progress=True):
         _restore_velocity(opt, model, extra)
         start = int(extra["iteration"])
         log(f"resumed from {ckpt} at iteration {start}")
+    _truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), start)
     model.to(cfg.device).train()
 
     def transform(image, label, rng):
