@@ -9,7 +9,7 @@ from ._common import launch
 @cuda.jit(device=True, inline=True)
 def softmax_row(a, out, n):
     """Row n of out ← the softmax of row n of a (out may be a).  Also the last step of each
-    iteration of the one-launch mean field (permutohedral_cuda), so both give the same bits."""
+    iteration of the one-launch mean field (permutohedral.cuda_mean_field): the same bits."""
     C = a.shape[1]
     m = a[n, 0]
     for k in range(1, C):
