@@ -51,17 +51,17 @@ def stream_pays(M, c):
     return M * c * 4 > STREAM_BYTES
 
 
-def rings_fit(M, ring_rows):
-    """The one-sweep schedules need rings (T, rows, c): worth it only while the threads'
-    rings together hold fewer rows than the M-row buffer they replace."""
-    return ring_rows.shape[0] * ring_rows.shape[1] <= M
+def rings_fit(M, threads, rows):
+    """The one-sweep schedules need rings of ``rows`` rows per thread: worth it only while
+    the threads' rings together hold fewer rows than the M-row buffer they replace."""
+    return threads * rows <= M
 
 
-def blur_in_one_sweep(M, c, ring_rows):
+def blur_in_one_sweep(M, c, threads, rows):
     """Blur all d+1 passes in one sweep (``_blur_fused``) where the rings fit and there is
     more than one channel: for one channel (the kernel normalisation, once per lattice) the
     sweep's bookkeeping costs more than the memory traffic it saves."""
-    return c > 1 and rings_fit(M, ring_rows)
+    return c > 1 and rings_fit(M, threads, rows)
 
 
 def splat_together_pays(buffer_bytes):
@@ -241,7 +241,7 @@ class LatticeCPU:
         if not stream_pays(self.M, c):  # (checked first: the plan costs a dry run)
             return False
         plan = self._stream_plan(c, reverse)
-        return plan is not None and rings_fit(self.M, plan[-1])
+        return plan is not None and rings_fit(self.M, *plan[-1].shape[:2])
 
     def stream(self, values, pre=None, post=None, out=None, base=None, softmax=False,
                reverse=False):
@@ -336,13 +336,11 @@ class LatticeCPU:
         the first pass gathers ``buf`` into sorted order, the passes in between keep that order
         and the last one scatters back into buffer order."""
         directions = list(range(self.d, -1, -1) if reverse else range(self.d + 1))
-        rings = None
-        if sweep or sweep is None:
-            rings = self._rings(directions, buf.shape[1], buf.dtype)
-            if sweep is None and not blur_in_one_sweep(self.M, buf.shape[1], rings[-1]):
-                rings = None
-        if rings is not None:
-            reach, masks, bases, ring_rows = rings
+        c = buf.shape[1]
+        if sweep is None:  # (c first: the rings' shape needs the neighbours' reach)
+            sweep = c > 1 and blur_in_one_sweep(self.M, c, *self._ring_shape(directions))
+        if sweep:  # the rings are allocated only for a sweep that runs
+            reach, masks, bases, ring_rows = self._rings(directions, c, buf.dtype)
             _blur_fused_cpu(buf, self.rows, self.buffer_neighbours[directions[0]][None],
                             self.neighbours, np.array(directions, np.int64), reach, masks,
                             bases, ring_rows, scratch, self.sorted)
@@ -358,17 +356,28 @@ class LatticeCPU:
             src, src_rows = dst, self.places
         return src
 
+    def _ring_sizes(self, directions):
+        """(reach, sizes): the largest neighbour distance of each pass in this order of
+        directions, and the rows of the ring each pass but the last writes (a power of two)."""
+        reach = self._reach()[directions]
+        # pass i's ring is read by pass i+1, which runs reach[i+1] places behind it and
+        # reads up to reach[i+1] places on either side, while pass i moves a tile ahead
+        sizes = [1 << int(2 * reach[i + 1] + FUSED_TILE + 1).bit_length()
+                 for i in range(len(directions) - 1)]
+        return reach, sizes
+
+    def _ring_shape(self, directions):
+        """(threads, rows per thread) of _blur_fused's rings for this order of directions."""
+        return max(1, min(numba.get_num_threads(), self.M)), \
+            1 + sum(self._ring_sizes(directions)[1])
+
     def _rings(self, directions, c, dt):
         """(reach, masks, bases, rows) for _blur_fused in this order of directions, c channels
         of dtype dt and the current number of threads, made on first use and kept."""
         T = max(1, min(numba.get_num_threads(), self.M))
         key = (tuple(directions), c, np.dtype(dt).str, T)
         if key not in self._ring_plans:
-            reach = self._reach()[directions]
-            # pass i's ring is read by pass i+1, which runs reach[i+1] places behind it and
-            # reads up to reach[i+1] places on either side, while pass i moves a tile ahead
-            sizes = [1 << int(2 * reach[i + 1] + FUSED_TILE + 1).bit_length()
-                     for i in range(len(directions) - 1)]
+            reach, sizes = self._ring_sizes(directions)
             bases = np.cumsum([1] + sizes[:-1]).astype(np.int64)  # row 0: the zero row
             rows = np.empty((T, 1 + sum(sizes), c), dt)
             rows[:, 0] = 0
@@ -379,9 +388,9 @@ class LatticeCPU:
         """(tables, reach, directions, masks, bases, rings) for _filter_streamed with c
         float32 channels, the blur's directions in order (reversed: the transposed filter)
         and the current number of threads, made on first use and kept; None where the
-        lattice cannot stream (not grid-like, or one channel).  The rings' sizes come from a run of the
-        schedule alone: the most rows each ring held, rounded up to a power of two (so that
-        a slot is an AND)."""
+        lattice cannot stream (not grid-like, or one channel).  The rings' sizes come from a
+        run of the schedule alone: the most rows each ring held, rounded up to a power of
+        two (so that a slot is an AND)."""
         T = max(1, min(numba.get_num_threads(), self.N))
         key = ("stream", c, reverse, T)
         if key not in self._ring_plans:
