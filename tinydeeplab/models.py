@@ -290,10 +290,7 @@ def save_checkpoint(model, path, **extra):
             raise TypeError(f"save_checkpoint: extra {k}={v!r:.80} is not a number, a string "
                             f"or a numeric array; store structured values as a JSON string")
         arrays[f"extra/{k}"] = a
-    # the temporary's name carries our process id, so that a later run can tell a stale one
-    # (its writer was killed mid-save) from one another process is writing now
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.",
-                               suffix=".tmp", dir=folder)
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -304,9 +301,19 @@ def save_checkpoint(model, path, **extra):
         raise
 
 
+def temporary_beside(path):
+    """(fd, name) of a new temporary file in ``path``'s folder for writing ``path``
+    atomically (write it, then os.replace).  Its name carries our process id, so that
+    ``remove_stale_temporaries`` can tell one whose writer was killed mid-write from one
+    another process is writing now."""
+    return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+                            suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+
+
 def remove_stale_temporaries(folder):
-    """Delete the temporaries of checkpoint saves that were killed mid-write in ``folder``
-    (their writing process is gone; they can be hundreds of MB); returns their names."""
+    """Delete the temporaries (``temporary_beside``) in ``folder`` whose writer was killed
+    mid-write (its process is gone; a checkpoint's can be hundreds of MB); returns their
+    names."""
     removed = []
     for name in os.listdir(folder):
         parts = name.split(".")

@@ -84,8 +84,8 @@ def _truncate_log(path, iteration):
             kept.append(line)
     if kept == lines:
         return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    fd, tmp = models.temporary_beside(path)
+    with os.fdopen(fd, "w") as f:
         f.write("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
 
@@ -104,10 +104,10 @@ def _check_finite(total, model, it, cfg, ckpt, weights=False):
         bad = next((f"the gradient of {name} is not finite" for name, p in
                     model.named_parameters() if p.grad is not None and not _finite(p.grad)),
                    None)
-    else:
-        bad = next((f"{name} is not finite after the step" for name, v in
-                    model.state_dict().items() if v.dtype.kind == "f" and not _finite(v)),
-                   None)
+    else:  # in place (state_dict would copy every array off the device)
+        arrays = [(n, p.data) for n, p in model.named_parameters()] + list(model.named_buffers())
+        bad = next((f"{name} is not finite after the step" for name, v in arrays
+                    if v.dtype.kind == "f" and not _finite(v)), None)
     if bad is None:
         return
     kept = (f"the last checkpoint, {ckpt}, is kept as it was" if os.path.exists(ckpt)
