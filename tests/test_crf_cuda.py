@@ -168,3 +168,24 @@ def test_cuda_mean_field_in_one_launch_equals_the_plain_loop(monkeypatch, kernel
     assert not used
     np.testing.assert_allclose(together, apart, atol=2e-6, rtol=0)
     np.testing.assert_allclose(together, run("cpu")[0], atol=2e-6)
+
+
+def test_mean_field_kernel_compiled_anew_gives_the_same_q():
+    """cuda_mean_field.compile_kernel (the variants benchmarks/sweep_mean_field.py times)
+    passed to MeanFieldCUDA(kernel=): the same Q as the default one-launch kernel, which it
+    compiles from the same source with the same bounds."""
+    from tinydeeplab.kernels.permutohedral import cuda_mean_field as pc
+
+    H, W, C = 6, 7, 3
+    image, probs = synthetic_scene(H, W, C, seed=2)
+    d = crf.DenseCRF2D(W, H, C, device="cuda")
+    d.setUnaryEnergy(on_device(crf.unary_from_softmax(probs), "cuda"))
+    d.addPairwiseGaussian(sxy=2, compat=3)
+    d.addPairwiseBilateral(sxy=4, srgb=25, rgbim=image, compat=5)
+    expected = to_numpy(d.inference(2))
+    kernel = pc.compile_kernel(pc.MEAN_FIELD_BLOCKS_PER_SM)
+    engine = pc.MeanFieldCUDA.make([p.lattice.kernel for p in d.pairwise],
+                                   [p.pre for p in d.pairwise], [p.post_w for p in d.pairwise],
+                                   C, kernel=kernel)
+    assert engine is not None and engine.kernel is kernel
+    np.testing.assert_array_equal(to_numpy(engine.run(d.unary, 2)), expected)
