@@ -108,13 +108,16 @@ def test_checkpoint_rebuilds_the_model(tiny_set, tmp_path):
 def test_gradient_accumulation_matches_a_bigger_batch(tiny_set, tmp_path):
     """iter_size 2 × batch 2 sees the same four crops as batch 4; with frozen batch norm the
     update is the same up to how void pixels weight each half (Caffe's iter_size semantics)."""
+    start = models.deeplab_v2(5, "tiny").state_dict()
+    weights = str(tmp_path / "backbone.npz")  # frozen batch norm needs given statistics
+    np.savez(weights, **models.deeplab_v2(5, "tiny").backbone.state_dict())
+
     def update(name, **kw):
         cfg = TrainConfig(tiny_set, str(tmp_path / name), crop=48, iterations=1, lr=0.05,
-                          freeze_bn=True, scale=None, **kw)
+                          freeze_bn=True, scale=None, pretrained=weights, **kw)
         model, history = train(cfg, log=lambda s: None, progress=False)
         return model.state_dict(), history[0]["loss"]
 
-    start = models.deeplab_v2(5, "tiny").state_dict()
     big, loss_big = update("big", batch_size=4)
     acc, loss_acc = update("acc", batch_size=2, iter_size=2)
     assert loss_acc == pytest.approx(loss_big, rel=0.05)
@@ -133,3 +136,17 @@ def test_augmented_set_layout(tmp_path):
     ds = data.VOCSegmentation(root, "train_aug")
     assert len(ds) == 2 and ds[1][1].shape == (32, 32)
     assert len(data.VOCSegmentation(root, "train_aug", subset=1)) == 1
+
+
+def test_frozen_batch_norm_without_trained_statistics_is_refused(tiny_set, tmp_path):
+    """Frozen, never-estimated batch norm leaves a deep ResNet unnormalised (ResNet-101:
+    loss ~1e7 at the first iteration, NaN at the second); the run is refused before it
+    starts, saying what to give."""
+    cfg = TrainConfig(tiny_set, str(tmp_path / "r"), crop=48, iterations=1, freeze_bn=True)
+    with pytest.raises(ValueError, match="--freeze-bn needs.*--pretrained.*--init"):
+        train(cfg, log=lambda s: None, progress=False)
+    assert not os.path.exists(tmp_path / "r" / "checkpoint.npz")
+    cfg = TrainConfig(tiny_set, str(tmp_path / "r"), crop=48, iterations=1,
+                      init="a.npz", pretrained="b.pth")
+    with pytest.raises(ValueError, match="either --init .* or --pretrained"):
+        train(cfg, log=lambda s: None, progress=False)

@@ -1,4 +1,5 @@
-"""The ``tinydeeplab`` command line: demo, train, eval, predict, crf, bench.
+"""The ``tinydeeplab`` command line: demo, train, eval, predict, crf, export, convert-caffe,
+bench.
 
 Bad input ends with a one-line message and exit status 1 (2 for bad arguments), never a
 traceback; files are written atomically.
@@ -28,7 +29,8 @@ def _train(args):
         iterations=args.iterations, lr=args.lr, lr_policy=args.lr_policy,
         step_size=args.step_size, freeze_bn=args.freeze_bn, seed=args.seed,
         workers=args.workers, checkpoint_every=args.checkpoint_every, device=args.device,
-        resume=args.resume, init=args.init, crf_layer=args.crf_layer,
+        resume=args.resume, init=args.init, pretrained=args.pretrained,
+        crf_layer=args.crf_layer,
         crf_lr_mult=args.crf_lr_mult, crf_compat=args.crf_compat,
         crf_unary_loss=args.crf_unary_loss, crf_scale=args.crf_scale,
         crf_test_iterations=args.crf_test_iterations)
@@ -146,6 +148,53 @@ def _crf(args):
     print(args.out)
 
 
+def _export(args):
+    from . import models
+    from .train import load_model
+
+    model, config = load_model(args.checkpoint)
+    arrays = {k: v for k, v in model.state_dict().items()}
+    if args.out.endswith(".pth"):
+        from . import pth
+
+        pth.save(args.out, arrays)
+    elif args.out.endswith(".npz"):
+        _check_folder(args.out)
+        fd, tmp = models.temporary_beside(args.out)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                import numpy as np
+
+                np.savez(f, **arrays)
+            os.replace(tmp, args.out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    else:
+        raise ValueError(f"--out must end in .npz or .pth, got {args.out!r}")
+    print(f"{args.out}: {len(arrays)} arrays; backbone.* in torchvision ResNet names "
+          f"({config['backbone']}, output stride {config['output_stride']}, "
+          f"{config.get('style', 'torchvision')} layout), head.* the "
+          f"{config['head'].upper()} classifier ({config['num_classes']} classes)")
+
+
+def _convert_caffe(args):
+    from . import caffe
+
+    config = caffe.convert(args.caffemodel, args.out, args.backbone)
+    what = (f"DeepLab v2 {config['backbone']} + ASPP, {config['num_classes']} classes: "
+            f"tinydeeplab eval --checkpoint {args.out} ..." if config["num_classes"] else
+            f"{config['backbone']} backbone: tinydeeplab train --pretrained {args.out} ...")
+    print(f"{args.out}: {what}")
+
+
+def _check_folder(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder!r} does not exist")
+
+
 def _bench(args):
     try:
         import torch  # noqa: F401
@@ -206,6 +255,9 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--init", metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--pretrained", metavar="WEIGHTS",
+                   help="backbone weights: a torchvision ResNet state dict (.pth, read "
+                        "without PyTorch, or .npz) or DeepLab v2's .caffemodel")
     p.add_argument("--crf-layer", type=int, default=0, metavar="T",
                    help="end the network with a trainable CRF of T mean-field iterations "
                         "(DeepLab's kernels; Potts weights learned), trained end to end")
@@ -256,6 +308,20 @@ def build_parser():
     p.add_argument("--bi-rgb-std", type=float, default=3)
     p.set_defaults(func=_crf)
 
+    p = sub.add_parser("export", help="a trained checkpoint's weights as a plain state dict "
+                                      "(.npz, or .pth with PyTorch) in torchvision names")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="out.npz or out.pth")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("convert-caffe", help="DeepLab v2's released .caffemodel into a "
+                                             "checkpoint (no Caffe needed)")
+    p.add_argument("caffemodel")
+    p.add_argument("out", help="out.npz: a checkpoint (eval/predict/--init) or, for an "
+                               "ImageNet model, a backbone (--pretrained)")
+    p.add_argument("--backbone", default="resnet101", choices=["resnet50", "resnet101"])
+    p.set_defaults(func=_convert_caffe)
+
     p = sub.add_parser("bench", help="our kernels side by side with PyTorch (convolution) and "
                                      "pydensecrf (CRF); needs the [test] extra")
     p.add_argument("what", nargs="?", choices=["conv", "crf", "all"], default="all")
@@ -278,7 +344,7 @@ def main(argv=None):
                      f"got {value}")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, ImportError) as e:
         sys.exit(f"tinydeeplab {args.command}: {e}")
 
 

@@ -57,14 +57,18 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """1×1 reduce, 3×3, 1×1 expand.  A downsampling block strides its 3×3 convolution, as
+    torchvision does (ResNet "v1.5"), or (``stride_in_1x1``, the original MSRA ResNet that
+    DeepLab's Caffe models use) its first 1×1."""
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride, dilation, downsample, rng):
+    def __init__(self, inplanes, planes, stride, dilation, downsample, rng,
+                 stride_in_1x1=False):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False, rng=rng)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False, rng=rng)
         self.bn1 = nn.BatchNorm2d(planes, relu=True)
-        # the stride sits on the 3×3 convolution, as in torchvision (ResNet "v1.5")
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False,
+        self.conv2 = nn.Conv2d(planes, planes, 3, s3, dilation, dilation, bias=False,
                                rng=rng)
         self.bn2 = nn.BatchNorm2d(planes, relu=True)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False, rng=rng)
@@ -78,12 +82,26 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The backbone without its classifier: x (N, 3, H, W) -> features (N, C, H/os, W/os)."""
+    """The backbone without its classifier: x (N, 3, H, W) -> features (N, C, H/os, W/os).
 
-    def __init__(self, name="resnet101", output_stride=8, stem_ceil_mode=False, seed=0):
+    ``style="torchvision"``: torchvision's ResNet with ``replace_stride_with_dilation`` (the
+    first block of a dilated stage keeps the previous dilation).  ``style="caffe"``: the
+    network of DeepLab's released Caffe models (``tinydeeplab.caffe``): strides on the first
+    1×1 convolution, max pooling rounding up, every block of a dilated stage at its dilation.
+    """
+
+    def __init__(self, name="resnet101", output_stride=8, stem_ceil_mode=False, seed=0,
+                 style="torchvision"):
         super().__init__()
         if name not in CONFIGS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(CONFIGS)}")
+        if style not in ("torchvision", "caffe"):
+            raise ValueError(f"style must be 'torchvision' or 'caffe', got {style!r}")
+        if style == "caffe" and CONFIGS[name][0] != "bottleneck":
+            raise ValueError(f"style 'caffe' is the MSRA ResNet-50/101; {name!r} has basic "
+                             "blocks")
+        self.style = style
+        stem_ceil_mode = stem_ceil_mode or style == "caffe"
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         kind, blocks, widths, stem = CONFIGS[name]
@@ -109,13 +127,16 @@ class ResNet(nn.Module):
         if dilate:  # as torchvision's replace_stride_with_dilation
             self._dilation *= stride
             stride = 1
+        extra = {}
+        if self.style == "caffe":
+            previous, extra = self._dilation, {"stride_in_1x1": True}
         downsample = None
         if stride != 1 or self._inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self._inplanes, planes * block.expansion, 1, stride, bias=False,
                           rng=rng),
                 nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self._inplanes, planes, stride, previous, downsample, rng)]
+        layers = [block(self._inplanes, planes, stride, previous, downsample, rng, **extra)]
         self._inplanes = planes * block.expansion
         layers += [block(self._inplanes, planes, 1, self._dilation, None, rng)
                    for _ in range(1, blocks)]
@@ -197,11 +218,11 @@ class DeepLabV2(nn.Module):
 
 def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
                aspp_rates=(6, 12, 18, 24), head="aspp", seed=0, stem_ceil_mode=False,
-               crf_layer=None, largefov_rate=12):
+               crf_layer=None, largefov_rate=12, style="torchvision"):
     """DeepLab v2 (``head="aspp"``, branches at ``aspp_rates``) or v1-style LargeFOV
     (``head="largefov"``, its 3×3 at ``largefov_rate``).  ``crf_layer``: None, or a dict of
     ``crf.CRFLayer`` arguments (e.g. {"iterations": 5}) to end the network with a trainable
-    CRF."""
+    CRF.  ``style``: "torchvision" or "caffe" (see ``ResNet``)."""
     if int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if int(largefov_rate) != largefov_rate or largefov_rate < 1:
@@ -210,7 +231,7 @@ def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
         raise ValueError(f"aspp_rates must be positive integers, got {aspp_rates!r}")
     if head not in ("aspp", "largefov"):
         raise ValueError(f"head must be 'aspp' or 'largefov', got {head!r}")
-    body = ResNet(backbone, output_stride, stem_ceil_mode, seed)
+    body = ResNet(backbone, output_stride, stem_ceil_mode, seed, style)
     if head == "aspp":
         top = ASPP(body.out_channels, num_classes, aspp_rates, seed)
     else:
@@ -250,25 +271,95 @@ def load_torchvision_resnet(backbone, state_dict, strict=True):
     to a .pth or .npz file) into our ResNet; its classifier (fc.*) is ignored."""
     if isinstance(backbone, DeepLabV2):
         backbone = backbone.backbone
+    source = "the state dict"
     if isinstance(state_dict, (str, os.PathLike)):
-        state_dict = _read_weights(state_dict)
+        source, state_dict = repr(os.fspath(state_dict)), _read_weights(state_dict)
     state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    return backbone.load_state_dict(state, strict=strict)
+    try:
+        return backbone.load_state_dict(state, strict=strict)
+    except ValueError as e:
+        raise ValueError(f"{source} does not fit a {backbone.name} backbone (torchvision "
+                         f"names expected): {e}") from None
 
 
 def _read_weights(path):
+    """A state dict (name -> array) from a torchvision ``.pth`` (read without PyTorch, see
+    ``tinydeeplab.pth``) or an ``.npz`` file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     if path.endswith(".npz"):
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as e:
+            raise ValueError(f"weights file {path!r} is not a readable .npz file: {e}") \
+                from None
+    from . import pth
+
+    return pth.state_dict(path)
+
+
+def read_pretrained(path, backbone):
+    """Backbone weights for ``train --pretrained``: (state dict in our ``ResNet``'s names,
+    style).  ``path`` is a torchvision ResNet state dict (.pth or .npz: style
+    "torchvision"), a DeepLab v2 ``.caffemodel`` (style "caffe"), or a tinydeeplab
+    checkpoint (``convert-caffe``'s output among them; its backbone, in its own style)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pre-trained weights {path!r} do not exist")
+    if path.endswith(".caffemodel"):
+        from . import caffe
+
+        state, _, _ = caffe.deeplab_state(caffe.read_caffemodel(path), backbone)
+        return {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, "caffe"
+    config = checkpoint_config(path) if path.endswith(".npz") else None
+    if config is not None:
+        if config["backbone"] != backbone:
+            raise ValueError(f"{path!r} holds a {config['backbone']} backbone, not {backbone}")
         with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+            state = {k[15:]: data[k] for k in data.files if k.startswith("model/backbone.")}
+        return state, config.get("style", "torchvision")
+    state = _read_weights(path)
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}, "torchvision"
+
+
+def checkpoint_config(path):
+    """The configuration dict stored in a tinydeeplab checkpoint, or None for another .npz."""
+    import json
+
     try:
-        import torch
-    except ImportError:
-        raise ImportError(f"reading {path!r} needs PyTorch (pip install torch), or convert it "
-                          "to .npz") from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+        with np.load(os.fspath(path)) as data:
+            if "extra/config" not in data.files:
+                return None
+            return json.loads(str(data["extra/config"]))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable .npz file: {e}") from None
+
+
+def calibrate_batch_norm(model, x):
+    """Set every batch norm's running statistics to those of the batch ``x`` (N, 3, H, W),
+    layer after layer, so that in evaluation (or frozen) mode each one normalises its input
+    as it would in training.  A network whose statistics were never estimated (a backbone
+    built here, not pre-trained) otherwise divides by the default variance 1, and with frozen
+    batch norm its activations grow through every residual block.  Returns the model."""
+    from .autograd import no_grad
+
+    norms = [m for _, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.frozen) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.momentum, m.frozen = 1.0, False  # running statistics := this batch's
+    model.train()
+    try:
+        with no_grad():
+            model(x if isinstance(x, Tensor) else Tensor(np.asarray(x, np.float32)))
+    finally:
+        for m, (momentum, frozen) in zip(norms, saved):
+            m.momentum = momentum
+            m.freeze(frozen)
+        model.train(was_training)
+    return model
 
 
 def save_checkpoint(model, path, **extra):

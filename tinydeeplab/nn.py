@@ -126,13 +126,17 @@ class Module:
                 if k in buffers else None
             if target is not None and tuple(np.shape(target)) != tuple(v.shape):
                 wrong.append(f"{k}: expected {tuple(np.shape(target))}, got {tuple(v.shape)}")
+        def listed(keys):  # a whole ResNet's worth of keys would bury the message
+            more = f"; and {len(keys) - 6} more" if len(keys) > 6 else ""
+            return "; ".join(keys[:6]) + more
+
         problems = []
         if wrong:
-            problems.append("mis-shaped keys: " + "; ".join(wrong))
+            problems.append(f"{len(wrong)} mis-shaped keys: {listed(wrong)}")
         if strict and missing:
-            problems.append(f"missing keys: {missing}")
+            problems.append(f"{len(missing)} missing keys: {listed(missing)}")
         if strict and unexpected:
-            problems.append(f"unexpected keys: {unexpected}")
+            problems.append(f"{len(unexpected)} unexpected keys: {listed(unexpected)}")
         if problems:
             raise ValueError("load_state_dict: " + " | ".join(problems))
         for k, v in state.items():

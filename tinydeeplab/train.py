@@ -54,6 +54,8 @@ class TrainConfig:
     device: str = "cpu"
     resume: bool = False  # continue from out_dir/checkpoint.npz (else refuse to overwrite it)
     init: str = None  # start from this checkpoint's weights (fine-tuning), e.g. a finished run
+    pretrained: str = None  # backbone weights: a torchvision ResNet .pth/.npz, or a .caffemodel
+    style: str = None  # the ResNet's layout, "torchvision" or "caffe" (None: from the weights)
     crf_layer: int = 0  # > 0: end the network with a trainable CRF of this many iterations
     crf_lr_mult: float = 1.0  # the CRF layer's compatibility weights (no weight decay)
     crf_unary_loss: bool = False  # with crf_layer: also the loss of the logits before the CRF
@@ -188,15 +190,31 @@ def train(cfg, log=print, progress=True):
     for name in models.remove_stale_temporaries(cfg.out_dir):
         log(f"removed {name}: a checkpoint save that was killed before it finished")
     dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
+    ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
+    _check_start(cfg, resuming=os.path.exists(ckpt))
+    pretrained, style = None, cfg.style
+    if cfg.pretrained and not os.path.exists(ckpt):
+        pretrained, style = models.read_pretrained(cfg.pretrained, cfg.backbone)
+        if cfg.style is not None and cfg.style != style:
+            raise ValueError(f"--pretrained {cfg.pretrained!r} holds a {style}-style ResNet, "
+                             f"not {cfg.style}")
+    source = ckpt if os.path.exists(ckpt) else cfg.init
+    if source:  # a resumed or fine-tuned run keeps the layout of the weights it continues
+        style = (models.checkpoint_config(source) or {}).get("style", "torchvision")
+    cfg = dataclasses.replace(cfg, style=style or "torchvision")
     model = models.deeplab_v2(dataset.num_classes, cfg.backbone, cfg.output_stride,
                               aspp_rates=tuple(cfg.aspp_rates), head=cfg.head, seed=cfg.seed,
-                              crf_layer=_crf_config(cfg), largefov_rate=cfg.largefov_rate)
-    ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
+                              crf_layer=_crf_config(cfg), largefov_rate=cfg.largefov_rate,
+                              style=cfg.style)
     if os.path.exists(ckpt) and not cfg.resume:
         raise FileExistsError(f"{ckpt} exists: resume it (--resume) or choose another output "
                               "folder")
-    if cfg.init and not os.path.exists(ckpt):  # a resumed run has its own weights already
-        _initialise(model, cfg.init, log)
+    if not os.path.exists(ckpt):  # a resumed run has its own weights already
+        if cfg.init:
+            _initialise(model, cfg.init, log)
+        elif pretrained is not None:
+            models.load_torchvision_resnet(model.backbone, pretrained)
+            log(f"backbone initialised from {cfg.pretrained} ({cfg.style} layout)")
     model.unary_loss = bool(cfg.crf_unary_loss)
     if cfg.freeze_bn:
         model.backbone.freeze_batch_norm()
@@ -262,6 +280,29 @@ def _crf_config(cfg):
             "compat": cfg.crf_compat, "learn_scale": bool(cfg.crf_scale)}
 
 
+def _check_start(cfg, resuming):
+    """Refuse a run that cannot train: frozen batch norm needs statistics someone estimated.
+
+    With ``freeze_bn`` every batch norm normalises with its stored mean and variance.  In a
+    backbone that was never trained those are the defaults (0 and 1), so no layer is
+    normalised at all; through ResNet-101's 33 residual blocks the activations grow by
+    orders of magnitude (a loss near 1e7 at the first iteration, NaN at the second).  DeepLab
+    freezes batch norm only because it starts from ImageNet statistics.  Letting batch norm
+    train instead would run, but on the small batches DeepLab uses its statistics are noisy
+    and it is not what the user asked for; so the run is refused and the message says what to
+    give."""
+    if cfg.init and cfg.pretrained:
+        raise ValueError("give either --init (a whole network from a checkpoint) or "
+                         "--pretrained (backbone weights), not both")
+    if cfg.freeze_bn and not (cfg.init or cfg.pretrained or resuming):
+        raise ValueError(
+            "--freeze-bn needs a backbone with trained batch-norm statistics: give "
+            "--pretrained WEIGHTS (a torchvision ResNet .pth or .npz, or DeepLab's "
+            ".caffemodel) or --init CHECKPOINT.  Frozen, never-estimated statistics leave the "
+            "network unnormalised and training diverges at once; to train from scratch, "
+            "leave out --freeze-bn")
+
+
 def _initialise(model, path, log):
     """Weights from another run's checkpoint; a CRF layer it lacks keeps its initial
     weights.  Any other difference is an error."""
@@ -283,7 +324,8 @@ def model_config(cfg, dataset):
     return json.dumps({"num_classes": dataset.num_classes, "backbone": cfg.backbone,
                        "output_stride": cfg.output_stride, "head": cfg.head,
                        "aspp_rates": list(cfg.aspp_rates), "largefov_rate": cfg.largefov_rate,
-                       "crf_layer": _crf_config(cfg), "class_names": dataset.class_names})
+                       "crf_layer": _crf_config(cfg), "class_names": dataset.class_names,
+                       "style": cfg.style or "torchvision"})
 
 
 def load_model(path, device="cpu"):
@@ -291,15 +333,19 @@ def load_model(path, device="cpu"):
     (model, config dict)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    with np.load(path) as f:
-        if "extra/config" not in f.files:
-            raise ValueError(f"{path!r} is not a tinydeeplab training checkpoint (no config)")
-        config = json.loads(str(f["extra/config"]))
+    config = models.checkpoint_config(path)
+    if config is None:
+        raise ValueError(f"{path!r} is not a tinydeeplab training checkpoint (no config)")
+    if config.get("num_classes") is None:
+        raise ValueError(f"{path!r} holds a backbone without a classifier (converted from "
+                         f"{config.get('source', 'a Caffe model')}); train from it with "
+                         "--pretrained")
     model = models.deeplab_v2(config["num_classes"], config["backbone"],
                               config["output_stride"], head=config["head"],
                               aspp_rates=tuple(config.get("aspp_rates", (6, 12, 18, 24))),
                               largefov_rate=config.get("largefov_rate", 12),
-                              crf_layer=config.get("crf_layer"))
+                              crf_layer=config.get("crf_layer"),
+                              style=config.get("style", "torchvision"))
     models.load_checkpoint(model, path)
     return model.to(device).eval(), config
 
