@@ -66,11 +66,12 @@ def _scales(text):
 
 
 def _eval(args):
-    from .data import VOCSegmentation
+    from .data import VOCSegmentation, require_valid
     from .evaluate import evaluate
     from .train import load_model
 
     model, config = load_model(args.checkpoint, args.device)
+    require_valid(args.data, args.split, args.subset)
     ds = VOCSegmentation(args.data, args.split, args.subset)
     if ds.num_classes != config["num_classes"]:
         raise ValueError(f"the checkpoint predicts {config['num_classes']} classes but the data "
@@ -146,6 +147,25 @@ def _crf(args):
                              bi_xy_std=args.bi_xy_std, bi_rgb_std=args.bi_rgb_std)
     write_mask(args.out, q.argmax(0))
     print(args.out)
+
+
+def _check_data(args):
+    from .data import check_dataset
+
+    report = check_dataset(args.data, args.split, args.subset, args.workers)
+    total = sum(report["pixels"].values()) or 1
+    print(f"{report['list_file']}: {report['images']} images")
+    print(f"{'class':>20s} {'pixels':>12s} {'share':>7s}")
+    for name, n in report["pixels"].items():
+        print(f"{name:>20s} {n:12d} {100 * n / total:6.2f}%")
+    if report["absent_classes"]:
+        print(f"classes with no pixel in {args.split!r}: {', '.join(report['absent_classes'])}")
+    if report["problems"]:
+        print(f"{len(report['problems'])} problems:")
+        for p in report["problems"]:
+            print(f"  {p}")
+        sys.exit(1)
+    print("no problems found")
 
 
 def _export(args):
@@ -307,6 +327,14 @@ def build_parser():
     p.add_argument("--bi-xy-std", type=float, default=67)
     p.add_argument("--bi-rgb-std", type=float, default=3)
     p.set_defaults(func=_crf)
+
+    p = sub.add_parser("check-data", help="read every image and mask of a split once: all "
+                                          "problems at once, and the class pixel counts")
+    p.add_argument("--data", required=True, help="data set root (VOC layout)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2, help="reading threads")
+    p.set_defaults(func=_check_data)
 
     p = sub.add_parser("export", help="a trained checkpoint's weights as a plain state dict "
                                       "(.npz, or .pth with PyTorch) in torchvision names")

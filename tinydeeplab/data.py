@@ -15,11 +15,12 @@ with the mean colour, label with 255), random crop, random horizontal flip, subt
 mean.  Every random choice comes from a generator seeded by (seed, epoch, index), so a batch
 is the same whichever thread prepared it and however many threads there are.
 """
+import collections
 import concurrent.futures
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -45,14 +46,33 @@ def voc_colormap(n=256):
 
 
 def read_image(path):
-    """An RGB image as (H, W, 3) uint8; a clear error for a missing or corrupt file."""
+    """An RGB image as (H, W, 3) uint8, turned upright by its EXIF orientation (as a photo
+    viewer shows it); 16-bit images are scaled to 8 bits, not clipped.  A clear error for a
+    missing or corrupt file."""
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return _gray_to_8_bits(np.array(im), im.mode, path)
             return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path!r} does not exist") from None
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"image {path!r} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _gray_to_8_bits(a, mode, path):
+    """A 16-bit (or 32-bit integer / float) grey image as 8-bit RGB.  PIL's own conversion
+    clips every value above 255, which turns a 16-bit photograph all white."""
+    if mode == "F":
+        raise ValueError(f"image {path!r} is a floating-point image; save it as 8- or 16-bit")
+    if a.min() < 0 or a.max() > 65535:
+        raise ValueError(f"image {path!r} holds values outside 0..65535; expected an 8- or "
+                         "16-bit image")
+    g = np.rint(a.astype(np.float64) / 257).astype(np.uint8)  # 65535 -> 255
+    return np.repeat(g[..., None], 3, axis=2)
 
 
 def read_mask(path, num_classes):
@@ -102,7 +122,7 @@ def _format(path):
 class VOCSegmentation:
     """``ds[i]`` -> (image (H, W, 3) uint8, label (H, W) uint8) for the ids of ``split``."""
 
-    def __init__(self, root, split="train", subset=None, num_classes=None):
+    def __init__(self, root, split="train", subset=None, num_classes=None, require_files=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data set folder {root!r} does not exist")
         self.root, self.split = root, split
@@ -129,10 +149,11 @@ class VOCSegmentation:
             if subset < 1:
                 raise ValueError(f"subset must be ≥ 1, got {subset}")
             ids = ids[:subset]
+        self.list_file = list_file
         missing = [i for i in ids
                    if not os.path.isfile(self.image_path(i)) or
                    not os.path.isfile(self.mask_path(i))]
-        if missing:
+        if missing and require_files:
             raise FileNotFoundError(
                 f"{len(missing)} listed ids of {list_file!r} lack an image or a mask, e.g. "
                 f"{missing[:3]} (expected {self.image_path(missing[0])} and "
@@ -157,6 +178,78 @@ class VOCSegmentation:
         if image.shape[:2] != label.shape:
             raise ValueError(f"{i}: image {image.shape[:2]} and mask {label.shape} sizes differ")
         return image, label
+
+
+# ---- checking a data set before training on it ---------------------------------------------------
+def _check_sample(ds, i):
+    """(problems, class pixel counts (256,)) of one listed id: every file read in full."""
+    problems, counts = [], np.zeros(256, np.int64)
+    image = mask = None
+    for path, what in ((ds.image_path(i), "image"), (ds.mask_path(i), "mask")):
+        if not os.path.isfile(path):
+            problems.append(f"{what} {path} is missing")
+    if problems:
+        return problems, counts
+    try:
+        image = read_image(ds.image_path(i))
+    except ValueError as e:
+        problems.append(str(e))
+    try:
+        with Image.open(ds.mask_path(i)) as im:
+            if im.mode not in ("P", "L"):
+                problems.append(f"mask {ds.mask_path(i)} has mode {im.mode!r}; expected a "
+                                "palette ('P') or grayscale ('L') PNG of class indices")
+            else:
+                mask = np.array(im)
+    except Exception as e:
+        problems.append(f"mask {ds.mask_path(i)} cannot be read ({type(e).__name__}: {e})")
+    if mask is not None:
+        counts = np.bincount(mask.ravel(), minlength=256)
+        bad = np.flatnonzero(counts[ds.num_classes:IGNORE]) + ds.num_classes
+        if bad.size:
+            problems.append(f"mask {ds.mask_path(i)} holds values {bad[:10].tolist()}, outside "
+                            f"0..{ds.num_classes - 1} and {IGNORE} (void)")
+        elif counts[:ds.num_classes].sum() == 0:
+            problems.append(f"mask {ds.mask_path(i)} has no labelled pixel (all void): it "
+                            "would train nothing")
+    if image is not None and mask is not None and image.shape[:2] != mask.shape:
+        problems.append(f"{i}: image {image.shape[1]}×{image.shape[0]} and mask "
+                        f"{mask.shape[1]}×{mask.shape[0]} differ in size (after the "
+                        "image's EXIF orientation)")
+    return problems, counts
+
+
+def check_dataset(root, split="train", subset=None, workers=2):
+    """Read every listed image and mask of ``split`` once, in ``workers`` threads, and
+    report all problems at once: a dict with ``problems`` (a list of messages naming the
+    files), ``pixels`` (class name -> labelled pixels, and "void"), ``images``, ``split``,
+    ``list_file``."""
+    ds = VOCSegmentation(root, split, subset, require_files=False)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(lambda i: _check_sample(ds, i), ds.ids))
+    problems = [p for found, _ in results for p in found]
+    total = sum((c for _, c in results), np.zeros(256, np.int64))
+    pixels = {name: int(total[c]) for c, name in enumerate(ds.class_names)}
+    pixels["void"] = int(total[IGNORE])
+    duplicates = sorted(i for i, n in collections.Counter(ds.ids).items() if n > 1)
+    problems += [f"{ds.list_file} lists {i} more than once" for i in duplicates]
+    absent = [name for c, name in enumerate(ds.class_names) if total[c] == 0]
+    return {"split": split, "list_file": ds.list_file, "images": len(ds.ids),
+            "pixels": pixels, "absent_classes": absent, "problems": problems}
+
+
+def require_valid(root, split, subset=None, workers=2):
+    """``check_dataset``, raising one ValueError that lists every problem (the first 20
+    and how many more) before any training or evaluation time is spent."""
+    report = check_dataset(root, split, subset, workers)
+    problems = report["problems"]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"the data of split {split!r} has {len(problems)} problem"
+                         f"{'s' if len(problems) > 1 else ''} (tinydeeplab check-data --data "
+                         f"{root} --split {split} lists them):\n  {shown}{more}")
+    return report
 
 
 # ---- transforms ---------------------------------------------------------------------------------

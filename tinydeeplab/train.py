@@ -19,7 +19,7 @@ from . import functional as F
 from . import models
 from .autograd import Tensor
 from .backend import array_module, to_device
-from .data import Loader, VOCSegmentation, train_transform
+from .data import Loader, VOCSegmentation, require_valid, train_transform
 from .optim import SGD
 
 
@@ -189,6 +189,10 @@ def train(cfg, log=print, progress=True):
         raise PermissionError(f"output folder {cfg.out_dir!r} is not writable")
     for name in models.remove_stale_temporaries(cfg.out_dir):
         log(f"removed {name}: a checkpoint save that was killed before it finished")
+    t0 = time.perf_counter()
+    report = require_valid(cfg.data_root, cfg.split, cfg.subset, cfg.workers)
+    log(f"checked {report['images']} images and masks of {cfg.split!r} in "
+        f"{time.perf_counter() - t0:.1f} s")
     dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
     _check_start(cfg, resuming=os.path.exists(ckpt))
