@@ -53,9 +53,18 @@ def test_train_writes_checkpoint_log_and_curves(trained):
 def test_eval_and_predict_on_real_files(trained, tmp_path):
     scores = tmp_path / "scores.json"
     main(["eval", "--data", str(VOC_MINI), "--checkpoint", str(trained / "checkpoint.npz"),
-          "--crf", "--scales", "1,0.75", "--json", str(scores)])
-    result = json.loads(scores.read_text())
-    assert set(result) == {"plain", "crf"} and len(result["plain"]["per_class_iou"]) == 21
+          "--crf", "--scales", "1,0.75", "--flip", "--json", str(scores), "--confusion",
+          str(tmp_path / "confusion.png")])
+    text = scores.read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    result = json.loads(text)
+    assert set(result) == {"plain", "crf", "settings"}
+    assert len(result["plain"]["per_class_iou"]) == 21
+    assert result["plain"]["per_class_iou"]["sofa"] is None  # absent from masks and predictions
+    assert np.array(result["crf"]["confusion_matrix"]).shape == (21, 21)
+    assert result["settings"]["flip"] is True
+    with Image.open(tmp_path / "confusion.png") as im:
+        assert im.size[0] > 300
     main(["predict", str(VOC_MINI / "JPEGImages"), "--checkpoint",
           str(trained / "checkpoint.npz"), "--out", str(tmp_path / "pred"), "--crf"])
     pngs = sorted((tmp_path / "pred").glob("*.png"))
@@ -148,3 +157,35 @@ def test_demo_at_a_small_size(tmp_path):
     assert summary["miou"] >= 0.22, summary["scores"]["plain"]
     assert summary["miou_crf"] >= summary["miou"]
     assert json.loads((tmp_path / "scores.json").read_text())["miou"] == summary["miou"]
+
+
+def test_flip_averages_the_mirrored_prediction():
+    """With --flip, an image and its mirror get mirrored probabilities (the prediction is
+    symmetric under the flip), and without it a random network's are not."""
+    from tinydeeplab import models
+    from tinydeeplab.evaluate import predict_probs
+
+    model = models.deeplab_v2(4, "tiny", seed=3)
+    image = np.random.default_rng(0).integers(0, 255, (37, 51, 3), np.uint8)
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    a = predict_probs(model, image, (1.0, 0.75), flip=True)
+    b = predict_probs(model, mirror, (1.0, 0.75), flip=True)
+    np.testing.assert_allclose(a, b[..., ::-1], atol=1e-5)
+    plain_a = predict_probs(model, image)
+    assert np.abs(plain_a - predict_probs(model, mirror)[..., ::-1]).max() > 1e-3
+
+
+def test_crf_params_file_is_checked(tmp_path):
+    from tinydeeplab import crf
+
+    good = tmp_path / "crf.json"
+    good.write_text(json.dumps({"crf": {"bi_w": 5, "bi_xy_std": 50, "bi_rgb_std": 4},
+                                "table": []}))
+    assert crf.read_params(good) == {"bi_w": 5, "bi_xy_std": 50, "bi_rgb_std": 4}
+    for bad, message in [({"bi_w": "4"}, "bi_w must be a positive number"),
+                         ({"bi_xy_std": 0}, "bi_xy_std must be a positive number"),
+                         ({"sxy": 3}, "unknown CRF parameters"),
+                         ({"iterations": 2.5}, "iterations must be an integer")]:
+        good.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            crf.read_params(good)

@@ -60,41 +60,88 @@ def _scales(text):
         scales = tuple(float(s) for s in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"scales must be numbers like 1,0.75,0.5, got {text!r}")
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    if not scales or not all(0 < s < float("inf") for s in scales):  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"scales must be positive finite numbers, got "
+                                         f"{text!r}")
     return scales
 
 
 def _eval(args):
+    from .crf import read_params
     from .data import VOCSegmentation, require_valid
     from .evaluate import evaluate
     from .train import load_model
+    from .viz import plot_confusion
 
+    for path in (args.json, args.confusion):  # before the evaluation, not after it
+        if path is not None:
+            _check_output_file(path)
+    crf_params = read_params(args.crf_params) if args.crf_params else None
     model, config = load_model(args.checkpoint, args.device)
     require_valid(args.data, args.split, args.subset)
     ds = VOCSegmentation(args.data, args.split, args.subset)
     if ds.num_classes != config["num_classes"]:
         raise ValueError(f"the checkpoint predicts {config['num_classes']} classes but the data "
                          f"set has {ds.num_classes}")
-    result = evaluate(model, ds, args.scales, args.crf, device=args.device, progress=True)
-    for name, scores in result.items():
-        print(f"{name}: mIoU {scores['miou']:.4f}  pixel acc {scores['pixel_acc']:.4f}  "
-              f"mean acc {scores['mean_acc']:.4f}  fwIoU {scores['fwiou']:.4f}")
-        for cls, iou in scores["per_class_iou"].items():
-            print(f"    {cls:>20s} {iou:.4f}")
+    matrices = {}
+    result = evaluate(model, ds, args.scales, args.crf or crf_params is not None, crf_params,
+                      device=args.device, progress=True, flip=args.flip, matrices=matrices)
+    names = list(result)
+    print(f"{'':>20s} " + " ".join(f"{n:>8s}" for n in names))
+    for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
+        print(f"{key:>20s} " + " ".join(f"{result[n][key]:8.4f}" for n in names))
+    print("per-class IoU (absent: the class is in neither the masks nor the predictions)")
+    for cls in ds.class_names:
+        cells = [result[n]["per_class_iou"][cls] for n in names]
+        print(f"{cls:>20s} " + " ".join("  absent" if c != c else f"{c:8.4f}" for c in cells))
+    if args.confusion:
+        name = "crf" if "crf" in matrices else "plain"
+        plot_confusion(matrices[name].matrix, ds.class_names, args.confusion,
+                       title=f"{args.split}: confusion ({'with' if name == 'crf' else 'no'} CRF)")
+        print(f"confusion matrix: {args.confusion}")
     if args.json:
+        for n in names:
+            result[n]["confusion_matrix"] = matrices[n].matrix.tolist()
+        result["settings"] = {"checkpoint": args.checkpoint, "split": args.split,
+                              "images": len(ds), "scales": list(args.scales),
+                              "flip": args.flip, "crf_params": crf_params}
         _write_json(args.json, result)
         print(f"scores: {args.json}")
 
 
-def _write_json(path, obj):
+def _strict(obj):
+    """JSON without NaN tokens (which strict parsers reject): NaN and inf become null."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def _check_output_file(path):
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; give a file name")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder!r} does not exist")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    from .models import temporary_beside
+
+    _check_output_file(path)
+    text = json.dumps(_strict(obj), indent=2, allow_nan=False)
+    fd, tmp = temporary_beside(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _predict(args):
@@ -106,6 +153,7 @@ def _predict(args):
     from .train import load_model
     from .viz import overlay
 
+    crf_params = crf_module.read_params(args.crf_params) if args.crf_params else None
     model, _ = load_model(args.checkpoint, args.device)
     if os.path.isdir(args.input):
         paths = sorted(os.path.join(args.input, f) for f in os.listdir(args.input)
@@ -119,9 +167,9 @@ def _predict(args):
     os.makedirs(args.out, exist_ok=True)
     for path in paths:
         image = read_image(path)
-        probs = predict_probs(model, image, args.scales, args.device)
-        if args.crf:
-            probs = crf_module.dense_crf(image, probs)
+        probs = predict_probs(model, image, args.scales, args.device, args.flip)
+        if args.crf or crf_params is not None:
+            probs = crf_module.dense_crf(image, probs, **(crf_params or {}))
         mask = probs.argmax(0).astype("uint8")
         stem = os.path.splitext(os.path.basename(path))[0]
         write_mask(os.path.join(args.out, f"{stem}.png"), mask)
@@ -302,8 +350,15 @@ def build_parser():
     p.add_argument("--split", default="val")
     p.add_argument("--subset", type=int, default=None)
     p.add_argument("--scales", type=_scales, default=(1.0,), help="e.g. 1,0.75,0.5")
+    p.add_argument("--flip", action="store_true",
+                   help="average each scale's logits with its left-right mirror's")
     p.add_argument("--crf", action="store_true", help="also score after the dense CRF")
-    p.add_argument("--json", default=None, help="write the scores to this file")
+    p.add_argument("--crf-params", metavar="FILE",
+                   help="the CRF's parameters from this JSON (tune-crf's output); implies --crf")
+    p.add_argument("--json", default=None, help="write the scores (and confusion matrices) "
+                                                "to this file; absent classes are null")
+    p.add_argument("--confusion", metavar="PNG", default=None,
+                   help="draw the confusion matrix (after the CRF if --crf) to this picture")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_eval)
 
@@ -312,7 +367,11 @@ def build_parser():
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--scales", type=_scales, default=(1.0,))
+    p.add_argument("--flip", action="store_true",
+                   help="average each scale's logits with its left-right mirror's")
     p.add_argument("--crf", action="store_true")
+    p.add_argument("--crf-params", metavar="FILE",
+                   help="the CRF's parameters from this JSON (tune-crf's output); implies --crf")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_predict)
 
@@ -372,7 +431,7 @@ def main(argv=None):
                      f"got {value}")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:
         sys.exit(f"tinydeeplab {args.command}: {e}")
 
 

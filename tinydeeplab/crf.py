@@ -440,6 +440,39 @@ def dense_crf(image, probs, iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_
     return crf.inference(iterations).reshape(C, H, W)
 
 
+DENSE_CRF_PARAMS = ("iterations", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std")
+
+
+def read_params(path):
+    """``dense_crf`` keyword arguments from a JSON file (``tune-crf`` writes one: the
+    parameters under "crf", beside the search's table); every value checked."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CRF parameter file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"CRF parameter file {path!r} is not valid JSON: {e}") from None
+    params = obj.get("crf", obj) if isinstance(obj, dict) else None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path!r} must hold an object of dense CRF parameters")
+    unknown = sorted(set(params) - set(DENSE_CRF_PARAMS))
+    if unknown:
+        raise ValueError(f"{path!r}: unknown CRF parameters {unknown}; known: "
+                         f"{list(DENSE_CRF_PARAMS)}")
+    for k, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0 or (k != "pos_w" and k != "bi_w" and v == 0):
+            raise ValueError(f"{path!r}: {k} must be a positive number, got {v!r}")
+    if "iterations" in params and int(params["iterations"]) != params["iterations"]:
+        raise ValueError(f"{path!r}: iterations must be an integer, got "
+                         f"{params['iterations']!r}")
+    return dict(params)
+
+
 # ---- the CRF as a trainable layer (end to end) ---------------------------------------------------
 # DeepLab v2 runs the CRF after the network, so the network never learns with it.  Unrolling
 # T mean-field iterations as layers (in the spirit of "CRF as RNN", Zheng et al. 2015) makes

@@ -11,8 +11,11 @@ from .data import to_input
 from .metrics import ConfusionMatrix
 
 
-def predict_probs(model, image, scales=(1.0,), device="cpu"):
-    """Class probabilities (C, H, W) float32 for one uint8 (H, W, 3) image."""
+def predict_probs(model, image, scales=(1.0,), device="cpu", flip=False):
+    """Class probabilities (C, H, W) float32 for one uint8 (H, W, 3) image.  Each scale's
+    logits are upsampled to the image; with ``flip`` they are the mean of the image's and
+    its left-right mirror's (mirrored back); scales are fused by pixel-wise max (DeepLab
+    v2's MSC)."""
     H, W = image.shape[:2]
     x = Tensor(to_input(image)[None]).to(device)
     fused = None
@@ -21,14 +24,19 @@ def predict_probs(model, image, scales=(1.0,), device="cpu"):
         for s in scales:
             xs = x if s == 1.0 else F.interpolate(x, (max(1, round(H * s)), max(1, round(W * s))))
             logits = F.interpolate(model(xs), (H, W))  # bilinear, align_corners=False
+            if flip:
+                mirrored = Tensor(xs.data[..., ::-1].copy())
+                back = F.interpolate(model(mirrored), (H, W)).data[..., ::-1]
+                logits = Tensor((logits.data + back) * 0.5)
             fused = logits if fused is None else F.maximum(fused, logits)
         probs = F.softmax(fused, axis=1)
     return np.asarray(to_device(probs.data[0], "cpu"), dtype=np.float32)
 
 
 def evaluate(model, dataset, scales=(1.0,), crf=False, crf_params=None, device="cpu",
-             limit=None, progress=False):
-    """Scores without CRF (and with, when ``crf``): {"plain": scores, "crf": scores}."""
+             limit=None, progress=False, flip=False, matrices=None):
+    """Scores without CRF (and with, when ``crf``): {"plain": scores, "crf": scores}.
+    ``matrices``: a dict that receives the ConfusionMatrix of each."""
     C = dataset.num_classes
     plain = ConfusionMatrix(C, class_names=dataset.class_names)
     refined = ConfusionMatrix(C, class_names=dataset.class_names) if crf else None
@@ -40,7 +48,7 @@ def evaluate(model, dataset, scales=(1.0,), crf=False, crf_params=None, device="
         indices = tqdm(indices, desc="eval", unit="img")
     for i in indices:
         image, label = dataset[i]
-        probs = predict_probs(model, image, scales, device)
+        probs = predict_probs(model, image, scales, device, flip)
         plain.update(probs.argmax(0), label)
         if crf:
             q = crf_module.dense_crf(image, probs, **(crf_params or {}))
@@ -48,4 +56,8 @@ def evaluate(model, dataset, scales=(1.0,), crf=False, crf_params=None, device="
     out = {"plain": plain.scores()}
     if crf:
         out["crf"] = refined.scores()
+    if matrices is not None:
+        matrices["plain"] = plain
+        if crf:
+            matrices["crf"] = refined
     return out

@@ -69,3 +69,31 @@ def save_grid(rows, path, titles=("image", "ground truth", "prediction", "predic
             if r == 0:
                 axes[r, c].set_title(titles[c], fontsize=9)
     _figure_to(path, fig)
+
+
+def plot_confusion(matrix, class_names, path, title="confusion matrix"):
+    """The confusion matrix as a picture: row t shows where class t's pixels went, as a
+    share of that class (rows sum to 1; empty rows stay blank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    M = np.asarray(matrix, np.float64)
+    rows = M.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(rows > 0, M / rows, np.nan)
+    n = len(class_names)
+    size = max(4.0, 0.38 * n + 1.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for t in range(n):
+        for p in range(n):
+            if np.isfinite(share[t, p]) and share[t, p] >= 0.005:
+                ax.text(p, t, f"{100 * share[t, p]:.0f}", ha="center", va="center",
+                        fontsize=6, color="white" if share[t, p] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    _figure_to(path, fig)
