@@ -216,6 +216,40 @@ def _check_data(args):
     print("no problems found")
 
 
+def _tune_crf(args):
+    from . import tune
+    from .data import VOCSegmentation, require_valid
+    from .train import load_model
+
+    _check_output_file(args.out)
+    model, config = load_model(args.checkpoint, args.device)
+    require_valid(args.data, args.split, None)
+    ds = VOCSegmentation(args.data, args.split)
+    if ds.num_classes != config["num_classes"]:
+        raise ValueError(f"the checkpoint predicts {config['num_classes']} classes but the data "
+                         f"set has {ds.num_classes}")
+    result = tune.search(model, ds, args.subset, scales=args.scales, flip=args.flip,
+                         device=args.device, workers=args.workers, holdout=args.holdout,
+                         progress=True)
+    print(f"{'bi_w':>6s} {'bi_xy_std':>10s} {'bi_rgb_std':>11s} {'mIoU':>8s}")
+    for row in result["table"][:10]:
+        print(f"{row['bi_w']:6g} {row['bi_xy_std']:10g} {row['bi_rgb_std']:11g} "
+              f"{row['miou']:8.4f}")
+    n, gain = result["split_images"], result["best_miou"] - result["default"]["miou"]
+    print(f"on the first {n} images of {args.split!r}: no CRF {result['no_crf_miou']:.4f}, "
+          f"DeepLab's defaults {result['default']['miou']:.4f}, best "
+          f"{result['best_miou']:.4f} ({gain:+.4f}) in {result['seconds']:.0f} s")
+    if "holdout" in result:
+        h = result["holdout"]
+        print(f"on the next {h['images']} images (not searched): defaults "
+              f"{h['default_miou']:.4f}, best {h['best_miou']:.4f} "
+              f"({h['best_miou'] - h['default_miou']:+.4f})")
+    result["settings"] = {"checkpoint": args.checkpoint, "split": args.split,
+                          "scales": list(args.scales), "flip": args.flip}
+    _write_json(args.out, result)
+    print(f"parameters: {args.out} (eval/predict --crf-params {args.out})")
+
+
 def _export(args):
     from . import models
     from .train import load_model
@@ -395,6 +429,22 @@ def build_parser():
     p.add_argument("--workers", type=int, default=2, help="reading threads")
     p.set_defaults(func=_check_data)
 
+    p = sub.add_parser("tune-crf", help="search the dense CRF's w1, θα, θβ on a split's "
+                                        "first images; write the best as JSON")
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--subset", type=int, default=100, help="tune on the first N images")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="also compare defaults and best on the next N images")
+    p.add_argument("--out", default="crf_params.json")
+    p.add_argument("--scales", type=_scales, default=(1.0,))
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes scoring candidates (default: one per core)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_tune_crf)
+
     p = sub.add_parser("export", help="a trained checkpoint's weights as a plain state dict "
                                       "(.npz, or .pth with PyTorch) in torchvision names")
     p.add_argument("checkpoint")
@@ -424,7 +474,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("iterations", "batch_size", "iter_size", "crop", "subset", "checkpoint_every"):
+    for name in ("iterations", "batch_size", "iter_size", "crop", "subset", "checkpoint_every",
+                 "workers"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             sys.exit(f"tinydeeplab {args.command}: --{name.replace('_', '-')} must be ≥ 1, "
