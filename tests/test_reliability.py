@@ -149,3 +149,133 @@ def test_resume_truncates_the_log_to_the_checkpoint(tmp_path):
     train(TrainConfig(root, str(tmp_path / "run"), iterations=6, resume=True, **kw),
           log=lambda s: None, progress=False)
     assert [r["iteration"] for r in _read_log(str(log))] == [1, 2, 3, 4, 5, 6]
+
+
+# ---- predict never overwrites --------------------------------------------------------------
+def _tiny_checkpoint(path, classes=21):
+    import json
+
+    config = {"num_classes": classes, "backbone": "tiny", "output_stride": 8, "head": "aspp",
+              "crf_layer": None}
+    models.save_checkpoint(tiny_net(classes), path, config=json.dumps(config))
+    return str(path)
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tinydeeplab.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_predict_never_overwrites_an_input_and_keeps_same_stem_outputs_apart(tmp_path):
+    """predict DIR --out DIR used to overwrite an input PNG with its mask, and x.jpg and
+    x.png both wrote x.png."""
+    from PIL import Image
+
+    ckpt = _tiny_checkpoint(tmp_path / "c.npz")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(photos / "x.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(photos / "x.png")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(photos / "y.bmp")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(photos / "z.png")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    out = _cli("predict", photos, "--checkpoint", ckpt, "--out", photos)
+    assert out.returncode == 1 and "overwrite an input" in out.stderr
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # nothing written
+    out = _cli("predict", photos, "--checkpoint", ckpt, "--out", tmp_path / "masks")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == [
+        "x_jpg.png", "x_jpg_overlay.jpg", "x_png.png", "x_png_overlay.jpg", "y.png",
+        "y_overlay.jpg", "z.png", "z_overlay.jpg"]
+
+
+def test_predict_skips_a_fifo_and_reports_other_files(tmp_path):
+    """A FIFO in the input folder used to hang predict; files that are not images were
+    skipped without a word."""
+    from PIL import Image
+
+    ckpt = _tiny_checkpoint(tmp_path / "c.npz")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(photos / "a.jpg")
+    os.mkfifo(photos / "pipe.jpg")
+    (photos / "notes.txt").write_text("hello")
+    out = _cli("predict", photos, "--checkpoint", ckpt, "--out", tmp_path / "m")
+    assert out.returncode == 0, out.stderr
+    assert "skipped 2 files" in out.stdout and "pipe.jpg (not a regular file)" in out.stdout
+    assert "notes.txt" in out.stdout
+
+
+# ---- one run per folder; resume checks ------------------------------------------------------
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """Two runs into one --out used to interleave their logs and replace each other's
+    checkpoint.  The lock dies with its process: a killed run does not block --resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=4, n_val=1, size=40)
+    args = ["train", "--data", root, "--out", tmp_path / "run", "--crop", "33",
+            "--batch-size", "2", "--iterations", "100000", "--checkpoint-every", "1"]
+    first = subprocess.Popen([sys.executable, "-m", "tinydeeplab.cli", *map(str, args)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "checkpoint.npz").exists():
+            assert time.time() < deadline and first.poll() is None, first.stderr
+            time.sleep(0.2)
+        second = _cli(*args, "--resume")
+        assert second.returncode == 1
+        assert f"process {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    args[args.index("100000")] = "2"
+    resumed = _cli(*args, "--resume")  # the killed run's lock is gone with it
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_resume_refuses_other_settings_and_says_when_there_is_nothing(tmp_path):
+    """--resume used to rewrite the stored configuration with whatever was given, and with
+    no checkpoint it silently started from scratch."""
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=4, n_val=1, size=40)
+    base = ["train", "--data", root, "--out", tmp_path / "run", "--crop", "33",
+            "--batch-size", "2", "--iterations", "2"]
+    out = _cli(*base, "--resume")
+    assert out.returncode == 1 and "nothing to resume" in out.stderr
+    assert _cli(*base).returncode == 0
+    out = _cli(*base[:-1], "3", "--resume", "--crop", "41", "--seed", "4")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "--crop: 33 in the checkpoint, 41 now" in out.stderr
+    assert "--seed: 0 in the checkpoint, 4 now" in out.stderr
+    out = _cli(*base[:-1], "3", "--resume")  # a longer schedule is allowed, and said
+    assert out.returncode == 0 and "run of 2 iterations for 3" in out.stdout
+
+
+def test_ctrl_c_saves_the_last_whole_iteration_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=4, n_val=1, size=40)
+    args = ["train", "--data", root, "--out", tmp_path / "run", "--crop", "33",
+            "--batch-size", "2", "--iterations", "100000", "--checkpoint-every", "100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "tinydeeplab.cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume" in err
+    extra = models.load_checkpoint(models.deeplab_v2(5, "tiny"), tmp_path / "run" /
+                                   "checkpoint.npz")
+    assert int(extra["iteration"]) >= 3 and f"iteration {int(extra['iteration'])}" in err

@@ -144,6 +144,47 @@ def _write_json(path, obj):
         raise
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
+
+
+def _predict_inputs(folder):
+    """The images of ``folder`` (regular files with an image suffix, sorted), and what was
+    left out: a FIFO or a socket would hang the reader, other files are not images."""
+    images, skipped = [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):  # follows links; False for FIFOs, sockets, folders
+            if not os.path.isdir(path):
+                skipped.append(f"{name} (not a regular file)")
+            continue
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            images.append(path)
+        elif not name.startswith("."):
+            skipped.append(name)
+    return images, skipped
+
+
+def _predict_outputs(paths, out):
+    """Each input's mask and overlay names in ``out``: ``<stem>.png``, or, where two inputs
+    share a stem (x.jpg, x.png), ``<stem>_<suffix>.png`` for each of them.  Refuses (before
+    anything is written) any name that is one of the inputs."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    names = []
+    for path, stem in zip(paths, stems):
+        if stems.count(stem) > 1:
+            stem = f"{stem}_{os.path.splitext(path)[1][1:].lower()}"
+        names.append((os.path.join(out, f"{stem}.png"), os.path.join(out, f"{stem}_overlay.jpg")))
+    inputs = {os.path.realpath(p) for p in paths}
+    for mask, overlay in names:
+        for target in (mask, overlay):
+            if os.path.realpath(target) in inputs:
+                raise FileExistsError(f"writing {target} would overwrite an input image; give "
+                                      "--out a folder other than the images'")
+    if len({m for m, _ in names}) != len(names):
+        raise ValueError("two inputs would write the same output name")
+    return names
+
+
 def _predict(args):
     from PIL import Image
 
@@ -154,27 +195,48 @@ def _predict(args):
     from .viz import overlay
 
     crf_params = crf_module.read_params(args.crf_params) if args.crf_params else None
-    model, _ = load_model(args.checkpoint, args.device)
     if os.path.isdir(args.input):
-        paths = sorted(os.path.join(args.input, f) for f in os.listdir(args.input)
-                       if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        paths, skipped = _predict_inputs(args.input)
+        if skipped:
+            print(f"skipped {len(skipped)} files that are not images: "
+                  f"{', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
         if not paths:
-            raise FileNotFoundError(f"no .jpg or .png images in {args.input!r}")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                                    f"{args.input!r}")
     elif os.path.isfile(args.input):
         paths = [args.input]
+    elif os.path.exists(args.input):
+        raise ValueError(f"input {args.input!r} is neither an image file nor a folder")
     else:
         raise FileNotFoundError(f"input {args.input!r} does not exist")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out {args.out!r} exists and is not a folder")
+    outputs = _predict_outputs(paths, args.out)
+    model, _ = load_model(args.checkpoint, args.device)
     os.makedirs(args.out, exist_ok=True)
-    for path in paths:
+    for path, (mask_path, overlay_path) in zip(paths, outputs):
         image = read_image(path)
         probs = predict_probs(model, image, args.scales, args.device, args.flip)
         if args.crf or crf_params is not None:
             probs = crf_module.dense_crf(image, probs, **(crf_params or {}))
         mask = probs.argmax(0).astype("uint8")
-        stem = os.path.splitext(os.path.basename(path))[0]
-        write_mask(os.path.join(args.out, f"{stem}.png"), mask)
-        Image.fromarray(overlay(image, mask)).save(os.path.join(args.out, f"{stem}_overlay.jpg"))
-        print(os.path.join(args.out, f"{stem}.png"))
+        write_mask(mask_path, mask)
+        _save_image(Image.fromarray(overlay(image, mask)), overlay_path)
+        print(mask_path)
+
+
+def _save_image(im, path):
+    from .models import temporary_beside
+
+    fd, tmp = temporary_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            im.save(f, format="JPEG", quality=90)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _crf(args):
@@ -484,6 +546,9 @@ def main(argv=None):
         args.func(args)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"tinydeeplab {args.command}: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C: what was kept, and how to go on; no traceback
+        print(f"\ntinydeeplab {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

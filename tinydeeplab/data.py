@@ -95,6 +95,9 @@ def read_mask(path, num_classes):
 
 def write_mask(path, mask, palette=None):
     """Save class indices as a palette PNG (the format the VOC server takes), atomically."""
+    if not os.fspath(path).lower().endswith(".png"):
+        raise ValueError(f"{os.fspath(path)!r}: a mask is written as a .png (palette PNG: "
+                         "lossless class indices); a .jpg or .bmp would change them")
     im = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
     im.putpalette((voc_colormap() if palette is None else palette).ravel().tolist())
     _save_atomically(im, path)
@@ -104,19 +107,31 @@ def _save_atomically(im, path, **kwargs):
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder!r} does not exist")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; give a file name")
+    fmt = _format(path)
+    from .models import temporary_beside  # (models imports this module)
+
     try:
-        im.save(tmp, format=_format(path), **kwargs)
-        os.replace(tmp, path)
+        fd, tmp = temporary_beside(path)
     except PermissionError:
         raise PermissionError(f"cannot write to {folder!r}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            im.save(f, format=fmt, **kwargs)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def _format(path):
-    return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}[os.path.splitext(path)[1].lower()]
+    suffix = os.path.splitext(path)[1].lower()
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+    if suffix not in formats:
+        raise ValueError(f"{path!r}: masks are written as .png (palette PNG, lossless), "
+                         f"pictures as .png or .jpg; not {suffix or 'no suffix'}")
+    return formats[suffix]
 
 
 class VOCSegmentation:

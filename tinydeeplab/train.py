@@ -64,6 +64,10 @@ class TrainConfig:
     crf_test_iterations: int = None  # the CRF layer's iterations at test time (None: crf_layer)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the weights of the last whole iteration were saved."""
+
+
 class TrainingDiverged(ValueError):
     """The loss or a gradient became NaN or infinite: the run stopped before the step."""
 
@@ -181,12 +185,91 @@ def _restore_velocity(opt, model, extra):
             opt.velocity[id(p)] = to_device(value, p.device)
 
 
+class RunFolderLock:
+    """An advisory lock on a run folder for the life of one training run: a second run into
+    the same folder is refused instead of interleaving its log and replacing the first's
+    checkpoint.  ``flock`` locks belong to the open file, so the kernel releases them when
+    the process ends however it ends: a killed run leaves no stale lock behind."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(
+                f"another training run (process {holder}) is writing into "
+                f"{os.path.dirname(self.path)!r}; wait for it, stop it, or choose another "
+                "--out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock
+        self.fd = None
+
+
+# the settings that change what a run computes: a resumed run must keep them
+RESUME_KEYS = ("data_root", "split", "subset", "backbone", "output_stride", "head",
+               "aspp_rates", "largefov_rate", "crop", "scale", "batch_size", "iter_size",
+               "lr", "momentum", "weight_decay", "lr_policy", "power",
+               "step_size", "gamma", "head_lr_mult", "freeze_bn", "seed", "crf_layer",
+               "crf_lr_mult", "crf_unary_loss", "crf_compat", "crf_scale",
+               "crf_test_iterations")
+
+
+def run_settings(cfg):
+    """What a checkpoint stores of its run's configuration (JSON), to compare on resume."""
+    values = {k: getattr(cfg, k) for k in RESUME_KEYS + ("iterations",)}
+    values["data_root"] = os.path.abspath(cfg.data_root)
+    values["aspp_rates"], values["scale"] = list(cfg.aspp_rates), \
+        (list(cfg.scale) if cfg.scale else None)
+    return json.dumps(values)
+
+
+def _check_resume(cfg, ckpt, log):
+    """Refuse to resume with settings other than the checkpoint's run: the result would be
+    neither run.  Lists every difference."""
+    with np.load(ckpt) as f:
+        stored = json.loads(str(f["extra/run"])) if "extra/run" in f.files else None
+    if stored is None:
+        log(f"{ckpt} does not record its run's settings; resuming with the ones given")
+        return
+    given = json.loads(run_settings(cfg))
+    diffs = [f"--{k.replace('_', '-')}: {stored.get(k)!r} in the checkpoint, {given[k]!r} now"
+             for k in RESUME_KEYS if k in stored and stored[k] != given[k]]
+    if stored.get("iterations") not in (None, cfg.iterations):  # extending a run is allowed
+        log(f"resuming a run of {stored['iterations']} iterations for {cfg.iterations}: the "
+            "learning-rate schedule follows the new length from here on")
+    if diffs:
+        raise ValueError(f"--resume with settings other than the run in {cfg.out_dir!r}:\n  "
+                         + "\n  ".join(diffs) + "\ngive the run's own settings, or train into "
+                         "another --out")
+
+
 def train(cfg, log=print, progress=True):
     """Train; returns the history (a list of dicts).  Writes to cfg.out_dir: ``checkpoint.npz``
-    (atomically, every cfg.checkpoint_every iterations and at the end) and ``log.jsonl``."""
+    (atomically, every cfg.checkpoint_every iterations and at the end) and ``log.jsonl``.
+    One run at a time per folder (``RunFolderLock``)."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise NotADirectoryError(f"--out {cfg.out_dir!r} exists and is not a folder")
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not os.access(cfg.out_dir, os.W_OK):
         raise PermissionError(f"output folder {cfg.out_dir!r} is not writable")
+    with RunFolderLock(cfg.out_dir):
+        return _train(cfg, log, progress)
+
+
+def _train(cfg, log, progress):
     for name in models.remove_stale_temporaries(cfg.out_dir):
         log(f"removed {name}: a checkpoint save that was killed before it finished")
     t0 = time.perf_counter()
@@ -195,6 +278,11 @@ def train(cfg, log=print, progress=True):
         f"{time.perf_counter() - t0:.1f} s")
     dataset = VOCSegmentation(cfg.data_root, cfg.split, cfg.subset)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.npz")
+    if cfg.resume and not os.path.exists(ckpt):
+        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist (leave out --resume "
+                                "to start a run there)")
+    if cfg.resume:
+        _check_resume(cfg, ckpt, log)
     _check_start(cfg, resuming=os.path.exists(ckpt))
     pretrained, style = None, cfg.style
     if cfg.pretrained and not os.path.exists(ckpt):
@@ -241,36 +329,78 @@ def train(cfg, log=print, progress=True):
     history = []
     bar = _progress(cfg.iterations, start, progress)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    with open(log_path, "a") as log_file:
-        for it in range(start, cfg.iterations):
-            t0 = time.perf_counter()
-            opt.lr = learning_rate(cfg, it)
-            opt.zero_grad()
-            total = 0.0
-            for _ in range(cfg.iter_size):
-                x, y = next(batches)
-                loss = segmentation_loss(model(Tensor(x).to(cfg.device)), y)
-                (loss * (1.0 / cfg.iter_size)).backward()
-                total += loss.item() / cfg.iter_size
-            _check_finite(total, model, it, cfg, ckpt)
-            opt.step()
-            seconds = time.perf_counter() - t0
-            record = {"iteration": it + 1, "loss": total, "lr": opt.lr,
-                      "images_per_s": cfg.batch_size * cfg.iter_size / seconds}
-            history.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{opt.lr:.2e}",
-                                img_s=f"{record['images_per_s']:.1f}")
-                bar.update(1)
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-                _check_finite(total, model, it, cfg, ckpt, weights=True)
-                models.save_checkpoint(model, ckpt, iteration=it + 1, config=model_config(cfg,
-                                       dataset), **_velocity_state(opt, model))
+    def save(done):
+        models.save_checkpoint(model, ckpt, iteration=done, config=model_config(cfg, dataset),
+                               run=run_settings(cfg), **_velocity_state(opt, model))
+
+    done = start  # iterations whose update is complete
+    try:
+        with open(log_path, "a") as log_file:
+            for it in range(start, cfg.iterations):
+                t0 = time.perf_counter()
+                opt.lr = learning_rate(cfg, it)
+                opt.zero_grad()
+                total = 0.0
+                for _ in range(cfg.iter_size):
+                    x, y = next(batches)
+                    loss = segmentation_loss(model(Tensor(x).to(cfg.device)), y)
+                    (loss * (1.0 / cfg.iter_size)).backward()
+                    total += loss.item() / cfg.iter_size
+                _check_finite(total, model, it, cfg, ckpt)
+                with _whole():  # a Ctrl-C here waits for the update to finish
+                    opt.step()
+                done = it + 1
+                seconds = time.perf_counter() - t0
+                record = {"iteration": it + 1, "loss": total, "lr": opt.lr,
+                          "images_per_s": cfg.batch_size * cfg.iter_size / seconds}
+                history.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{opt.lr:.2e}",
+                                    img_s=f"{record['images_per_s']:.1f}")
+                    bar.update(1)
+                if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                    _check_finite(total, model, it, cfg, ckpt, weights=True)
+                    save(it + 1)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        saved = ""
+        if done > start and done % cfg.checkpoint_every != 0:
+            save(done)  # the weights are those after iteration ``done``, whole
+            saved = f"saved {ckpt} at iteration {done}; "
+        raise TrainingInterrupted(
+            f"interrupted at iteration {done}: {saved}continue with the same command and "
+            "--resume") from None
     if bar is not None:
         bar.close()
     return model, history
+
+
+class _whole:
+    """Defer Ctrl-C (SIGINT) until the block ends, so that an update is never half applied.
+    Only in the main thread, where Python delivers signals."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.caught, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.caught = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.caught and exc[0] is None:
+            raise KeyboardInterrupt
 
 
 def _crf_config(cfg):

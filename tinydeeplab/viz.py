@@ -26,9 +26,14 @@ def _figure_to(path, fig):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder {folder!r} does not exist")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
+    from .models import temporary_beside
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; give a file name")
+    fd, tmp = temporary_beside(path)
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
