@@ -17,6 +17,8 @@ import pytest
 from tinydeeplab import Tensor, caffe, models, no_grad, pth
 from tinydeeplab.data import MEAN_RGB
 
+from caffe_helpers import deeplab_caffe_layers
+
 torch = pytest.importorskip("torch", reason="torch (the [test] extra) writes the reference "
                                             ".pth files and runs the reference networks")
 from tinydeeplab.benchmarks.torch_twin import TorchResNet, paired  # noqa: E402
@@ -163,41 +165,6 @@ def test_damaged_or_foreign_caffemodel_is_a_clear_error(tmp_path):
         caffe.read_caffemodel(tmp_path / "nope.caffemodel")
 
 
-def _deeplab_caffe_layers(rng, num_classes=4, backbone="resnet101"):
-    """A DeepLab v2 ResNet + ASPP in Caffe's layer names and blob layouts, random weights:
-    BatchNorm blobs (mean·f, var·f, f) with a non-trivial factor f."""
-    kind, blocks, widths, stem = models.CONFIGS[backbone]
-    layers = {}
-
-    def conv_bn(conv, bn, cin, cout, k):
-        layers[conv] = [(rng.standard_normal((cout, cin, k, k)) *
-                         np.sqrt(2 / (cin * k * k))).astype(np.float32)]
-        f = np.float32(rng.uniform(0.5, 2))
-        layers["bn" + bn] = [(rng.standard_normal(cout) * 0.1 * f).astype(np.float32),
-                             ((rng.random(cout) + 0.5) * f).astype(np.float32),
-                             np.float32([f])]
-        layers["scale" + bn] = [(rng.random(cout) * 0.5 + 0.25).astype(np.float32),
-                                (rng.standard_normal(cout) * 0.1).astype(np.float32)]
-
-    conv_bn("conv1", "_conv1", 3, stem, 7)
-    numbered = [n > 3 for n in blocks] if backbone == "resnet101" else [False] * 4
-    cin = stem
-    for stage, names in enumerate(caffe.block_names(blocks, numbered)):
-        mid = widths[stage]
-        for i, name in enumerate(names):
-            conv_bn(f"{name}_branch2a", f"{name[3:]}_branch2a", cin, mid, 1)
-            conv_bn(f"{name}_branch2b", f"{name[3:]}_branch2b", mid, mid, 3)
-            conv_bn(f"{name}_branch2c", f"{name[3:]}_branch2c", mid, 4 * mid, 1)
-            if i == 0:
-                conv_bn(f"{name}_branch1", f"{name[3:]}_branch1", cin, 4 * mid, 1)
-            cin = 4 * mid
-    for i in range(4):
-        layers[f"fc1_voc12_c{i}"] = [
-            (rng.standard_normal((num_classes, cin, 3, 3)) * 0.01).astype(np.float32),
-            (rng.standard_normal(num_classes) * 0.1).astype(np.float32)]
-    return layers
-
-
 def _caffe_forward(layers, bgr, blocks, numbered):
     """DeepLab v2's Caffe network in PyTorch, straight from Caffe's layer names: BGR input,
     strides on the 1×1 reduction, ceil-mode pooling, dilation 2 and 4 in res4 and res5."""
@@ -232,7 +199,7 @@ def test_deeplab_resnet101_caffemodel_converts_to_the_same_network(tmp_path):
     """Every layer of a full ResNet-101 + ASPP Caffe file is used, and the converted network
     on an RGB image gives the logits of Caffe's network (run here in PyTorch) on BGR."""
     rng = np.random.default_rng(0)
-    layers = _deeplab_caffe_layers(rng)
+    layers = deeplab_caffe_layers(rng)
     caffe.write_caffemodel(tmp_path / "voc12.caffemodel", layers)
     state, num_classes, unused = caffe.deeplab_state(
         caffe.read_caffemodel(tmp_path / "voc12.caffemodel"))
@@ -260,7 +227,7 @@ def test_deeplab_resnet101_caffemodel_converts_to_the_same_network(tmp_path):
 
 def test_imagenet_caffemodel_becomes_a_pretrained_backbone(tmp_path):
     rng = np.random.default_rng(1)
-    layers = _deeplab_caffe_layers(rng, backbone="resnet50")
+    layers = deeplab_caffe_layers(rng, backbone="resnet50")
     for i in range(4):
         del layers[f"fc1_voc12_c{i}"]
     layers["fc1000"] = [np.zeros((10, 2048), np.float32), np.zeros(10, np.float32)]
