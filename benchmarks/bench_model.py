@@ -23,7 +23,8 @@ import numpy as np
 
 from tinydeeplab.benchmarks import positive_int
 
-CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321)}
+CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321),
+         "resnet101": ("resnet101", 1, 321)}
 
 
 def _step_functions(name, batch, size, threads):
@@ -158,7 +159,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=positive_int, default=3)
     parser.add_argument("--rounds", type=positive_int, default=6,
                         help="blocks of ours then torch; the ratio is their median")
-    parser.add_argument("--models", default=",".join(CASES),
+    parser.add_argument("--models", default="tiny,resnet50",
                         help=f"comma-separated, from {list(CASES)}")
     args = parser.parse_args(argv)
     models = tuple(args.models.split(","))
