@@ -245,6 +245,10 @@ def _crf(args):
     from . import crf as crf_module
     from .data import read_image, write_mask
 
+    _check_output_file(args.out)  # before the work, not after it
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out {args.out!r}: the mask is written as a .png (palette PNG: "
+                         "lossless class indices)")
     image = read_image(args.image)
     if not os.path.isfile(args.probs):
         raise FileNotFoundError(f"probabilities file {args.probs!r} does not exist")
@@ -537,14 +541,20 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     for name in ("iterations", "batch_size", "iter_size", "crop", "subset", "checkpoint_every",
-                 "workers"):
+                 "workers", "step_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             sys.exit(f"tinydeeplab {args.command}: --{name.replace('_', '-')} must be ≥ 1, "
                      f"got {value}")
+    if getattr(args, "device", None) == "cuda":  # before any work or any file
+        from .backend import has_cuda
+
+        if not has_cuda():
+            sys.exit(f"tinydeeplab {args.command}: --device cuda, but no CUDA GPU is usable "
+                     "here (CuPy and an NVIDIA GPU are needed: pip install 'tinydeeplab[cuda]')")
     try:
         args.func(args)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
         sys.exit(f"tinydeeplab {args.command}: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C: what was kept, and how to go on; no traceback
         print(f"\ntinydeeplab {args.command}: {e or 'interrupted'}", file=sys.stderr)

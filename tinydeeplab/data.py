@@ -95,6 +95,8 @@ def read_mask(path, num_classes):
 
 def write_mask(path, mask, palette=None):
     """Save class indices as a palette PNG (the format the VOC server takes), atomically."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{os.fspath(path)!r} is a folder; give a file name (.png)")
     if not os.fspath(path).lower().endswith(".png"):
         raise ValueError(f"{os.fspath(path)!r}: a mask is written as a .png (palette PNG: "
                          "lossless class indices); a .jpg or .bmp would change them")

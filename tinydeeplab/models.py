@@ -333,8 +333,11 @@ def checkpoint_config(path):
             if "extra/config" not in data.files:
                 return None
             return json.loads(str(data["extra/config"]))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable .npz file: {e}") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist") from None
+    except Exception as e:  # a truncated file: BadZipFile, EOFError, ...
+        raise ValueError(f"{os.fspath(path)!r} is not a readable .npz file "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def calibrate_batch_norm(model, x):

@@ -262,11 +262,29 @@ def train(cfg, log=print, progress=True):
     One run at a time per folder (``RunFolderLock``)."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise NotADirectoryError(f"--out {cfg.out_dir!r} exists and is not a folder")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.device == "cuda":
+        from .backend import has_cuda
+
+        if not has_cuda():
+            raise RuntimeError("--device cuda: no CUDA GPU is usable here (CuPy and an NVIDIA "
+                               "GPU are needed: pip install 'tinydeeplab[cuda]')")
+    created = not os.path.exists(cfg.out_dir)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"--out {cfg.out_dir!r}: a file is in the way") from None
     if not os.access(cfg.out_dir, os.W_OK):
         raise PermissionError(f"output folder {cfg.out_dir!r} is not writable")
-    with RunFolderLock(cfg.out_dir):
-        return _train(cfg, log, progress)
+    try:
+        with RunFolderLock(cfg.out_dir):
+            return _train(cfg, log, progress)
+    except BaseException:
+        if created:  # a run that stopped before writing anything leaves no folder behind
+            leftovers = set(os.listdir(cfg.out_dir)) - {".lock"}
+            if not leftovers:
+                os.remove(os.path.join(cfg.out_dir, ".lock"))
+                os.rmdir(cfg.out_dir)
+        raise
 
 
 def _train(cfg, log, progress):
@@ -443,8 +461,12 @@ def _initialise(model, path, log):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"initial checkpoint {path!r} does not exist")
     own = set(model.state_dict())
-    with np.load(path) as f:
-        theirs = {k[6:] for k in f.files if k.startswith("model/")}
+    try:
+        with np.load(path) as f:
+            theirs = {k[6:] for k in f.files if k.startswith("model/")}
+    except Exception as e:
+        raise ValueError(f"initial checkpoint {path!r} is not a readable .npz file "
+                         f"({type(e).__name__}: {e})") from None
     missing = sorted(k for k in own - theirs if not k.startswith("crf."))
     if missing or theirs - own:
         raise ValueError(f"initial checkpoint {path!r} does not fit this model: missing "
