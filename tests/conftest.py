@@ -65,3 +65,8 @@ def to_numpy(a):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+# Tests compare training runs bit for bit (resumed against uninterrupted, one batch size against
+# another).  The thread counts must not follow whatever else the test machine is running
+# (tinydeeplab._threads.LoadAdapter; tests/test_threads.py tests it on its own).
+os.environ.setdefault("TDL_ADAPT_THREADS", "0")

@@ -103,3 +103,51 @@ def test_a_forked_child_can_run_the_kernels():
     assert code == "0", done.stderr[-3000:]
     # all ones, 3×3 taps over a zero-padded 9×9 plane: 25 × 25 taps × 3 channels × 2 filters
     assert float(parent) == float(child) == 25 * 25 * 3 * 2, done.stdout
+
+
+def test_load_adapter_gives_up_the_cores_other_processes_hold(monkeypatch):
+    """Under load the training loop used to collapse (2 competing processes on 2 cores:
+    11× slower, benchmarks/under_load.py): the adapter now matches the worker threads to the
+    cores left free, and gives them back when the others stop."""
+    import numba
+    import pytest
+    from threadpoolctl import threadpool_info
+
+    from tinydeeplab._threads import LoadAdapter
+
+    if min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS) < 2:
+        pytest.skip("one core: there are no threads to give up")
+    monkeypatch.setenv("TDL_ADAPT_THREADS", "1")  # (conftest turns it off for other tests)
+    state = {"t": 0.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(LoadAdapter, "_busy", staticmethod(lambda: state["busy"]))
+    monkeypatch.setattr(LoadAdapter, "_own", staticmethod(lambda: state["own"]))
+    adapter = LoadAdapter()
+    adapter._clock = lambda: state["t"]
+    adapter._last = (0.0, 0.0, 0.0)
+    cores = adapter.cores
+
+    def second(others, ours=1.0):
+        state["t"] += 1.0
+        state["own"] += ours
+        state["busy"] += ours + others
+        return adapter.update()
+
+    try:
+        assert second(0.1) == cores  # alone: every core
+        assert second(1.0) == cores  # one reading of load: not yet
+        assert second(0.1) == cores  # a burst: nothing changed
+        assert second(1.0) == cores and second(1.0) == cores - 1  # sustained: one core less
+        assert numba.get_num_threads() == cores - 1
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        assert blas and all(n == cores - 1 for n in blas)
+        second(cores + 3.0)
+        assert second(cores + 3.0) == 1  # never below one
+        state["t"] += 0.5
+        assert adapter.update() == 1  # at most once a second
+        second(0.0)
+        assert second(0.0) == cores  # the others stopped
+    finally:
+        adapter.close()
+    assert numba.get_num_threads() == cores
+    monkeypatch.setenv("TDL_ADAPT_THREADS", "0")
+    assert not LoadAdapter().enabled

@@ -290,3 +290,26 @@ def test_export_refuses_other_suffixes(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 1 and "must end in .npz or .pth" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "e.h5").exists()
+
+
+def test_train_from_a_caffemodel_builds_the_caffe_layout(tmp_path):
+    """train --pretrained X.caffemodel: the run uses the MSRA layout the weights were trained
+    in, records it, and eval rebuilds it from the checkpoint."""
+    from tinydeeplab import data
+    from tinydeeplab.train import TrainConfig, load_model, train
+
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=2, n_val=1, size=40)
+    layers = deeplab_caffe_layers(np.random.default_rng(2), backbone="resnet50")
+    for i in range(4):
+        del layers[f"fc1_voc12_c{i}"]
+    caffe.write_caffemodel(tmp_path / "init.caffemodel", layers)
+    messages = []
+    cfg = TrainConfig(root, str(tmp_path / "run"), backbone="resnet50", crop=33, scale=None,
+                      batch_size=2, iterations=1, freeze_bn=True, lr=1e-4,
+                      pretrained=str(tmp_path / "init.caffemodel"))
+    model, history = train(cfg, log=messages.append, progress=False)
+    assert any("caffe layout" in m for m in messages) and np.isfinite(history[0]["loss"])
+    assert model.backbone.style == "caffe"
+    assert model.backbone.layer2[0].conv1.stride in (2, (2, 2))  # the stride on the 1×1
+    loaded, config = load_model(str(tmp_path / "run" / "checkpoint.npz"))
+    assert config["style"] == "caffe" and loaded.backbone.style == "caffe"

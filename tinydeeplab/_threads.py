@@ -103,3 +103,95 @@ def describe():
             if _USER_SET_TIMEOUT else "OpenBLAS workers sleep after each call (timeout 2^4)"
             if BLAS_WORKERS_SLEEP else "OpenBLAS workers spin (NumPy imported first)")
     return f"Numba threading layer {layer} ({_choice}); {blas}"
+
+
+class LoadAdapter:
+    """Keep the worker threads to the cores that other processes leave free.
+
+    Numba's parallel loops and OpenBLAS's GEMMs split their work statically among their
+    threads and wait at the end for the slowest.  On a machine busy with other work, a
+    descheduled worker stalls the whole loop — a training step makes hundreds of such loops —
+    and two or three threads per core fight over every time slice.  So, once a second, this
+    reads how busy the machine was (``/proc/stat``) less what this process used
+    (``os.times``), and sets both pools to ``cores − busy cores of others`` threads (at least
+    one): all cores when alone, fewer when shared — after two readings in a row agree, so a
+    short burst of other work changes nothing.  ``TDL_ADAPT_THREADS=0`` turns it off; so does
+    a machine without ``/proc/stat`` or with one core.
+
+    Numba's thread count never changes a result (our kernels split work so that every output
+    is summed in one order); OpenBLAS's can, in the last bits, for GEMMs it splits along their
+    inner dimension (weight gradients).  So a run alone is bit-identical to one with the
+    adaptation off, while a run that shared the machine may differ from it in rounding; set
+    ``TDL_ADAPT_THREADS=0`` for bit-reproducible runs on a busy machine."""
+
+    def __init__(self, every=1.0):
+        import time
+
+        self.every, self._clock = every, time.monotonic
+        try:
+            self.cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            self.cores = os.cpu_count() or 1
+        self.enabled = (os.environ.get("TDL_ADAPT_THREADS", "1") != "0" and self.cores > 1
+                        and self._busy() is not None)
+        self.threads, self._limits, self._pending = self.cores, None, None
+        self.history = []  # (time, others' busy cores, threads) at each change
+        if self.enabled:
+            self._last = (self._clock(), self._busy(), self._own())
+
+    @staticmethod
+    def _busy():
+        """Seconds of CPU time the whole machine has spent busy since boot."""
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        if not fields or fields[0] != "cpu":
+            return None
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own():
+        t = os.times()
+        return t.user + t.system
+
+    def update(self):
+        """Call often (every training iteration); acts at most once per ``every`` seconds."""
+        if not self.enabled:
+            return self.threads
+        now = self._clock()
+        if now - self._last[0] < self.every:
+            return self.threads
+        busy, own = self._busy(), self._own()
+        others = ((busy - self._last[1]) - (own - self._last[2])) / (now - self._last[0])
+        self._last = (now, busy, own)
+        # a core counts as taken once others keep it busy three quarters of the time
+        wanted = max(1, min(self.cores, self.cores - int(others + 0.25)))
+        if wanted != self.threads and wanted == self._pending:  # two readings agree
+            self._set(wanted)
+            self.history.append((now, round(others, 2), wanted))
+        self._pending = wanted
+        return self.threads
+
+    def _set(self, n):
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        if self._limits is not None:
+            self._limits.restore_original_limits()
+        self._limits = threadpool_limits(limits=n, user_api="blas")
+        self.threads = n
+
+    def close(self):
+        """Give both pools back their full size."""
+        if self.enabled and self.threads != self.cores:
+            import numba
+
+            numba.set_num_threads(min(self.cores, numba.config.NUMBA_NUM_THREADS))
+            if self._limits is not None:
+                self._limits.restore_original_limits()
+                self._limits = None
+            self.threads = self.cores

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import functional as F
 from . import models
+from ._threads import LoadAdapter
 from .autograd import Tensor
 from .backend import array_module, to_device
 from .data import Loader, VOCSegmentation, require_valid, train_transform
@@ -352,9 +353,11 @@ def _train(cfg, log, progress):
                                run=run_settings(cfg), **_velocity_state(opt, model))
 
     done = start  # iterations whose update is complete
+    threads = LoadAdapter()  # fewer worker threads while other processes hold cores
     try:
         with open(log_path, "a") as log_file:
             for it in range(start, cfg.iterations):
+                threads.update()
                 t0 = time.perf_counter()
                 opt.lr = learning_rate(cfg, it)
                 opt.zero_grad()
@@ -391,6 +394,8 @@ def _train(cfg, log, progress):
         raise TrainingInterrupted(
             f"interrupted at iteration {done}: {saved}continue with the same command and "
             "--resume") from None
+    finally:
+        threads.close()
     if bar is not None:
         bar.close()
     return model, history
