@@ -26,7 +26,8 @@ def run_cli(*args):
 def test_help_lists_every_command():
     out = run_cli("--help")
     assert out.returncode == 0
-    for cmd in ("demo", "train", "eval", "predict", "crf", "bench"):
+    for cmd in ("demo", "train", "eval", "predict", "crf", "check-data", "tune-crf", "export",
+                "convert-caffe", "bench"):
         assert cmd in out.stdout
         assert run_cli(cmd, "--help").returncode == 0
 
