@@ -279,3 +279,17 @@ def test_ctrl_c_saves_the_last_whole_iteration_and_says_how_to_resume(tmp_path):
     extra = models.load_checkpoint(models.deeplab_v2(5, "tiny"), tmp_path / "run" /
                                    "checkpoint.npz")
     assert int(extra["iteration"]) >= 3 and f"iteration {int(extra['iteration'])}" in err
+
+
+def test_files_written_atomically_get_the_usual_permissions(tmp_path):
+    """Writing through a temporary (mkstemp: mode 0600) must not leave outputs private."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        models.save_checkpoint(tiny_net(), tmp_path / "c.npz")
+        data.write_mask(str(tmp_path / "m.png"), np.zeros((4, 4), np.uint8))
+    finally:
+        os.umask(old)
+    for name in ("c.npz", "m.png"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name

@@ -400,8 +400,17 @@ def temporary_beside(path):
     atomically (write it, then os.replace).  Its name carries our process id, so that
     ``remove_stale_temporaries`` can tell one whose writer was killed mid-write from one
     another process is writing now."""
-    return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.",
-                            suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    fd, name = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+                                suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.fchmod(fd, _file_mode())  # mkstemp makes it private (0600); the file it becomes is not
+    return fd, name
+
+
+def _file_mode():
+    """The mode open() would give a new file now (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def remove_stale_temporaries(folder):
