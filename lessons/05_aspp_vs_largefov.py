@@ -6,7 +6,8 @@ You will learn:
     summed) see of an image — drawn, and measured with gradients;
   * why a rate larger than the feature map wastes the kernel (its outer taps read padding);
   * how the two heads compare when trained briefly on the synthetic set — with rates scaled
-    to its small maps, over several seeds — on small and on large objects.
+    to its small maps, at their usual and at matched cost, over several seeds — on small and
+    on large objects.
 
 Run:  python lessons/05_aspp_vs_largefov.py   (TDL_FAST=1 for a smaller, quicker run)
 """
@@ -82,19 +83,30 @@ if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: a co
     data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=96, seed=5)
 iterations = 30 if FAST else 600
 seeds = (0,) if FAST else (0, 1, 2)
+# Their cost: as in DeepLab's ResNet models, ASPP is four 3×3 classifiers, while LargeFOV keeps
+# v1's 3×3 layer of a few hundred channels and two 1×1 layers — many times ASPP's weights.
+# The paper compares them at (roughly) matched cost, so a third arm narrows LargeFOV's hidden
+# layers until its head has as many weights as ASPP's.
+
+
+def head_size(**kw):
+    return sum(p.size for p in models.deeplab_v2(5, "tiny", 8, seed=0, **kw).head.parameters())
+
+
+aspp_kw = dict(head="aspp", aspp_rates=(1, 2, 3, 4))
+matched = min(range(1, 200), key=lambda w: abs(head_size(head="largefov", largefov_rate=4,
+                                                          largefov_width=w) - head_size(**aspp_kw)))
 heads = {"LargeFOV (rate 4)": dict(head="largefov", largefov_rate=4),
-         "ASPP (rates 1-4)": dict(head="aspp", aspp_rates=(1, 2, 3, 4))}
-# Their cost is not matched: as in DeepLab's ResNet models, ASPP is four 3×3 classifiers,
-# while LargeFOV keeps v1's 3×3 layer of a few hundred channels and two 1×1 layers.
-head_weights = {}
-for name, kw in heads.items():
-    net = models.deeplab_v2(5, "tiny", 8, seed=0, **kw)
-    head_weights[name] = sum(p.size for p in net.head.parameters())
-    print(f"{name}: head of {head_weights[name]} weights")
+         f"LargeFOV (rate 4, width {matched})": dict(head="largefov", largefov_rate=4,
+                                                    largefov_width=matched),
+         "ASPP (rates 1-4)": aspp_kw}
+head_weights = {name: head_size(**kw) for name, kw in heads.items()}
+for name, n in head_weights.items():
+    print(f"{name}: head of {n} weights")
 histories, nets = {}, {}
-for name, kw in heads.items():
+for arm, (name, kw) in enumerate(heads.items()):
     for seed in seeds:
-        cfg = TrainConfig(root, os.path.join(OUT, f"run_05_{kw['head']}_seed{seed}"),
+        cfg = TrainConfig(root, os.path.join(OUT, f"run_05_arm{arm}_seed{seed}"),
                           crop=81, scale=(0.75, 1.25), batch_size=4, iterations=iterations,
                           lr=0.02, checkpoint_every=10**6, seed=seed, **kw)
         for stale in ("checkpoint.npz", "log.jsonl"):  # a fresh run each time
@@ -134,20 +146,30 @@ for name in heads:
     print(f"{name:>18s}: mean object IoU over {len(seeds)} seeds — small {small.mean():.3f} "
           f"± {small.std():.3f}, large {large.mean():.3f} ± {large.std():.3f} "
           f"(per seed, large: {', '.join(f'{v:.3f}' for v in large)})")
-(lf_name, aspp_name) = heads
-gap = scores[aspp_name][1] - scores[lf_name][1]  # ASPP − LargeFOV on large objects, per seed
-spread = float(np.hypot(scores[aspp_name][1].std(), scores[lf_name][1].std()))
-if len(seeds) < 2:
-    verdict = "one seed: no spread to judge by"
-elif gap.mean() > spread:
-    verdict = "ASPP ahead, beyond the seeds' spread: the paper's direction"
-elif gap.mean() < -spread:
-    verdict = "LargeFOV ahead, beyond the seeds' spread: the reverse of the paper"
-else:
-    verdict = "within the seeds' spread: this small set cannot show the difference"
-print(f"large objects, ASPP − LargeFOV: {gap.mean():+.3f} (spread {spread:.3f}): {verdict}")
-print(f"(not at matched cost: LargeFOV's head has {head_weights[lf_name] / head_weights[aspp_name]:.0f}× "
-      f"ASPP's weights; and {iterations} iterations from scratch reach object IoUs near "
+(lf_name, lf_matched, aspp_name) = heads
+
+
+def compare(other):
+    """ASPP − ``other`` on large objects: mean over seeds, the seeds' spread, a verdict."""
+    gap = scores[aspp_name][1] - scores[other][1]  # per seed
+    spread = float(np.hypot(scores[aspp_name][1].std(), scores[other][1].std()))
+    if len(seeds) < 2:
+        verdict = "one seed: no spread to judge by"
+    elif gap.mean() > spread:
+        verdict = "ASPP ahead, beyond the seeds' spread: the paper's direction"
+    elif gap.mean() < -spread:
+        verdict = "LargeFOV ahead, beyond the seeds' spread: the reverse of the paper"
+    else:
+        verdict = "within the seeds' spread: this small set cannot show the difference"
+    print(f"large objects, ASPP − {other}: {gap.mean():+.3f} (spread {spread:.3f}): {verdict}")
+    return gap
+
+
+gap = compare(lf_matched)  # the paper's comparison: matched cost
+gap_unmatched = compare(lf_name)
+print(f"(LargeFOV's default head has {head_weights[lf_name] / head_weights[aspp_name]:.0f}× "
+      f"ASPP's weights, the narrow one {head_weights[lf_matched] / head_weights[aspp_name]:.2f}×; "
+      f"{iterations} iterations from scratch reach object IoUs near "
       f"{max(v[1].mean() for v in scores.values()):.2f} — the paper fine-tunes from ImageNet)")
 
 import matplotlib.pyplot as plt  # noqa: E402
@@ -166,10 +188,10 @@ ax[1].bar([str(r) for r in (6, 12, 18, 24)], [valid[r] for r in (6, 12, 18, 24)]
 ax[1].set_xlabel("ASPP rate")
 ax[1].set_ylabel("taps inside the map")
 ax[1].set_title("a 129×129 image (17×17 features)", fontsize=9)
-for offset, name in ((-0.2, lf_name), (0.2, aspp_name)):
+for offset, name in ((-0.27, lf_name), (0.0, lf_matched), (0.27, aspp_name)):
     means = [v.mean() for v in scores[name]]
     errors = [v.std() for v in scores[name]]
-    ax[2].bar(np.arange(2) + offset, means, 0.4, yerr=errors, capsize=3, label=name)
+    ax[2].bar(np.arange(2) + offset, means, 0.27, yerr=errors, capsize=3, label=name)
 ax[2].set_xticks([0, 1], ["small objects", "large objects"])
 ax[2].set_ylabel("mean object IoU")
 ax[2].set_title(f"after {iterations} iterations, mean ± std of {len(seeds)} seeds",
@@ -187,6 +209,7 @@ for run, history in histories.items():
     losses = [h["loss"] for h in history]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), f"{run} did not learn"
 assert nets[lf_name, seeds[0]].head.fc6.dilation == 4
+assert abs(head_weights[lf_matched] / head_weights[aspp_name] - 1) < 0.06  # matched cost
 assert nets[aspp_name, seeds[0]].head.rates == (1, 2, 3, 4)
 print("Check passed.")
 
@@ -203,6 +226,9 @@ exercises.run(exercises.check_taps_inside, taps_inside)
 # * LargeFOV looks through one 3×3 at rate 12; ASPP sums four classifiers at rates 6-24.
 # * A rate larger than the feature map reads padding with its outer taps: on small maps both
 #   heads degenerate towards 1×1 classifiers, so rates must be scaled to the maps.
-# * Differences between heads after short runs are of the order of the seeds' spread: compare
-#   means over seeds (printed above), never one run against one run.
+# * Compare heads at matched cost: LargeFOV's default head has 37× ASPP's weights and comes
+#   out ahead here; narrowed to ASPP's size (width 20) the difference on large objects is
+#   within the seeds' spread (printed above: −0.02 against a spread of 0.08) — 600 iterations
+#   from scratch on 120 images cannot show the paper's ~1.5 points.  Compare means over
+#   seeds, never one run against one run.
 # Next: lesson 06 — the loss both heads are trained with (network track).

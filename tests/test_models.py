@@ -138,3 +138,11 @@ def test_module_state_dict_and_modes():
                      "1.running_var", "1.num_batches_tracked"]
     assert not seq.eval()[1].training and seq.train()[1].training
     assert len(seq.parameters()) == 4
+
+
+def test_largefov_width_sets_its_hidden_channels_and_is_checked():
+    net = models.deeplab_v2(5, "tiny", 8, head="largefov", largefov_rate=4, largefov_width=20)
+    assert net.head.fc6.weight.shape == (20, 128, 3, 3) and net.head.fc8.weight.shape == (5, 20, 1, 1)
+    assert models.deeplab_v2(5, "tiny", 8, head="largefov").head.fc6.weight.shape[0] == 512
+    with pytest.raises(ValueError, match="largefov_width"):
+        models.deeplab_v2(5, "tiny", 8, head="largefov", largefov_width=0)

@@ -218,13 +218,17 @@ class DeepLabV2(nn.Module):
 
 def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
                aspp_rates=(6, 12, 18, 24), head="aspp", seed=0, stem_ceil_mode=False,
-               crf_layer=None, largefov_rate=12, style="torchvision"):
+               crf_layer=None, largefov_rate=12, style="torchvision", largefov_width=None):
     """DeepLab v2 (``head="aspp"``, branches at ``aspp_rates``) or v1-style LargeFOV
-    (``head="largefov"``, its 3×3 at ``largefov_rate``).  ``crf_layer``: None, or a dict of
+    (``head="largefov"``, its 3×3 at ``largefov_rate``, ``largefov_width`` channels in its
+    hidden layers: by default v1's 1024, or 4× the backbone's channels if fewer).  ``crf_layer``: None, or a dict of
     ``crf.CRFLayer`` arguments (e.g. {"iterations": 5}) to end the network with a trainable
     CRF.  ``style``: "torchvision" or "caffe" (see ``ResNet``)."""
     if int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if largefov_width is not None and (int(largefov_width) != largefov_width or
+                                       largefov_width < 1):
+        raise ValueError(f"largefov_width must be a positive integer, got {largefov_width!r}")
     if int(largefov_rate) != largefov_rate or largefov_rate < 1:
         raise ValueError(f"largefov_rate must be a positive integer, got {largefov_rate!r}")
     if not aspp_rates or any(int(r) != r or r < 1 for r in aspp_rates):
@@ -235,8 +239,9 @@ def deeplab_v2(num_classes=21, backbone="resnet101", output_stride=8,
     if head == "aspp":
         top = ASPP(body.out_channels, num_classes, aspp_rates, seed)
     else:
-        top = LargeFOV(body.out_channels, num_classes, min(1024, 4 * body.out_channels),
-                       rate=int(largefov_rate), seed=seed)
+        width = min(1024, 4 * body.out_channels) if largefov_width is None else largefov_width
+        top = LargeFOV(body.out_channels, num_classes, int(width), rate=int(largefov_rate),
+                       seed=seed)
     layer = None
     if crf_layer is not None:
         from .crf import CRFLayer

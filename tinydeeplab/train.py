@@ -35,6 +35,7 @@ class TrainConfig:
     head: str = "aspp"
     aspp_rates: tuple = (6, 12, 18, 24)  # ASPP's branches (head "aspp")
     largefov_rate: int = 12  # LargeFOV's 3×3 (head "largefov")
+    largefov_width: int = None  # LargeFOV's hidden channels (None: the default)
     crop: int = 161
     scale: tuple = (0.5, 1.5)
     batch_size: int = 4
@@ -221,7 +222,7 @@ class RunFolderLock:
 
 # the settings that change what a run computes: a resumed run must keep them
 RESUME_KEYS = ("data_root", "split", "subset", "backbone", "output_stride", "head",
-               "aspp_rates", "largefov_rate", "crop", "scale", "batch_size", "iter_size",
+               "aspp_rates", "largefov_rate", "largefov_width", "crop", "scale", "batch_size", "iter_size",
                "lr", "momentum", "weight_decay", "lr_policy", "power",
                "step_size", "gamma", "head_lr_mult", "freeze_bn", "seed", "crf_layer",
                "crf_lr_mult", "crf_unary_loss", "crf_compat", "crf_scale",
@@ -316,6 +317,7 @@ def _train(cfg, log, progress):
     model = models.deeplab_v2(dataset.num_classes, cfg.backbone, cfg.output_stride,
                               aspp_rates=tuple(cfg.aspp_rates), head=cfg.head, seed=cfg.seed,
                               crf_layer=_crf_config(cfg), largefov_rate=cfg.largefov_rate,
+                              largefov_width=cfg.largefov_width,
                               style=cfg.style)
     if os.path.exists(ckpt) and not cfg.resume:
         raise FileExistsError(f"{ckpt} exists: resume it (--resume) or choose another output "
@@ -485,6 +487,7 @@ def model_config(cfg, dataset):
     return json.dumps({"num_classes": dataset.num_classes, "backbone": cfg.backbone,
                        "output_stride": cfg.output_stride, "head": cfg.head,
                        "aspp_rates": list(cfg.aspp_rates), "largefov_rate": cfg.largefov_rate,
+                       "largefov_width": cfg.largefov_width,
                        "crf_layer": _crf_config(cfg), "class_names": dataset.class_names,
                        "style": cfg.style or "torchvision"})
 
@@ -505,6 +508,7 @@ def load_model(path, device="cpu"):
                               config["output_stride"], head=config["head"],
                               aspp_rates=tuple(config.get("aspp_rates", (6, 12, 18, 24))),
                               largefov_rate=config.get("largefov_rate", 12),
+                              largefov_width=config.get("largefov_width"),
                               crf_layer=config.get("crf_layer"),
                               style=config.get("style", "torchvision"))
     models.load_checkpoint(model, path)
