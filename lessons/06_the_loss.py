@@ -152,4 +152,4 @@ exercises.run(exercises.check_resize_labels, resize_labels)
 # * Labels are resized by nearest neighbour (ids are names); the labels, not the logits, are
 #   resized: the gradient on the logits points the same way (cosine printed above) for far
 #   less work.
-# Next: lesson 09 — the learning-rate schedule of the training loop (network track).
+# Next: lesson 11 — batch norm, and why DeepLab freezes it (network track).

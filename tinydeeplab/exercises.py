@@ -207,3 +207,27 @@ def check_bilateral_weight(fn):
                           - ((I_i - I_j) ** 2).sum() / (2 * srgb ** 2))
         _close(fn(p_i, p_j, I_i, I_j, sxy, srgb), expected, "the weight", atol=1e-9)
     return True
+
+
+# ---- 11 ------------------------------------------------------------------------------------
+def check_batch_norm_backward(fn):
+    """fn(x, gamma, g, eps) -> (dx, dgamma, dbeta) of training-mode batch norm, against
+    autograd through F.batch_norm (float64)."""
+    from tinydeeplab import Tensor
+    from tinydeeplab import functional as F
+
+    rng = np.random.default_rng(11)
+    for shape in ((2, 3, 4, 5), (1, 2, 3, 3), (5, 1, 2, 7)):
+        x = rng.standard_normal(shape) * 3 + 1
+        gamma = rng.uniform(0.5, 2, shape[1])
+        g = rng.standard_normal(shape)
+        xt, gt = Tensor(x, requires_grad=True), Tensor(gamma, requires_grad=True)
+        bt = Tensor(np.zeros(shape[1]), requires_grad=True)
+        F.batch_norm(xt, np.zeros(shape[1]), np.ones(shape[1]), gt, bt, training=True,
+                     eps=1e-5).backward(g)
+        got = fn(x, gamma, g, 1e-5)
+        assert isinstance(got, tuple) and len(got) == 3, "return (dx, dgamma, dbeta)"
+        for value, expected, what in zip(got, (xt.grad, gt.grad, bt.grad),
+                                         ("dx", "dgamma", "dbeta")):
+            _close(value, expected, f"{what} for x of shape {shape}", atol=1e-9)
+    return True
