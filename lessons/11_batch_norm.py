@@ -182,4 +182,4 @@ exercises.run(exercises.check_batch_norm_backward, batch_norm_backward)
 #   between them is within the seeds' spread, though learning batch norm varied three times
 #   as much from seed to seed (± 0.016 against ± 0.005).  This small set cannot show the gain
 #   DeepLab gets from frozen ImageNet statistics; it shows the noise that motivates it.
-# Next: lesson 09 — the learning-rate policy (network track).
+# Next: lesson 12 — multi-scale inputs and upsampling (network track).

@@ -231,3 +231,21 @@ def check_batch_norm_backward(fn):
                                          ("dx", "dgamma", "dbeta")):
             _close(value, expected, f"{what} for x of shape {shape}", atol=1e-9)
     return True
+
+
+# ---- 12 ------------------------------------------------------------------------------------
+def check_msc_fuse(fn):
+    """fn(network, x, scales) -> fused logits (array or Tensor), against models.MSC's
+    test-time output."""
+    from tinydeeplab import Tensor, models, no_grad
+
+    rng = np.random.default_rng(12)
+    net = models.deeplab_v2(3, "tiny", 8, seed=1).eval()
+    for size, scales in (((57, 65), (0.75, 0.5)), ((49, 49), (0.5,)), ((41, 73), (1.25, 0.75))):
+        x = Tensor(rng.standard_normal((1, 3) + size).astype(np.float32))
+        with no_grad():
+            expected = models.MSC(net, scales).eval()(x).data
+            got = fn(net, x, scales)
+        got = getattr(got, "data", got)
+        _close(got, expected, f"input {size[0]}×{size[1]}, scales {scales}", atol=1e-5)
+    return True
