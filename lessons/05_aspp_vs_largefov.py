@@ -78,9 +78,7 @@ print("taps inside a 17×17 map, from its centre:", valid)
 n_train, n_val = (24, 8) if FAST else (120, 30)
 # the set is kept between runs, in a folder named by its settings: a fast run's smaller set
 # is never mistaken for the full one (and the other way round)
-root = os.path.join(OUT, f"data_05_{n_train}x{n_val}_96px_seed5")
-if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: a complete set)
-    data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=96, seed=5)
+root = lessons.synthetic_set("05", n_train, n_val, size=96, seed=5)
 iterations = 30 if FAST else 600
 seeds = (0,) if FAST else (0, 1, 2)
 # Their cost: as in DeepLab's ResNet models, ASPP is four 3×3 classifiers, while LargeFOV keeps

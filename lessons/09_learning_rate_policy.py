@@ -45,9 +45,7 @@ print(f"Σ lr: poly {sum(lr_poly):.2f}, step {sum(lr_step):.2f} "
 # the set is kept between runs, in a folder named by its settings: a fast run's smaller set
 # is never mistaken for the full one (and the other way round)
 n_train, n_val = (24, 8) if FAST else (120, 30)
-root = os.path.join(OUT, f"data_09_{n_train}x{n_val}_96px_seed9")
-if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: a complete set)
-    data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=96, seed=9)
+root = lessons.synthetic_set("09", n_train, n_val, size=96, seed=9)
 # Runs this short from scratch are noisy: each schedule trains from several seeds (the same
 # seeds for both: the same initial weights and batches), and we compare the means.
 seeds = (0,) if FAST else (0, 1, 2)
@@ -71,14 +69,7 @@ for name, values in mious.items():
     print(f"{name}: val mIoU {values.mean():.3f} ± {values.std():.3f} over {len(seeds)} seeds "
           f"({', '.join(f'{v:.3f}' for v in values)}); final training loss {final:.3f}")
 gap = mious["poly"] - mious["step"]  # per seed: the same start for both
-if len(seeds) < 2:
-    verdict = "one seed: no spread to judge by"
-elif gap.mean() > gap.std():
-    verdict = "poly ahead by more than the seeds' spread — the paper's direction"
-elif gap.mean() < -gap.std():
-    verdict = "step ahead by more than the seeds' spread — the reverse of the paper"
-else:
-    verdict = "within the seeds' spread: this small set cannot show a difference"
+verdict = lessons.paired_verdict(gap, "poly", "step")  # the paper: poly ahead
 print(f"poly − step, per seed: {', '.join(f'{v:+.3f}' for v in gap)}; mean {gap.mean():+.3f}: "
       f"{verdict}")
 # The paper's own figure (DeepLab v2, Table 1: DeepLab-LargeFOV on VOC 2012 val, before the

@@ -95,9 +95,7 @@ for batch in (1, 2, 8):
 # statistics and γ, β fixed, as DeepLab does.  (From scratch, frozen statistics that no
 # training has estimated cannot work at all: see `train --freeze-bn`'s message.)
 n_train, n_val = (24, 8) if FAST else (120, 30)
-root = os.path.join(OUT, f"data_11_{n_train}x{n_val}_96px_seed11")
-if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: a complete set)
-    data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=96, seed=11)
+root = lessons.synthetic_set("11", n_train, n_val, size=96, seed=11)
 base_iterations, iterations = (40, 20) if FAST else (600, 300)
 seeds = (0,) if FAST else (0, 1, 2)
 val = data.VOCSegmentation(root, "val")
@@ -123,14 +121,7 @@ for name, values in mious.items():
     print(f"batch norm {name:>8s}: val mIoU {values.mean():.3f} ± {values.std():.3f} over "
           f"{len(seeds)} seeds ({', '.join(f'{v:.3f}' for v in values)})")
 gap = mious["frozen"] - mious["learning"]  # per seed: the same start and batches
-if len(seeds) < 2:
-    verdict = "one seed: no spread to judge by"
-elif gap.mean() > gap.std():
-    verdict = "frozen ahead by more than the seeds' spread"
-elif gap.mean() < -gap.std():
-    verdict = "learning ahead by more than the seeds' spread"
-else:
-    verdict = "within the seeds' spread: this small set cannot show a difference"
+verdict = lessons.paired_verdict(gap, "frozen", "learning")
 print(f"frozen − learning, per seed: {', '.join(f'{v:+.3f}' for v in gap)}; mean "
       f"{gap.mean():+.3f}: {verdict}")
 

@@ -70,9 +70,7 @@ print(f"upsampling, logit i placed at minus 8·i: align_corners=False "
 
 # %% 3. Upsampling and scales at test time, on a small trained network
 n_train, n_val = (24, 8) if FAST else (120, 30)
-root = os.path.join(OUT, f"data_12_{n_train}x{n_val}_97px_seed12")
-if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: a complete set)
-    data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=97, seed=12)
+root = lessons.synthetic_set("12", n_train, n_val, size=97, seed=12)
 run_dir = os.path.join(OUT, "run_12")
 shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
 iterations = 40 if FAST else 800

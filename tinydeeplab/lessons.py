@@ -56,3 +56,31 @@ def recorded_result(name):
 
     path = pathlib.Path(benchmarks.__file__).resolve().parent / name
     return path if path.exists() else None
+
+
+def synthetic_set(lesson, n_train, n_val, size, seed):
+    """The root of a synthetic VOC-layout set for a lesson, in the output folder under a name
+    made of its settings (``data_05_120x30_96px_seed5``), so that a fast run's small set is
+    never mistaken for the full one; generated once, kept between runs."""
+    from tinydeeplab import data
+
+    root = os.path.join(output_dir(), f"data_{lesson}_{n_train}x{n_val}_{size}px_seed{seed}")
+    if not os.path.exists(os.path.join(root, "classes.txt")):  # (written last: complete)
+        data.make_synthetic_voc(root, n_train=n_train, n_val=n_val, size=size, seed=seed)
+    return root
+
+
+def paired_verdict(gap, first, second):
+    """What per-seed differences ``gap`` (``first`` − ``second``, both runs of a seed from the
+    same start and batches) can say: a side ahead only when the mean gap exceeds its spread
+    over seeds."""
+    import numpy as np
+
+    gap = np.asarray(gap, float)
+    if gap.size < 2:
+        return "one seed: no spread to judge by"
+    if gap.mean() > gap.std():
+        return f"{first} ahead by more than the seeds' spread"
+    if gap.mean() < -gap.std():
+        return f"{second} ahead by more than the seeds' spread"
+    return "within the seeds' spread: this small set cannot show a difference"
