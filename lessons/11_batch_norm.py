@@ -109,13 +109,10 @@ print(f"base network (batch 8, {base_iterations} iterations): val mIoU {base_mio
 results = {}
 for seed in seeds:
     for name, frozen in (("learning", False), ("frozen", True)):
-        run_dir = os.path.join(OUT, f"run_11_{name}_seed{seed}")
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
-        cfg = TrainConfig(root, run_dir, crop=81, scale=(0.75, 1.25), batch_size=2,
-                          iterations=iterations, lr=0.005, checkpoint_every=10**6, seed=seed,
-                          init=os.path.join(base_dir, "checkpoint.npz"), freeze_bn=frozen)
-        model, history = train(cfg, log=lambda s: None, progress=False)
-        results[name, seed] = (evaluate(model, val)["plain"]["miou"], history)
+        results[name, seed] = lessons.train_and_score(
+            root, f"run_11_{name}_seed{seed}", val, crop=81, scale=(0.75, 1.25), batch_size=2,
+            iterations=iterations, lr=0.005, seed=seed, freeze_bn=frozen,
+            init=os.path.join(base_dir, "checkpoint.npz"))
 mious = {name: np.array([results[name, s][0] for s in seeds]) for name in ("learning", "frozen")}
 for name, values in mious.items():
     print(f"batch norm {name:>8s}: val mIoU {values.mean():.3f} ± {values.std():.3f} over "

@@ -158,4 +158,4 @@ exercises.run(exercises.check_msc_fuse, msc_fuse)
 #   scales 1/0.75/0.5 0.012 *below* one scale — a network trained on scales 0.75-1.25 only,
 #   without MSC; the paper trains with MSC (section 4) and gains from it.
 # * MSC trains with four losses — three scales and their max — for ~1.8× the forward cost.
-# Next: lesson 09 — the learning-rate policy (network track).
+# Next: lesson 13 — pre-training (network track).

@@ -249,3 +249,28 @@ def check_msc_fuse(fn):
         got = getattr(got, "data", got)
         _close(got, expected, f"input {size[0]}×{size[1]}, scales {scales}", atol=1e-5)
     return True
+
+
+# ---- 13 ------------------------------------------------------------------------------------
+def check_move_backbone(fn):
+    """fn(source_state, target) loads the source's backbone (parameters and batch-norm
+    buffers) into target.backbone and leaves target.head alone."""
+    from tinydeeplab import models
+
+    source = models.deeplab_v2(2, "tiny", 8, seed=3)
+    rng = np.random.default_rng(13)
+    for _, m in source.backbone.named_modules():  # statistics a training run would leave
+        if hasattr(m, "running_mean"):
+            m.register_buffer("running_mean", rng.standard_normal(m.running_mean.shape)
+                              .astype(np.float32))
+            m.register_buffer("running_var", rng.uniform(0.5, 2, m.running_var.shape)
+                              .astype(np.float32))
+    target = models.deeplab_v2(5, "tiny", 8, seed=4)
+    head_before = {k: v.copy() for k, v in target.head.state_dict().items()}
+    fn(source.state_dict(), target)
+    for k, v in source.backbone.state_dict().items():
+        assert np.array_equal(target.backbone.state_dict()[k], v), \
+            f"backbone.{k} was not moved (batch-norm statistics are part of the backbone)"
+    for k, v in target.head.state_dict().items():
+        assert np.array_equal(v, head_before[k]), f"head.{k} changed: keep the new head"
+    return True
