@@ -68,21 +68,14 @@ def _scales(text):
 
 def _eval(args):
     from .crf import read_params
-    from .data import VOCSegmentation, require_valid
     from .evaluate import evaluate
-    from .train import load_model
     from .viz import plot_confusion
 
     for path in (args.json, args.confusion):  # before the evaluation, not after it
         if path is not None:
             _check_output_file(path)
     crf_params = read_params(args.crf_params) if args.crf_params else None
-    model, config = load_model(args.checkpoint, args.device)
-    require_valid(args.data, args.split, args.subset)
-    ds = VOCSegmentation(args.data, args.split, args.subset)
-    if ds.num_classes != config["num_classes"]:
-        raise ValueError(f"the checkpoint predicts {config['num_classes']} classes but the data "
-                         f"set has {ds.num_classes}")
+    model, ds = _model_and_data(args, args.subset)
     matrices = {}
     result = evaluate(model, ds, args.scales, args.crf or crf_params is not None, crf_params,
                       device=args.device, progress=True, flip=args.flip, matrices=matrices)
@@ -109,6 +102,20 @@ def _eval(args):
         print(f"scores: {args.json}")
 
 
+def _model_and_data(args, subset):
+    """The checkpoint's network and the checked data split it is to be scored on."""
+    from .data import VOCSegmentation, require_valid
+    from .train import load_model
+
+    model, config = load_model(args.checkpoint, args.device)
+    require_valid(args.data, args.split, subset)
+    ds = VOCSegmentation(args.data, args.split, subset)
+    if ds.num_classes != config["num_classes"]:
+        raise ValueError(f"the checkpoint predicts {config['num_classes']} classes but the data "
+                         f"set has {ds.num_classes}")
+    return model, ds
+
+
 def _strict(obj):
     """JSON without NaN tokens (which strict parsers reject): NaN and inf become null."""
     if isinstance(obj, float):
@@ -129,19 +136,11 @@ def _check_output_file(path):
 
 
 def _write_json(path, obj):
-    from .models import temporary_beside
+    from .models import atomic_write
 
-    _check_output_file(path)
     text = json.dumps(_strict(obj), indent=2, allow_nan=False)
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(text + "\n")
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
@@ -189,7 +188,7 @@ def _predict(args):
     from PIL import Image
 
     from . import crf as crf_module
-    from .data import read_image, write_mask
+    from .data import read_image, save_image, write_mask
     from .evaluate import predict_probs
     from .train import load_model
     from .viz import overlay
@@ -221,22 +220,8 @@ def _predict(args):
             probs = crf_module.dense_crf(image, probs, **(crf_params or {}))
         mask = probs.argmax(0).astype("uint8")
         write_mask(mask_path, mask)
-        _save_image(Image.fromarray(overlay(image, mask)), overlay_path)
+        save_image(Image.fromarray(overlay(image, mask)), overlay_path, quality=90)
         print(mask_path)
-
-
-def _save_image(im, path):
-    from .models import temporary_beside
-
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="JPEG", quality=90)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _crf(args):
@@ -284,16 +269,9 @@ def _check_data(args):
 
 def _tune_crf(args):
     from . import tune
-    from .data import VOCSegmentation, require_valid
-    from .train import load_model
 
     _check_output_file(args.out)
-    model, config = load_model(args.checkpoint, args.device)
-    require_valid(args.data, args.split, None)
-    ds = VOCSegmentation(args.data, args.split)
-    if ds.num_classes != config["num_classes"]:
-        raise ValueError(f"the checkpoint predicts {config['num_classes']} classes but the data "
-                         f"set has {ds.num_classes}")
+    model, ds = _model_and_data(args, None)
     result = tune.search(model, ds, args.subset, scales=args.scales, flip=args.flip,
                          device=args.device, workers=args.workers, holdout=args.holdout,
                          progress=True)
@@ -321,24 +299,16 @@ def _export(args):
     from .train import load_model
 
     model, config = load_model(args.checkpoint)
-    arrays = {k: v for k, v in model.state_dict().items()}
+    arrays = model.state_dict()
     if args.out.endswith(".pth"):
         from . import pth
 
         pth.save(args.out, arrays)
     elif args.out.endswith(".npz"):
-        _check_folder(args.out)
-        fd, tmp = models.temporary_beside(args.out)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                import numpy as np
+        import numpy as np
 
-                np.savez(f, **arrays)
-            os.replace(tmp, args.out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with models.atomic_write(args.out) as f:
+            np.savez(f, **arrays)
     else:
         raise ValueError(f"--out must end in .npz or .pth, got {args.out!r}")
     print(f"{args.out}: {len(arrays)} arrays; backbone.* in torchvision ResNet names "
@@ -355,12 +325,6 @@ def _convert_caffe(args):
             f"tinydeeplab eval --checkpoint {args.out} ..." if config["num_classes"] else
             f"{config['backbone']} backbone: tinydeeplab train --pretrained {args.out} ...")
     print(f"{args.out}: {what}")
-
-
-def _check_folder(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder!r} does not exist")
 
 
 def _bench(args):

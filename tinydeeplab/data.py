@@ -102,29 +102,20 @@ def write_mask(path, mask, palette=None):
                          "lossless class indices); a .jpg or .bmp would change them")
     im = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
     im.putpalette((voc_colormap() if palette is None else palette).ravel().tolist())
-    _save_atomically(im, path)
+    save_image(im, path)
 
 
-def _save_atomically(im, path, **kwargs):
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder!r} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a folder; give a file name")
+def save_image(im, path, **kwargs):
+    """Save a PIL image as .png or .jpg (by ``path``'s suffix; ``kwargs`` to PIL), atomically."""
     fmt = _format(path)
-    from .models import temporary_beside  # (models imports this module)
+    from .models import atomic_write  # (models imports this module)
 
     try:
-        fd, tmp = temporary_beside(path)
-    except PermissionError:
-        raise PermissionError(f"cannot write to {folder!r}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             im.save(f, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except PermissionError:
+        raise PermissionError(f"cannot write to {os.path.dirname(os.path.abspath(path))!r}") \
+            from None
 
 
 def _format(path):
@@ -419,7 +410,7 @@ def make_synthetic_voc(root, n_train=200, n_val=50, size=128, seed=0):
     for s, ids in splits.items():
         for k, i in enumerate(ids):
             image, label = synthetic_sample(size, np.random.default_rng((seed, s == "val", k)))
-            _save_atomically(Image.fromarray(image), os.path.join(root, "JPEGImages", f"{i}.jpg"),
+            save_image(Image.fromarray(image), os.path.join(root, "JPEGImages", f"{i}.jpg"),
                              quality=95)
             write_mask(os.path.join(root, "SegmentationClass", f"{i}.png"), label)
     for s, ids in {**splits, "trainval": splits["train"] + splits["val"]}.items():

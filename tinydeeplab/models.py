@@ -11,6 +11,7 @@ DeepLab v1's LargeFOV head is one 3×3 convolution at rate 12 followed by two 1�
 Parameter names follow torchvision's ResNet (``layer3.0.conv2.weight`` ...), so its weights
 load by name with ``load_torchvision_resnet``.
 """
+import contextlib
 import os
 import tempfile
 
@@ -389,15 +390,30 @@ def save_checkpoint(model, path, **extra):
             raise TypeError(f"save_checkpoint: extra {k}={v!r:.80} is not a number, a string "
                             f"or a numeric array; store structured values as a JSON string")
         arrays[f"extra/{k}"] = a
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write ``path`` atomically: yields a file open on a temporary beside it
+    (``temporary_beside``), which replaces ``path`` only when the block ends without an
+    error, and is removed otherwise — a crash never leaves half a file.  A missing folder, or
+    a folder where the file should be, is a clear error before anything is written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; give a file name")
     fd, tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def temporary_beside(path):

@@ -244,16 +244,9 @@ def save(path, arrays):
     except ImportError:
         raise ImportError("writing a .pth file needs PyTorch (pip install torch); write .npz "
                           "instead") from None
-    from .models import temporary_beside
+    from .models import atomic_write
 
     state = collections.OrderedDict((k, torch.from_numpy(np.array(v, order="C")))
                                     for k, v in arrays.items())
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)

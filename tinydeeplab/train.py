@@ -92,10 +92,8 @@ def _truncate_log(path, iteration):
             kept.append(line)
     if kept == lines:
         return
-    fd, tmp = models.temporary_beside(path)
-    with os.fdopen(fd, "w") as f:
+    with models.atomic_write(path, "w") as f:
         f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 def _finite(a):

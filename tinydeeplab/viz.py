@@ -1,6 +1,5 @@
 """Pictures: training curves, image | ground truth | prediction | prediction + CRF grids, colour
 overlays.  Matplotlib without a screen (Agg); every file is written atomically."""
-import os
 
 import numpy as np
 
@@ -23,22 +22,13 @@ def overlay(image, mask, alpha=0.5):
 def _figure_to(path, fig):
     import matplotlib.pyplot as plt
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder!r} does not exist")
-    from .models import temporary_beside
+    from .models import atomic_write
 
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a folder; give a file name")
-    fd, tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot_curves(history, path):
