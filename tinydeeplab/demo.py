@@ -15,6 +15,7 @@ import time
 from . import crf as crf_module
 from .data import VOCSegmentation, make_synthetic_voc
 from .evaluate import evaluate, predict_probs
+from .models import atomic_write
 from .train import TrainConfig, train
 from .viz import plot_curves, save_grid
 
@@ -82,9 +83,8 @@ def run(out_dir=None, iterations=None, seed=0, log=print, progress=True, **overr
     summary = {"miou": scores["plain"]["miou"], "miou_crf": scores["crf"]["miou"],
                "train_seconds": t_train, "total_seconds": time.perf_counter() - t_start,
                "scores": scores, "crf_params": CRF_PARAMS, "config": cfg}
-    with open(os.path.join(out, "scores.json.tmp"), "w") as f:
+    with atomic_write(os.path.join(out, "scores.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    os.replace(os.path.join(out, "scores.json.tmp"), os.path.join(out, "scores.json"))
     log(f"\nval mIoU {summary['miou']:.4f} without CRF, {summary['miou_crf']:.4f} with CRF "
         f"({len(val)} images); training took {t_train:.0f} s, all {summary['total_seconds']:.0f} s")
     for name, iou in scores["crf"]["per_class_iou"].items():
