@@ -26,6 +26,7 @@ setup(
                  # with the real compiler on machines without a GPU (NVVM: the CUDA toolkit)
                  "nvidia-cuda-nvrtc-cu12; platform_system == 'Linux'"],
     },
-    package_data={"tinydeeplab.benchmarks": ["*.json"]},  # recorded results lessons read
+    package_data={"tinydeeplab.benchmarks": ["*.json"],  # recorded results lessons read
+                  "tinydeeplab": ["photos/*"]},  # the photograph lesson 08 uses
     entry_points={"console_scripts": ["tinydeeplab = tinydeeplab.cli:main"]},
 )

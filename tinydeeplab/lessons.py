@@ -100,3 +100,19 @@ def train_and_score(root, name, val, **settings):
     cfg = TrainConfig(root, run_dir, checkpoint_every=10**6, **settings)
     model, history = train(cfg, log=lambda line: None, progress=False)
     return evaluate(model, val)["plain"]["miou"], history
+
+
+def photograph():
+    """The launch-pad photograph shipped with the package and its annotation.
+
+    Returns ``(image, labels, names)``: the RGB image (427×640 uint8), the labels (0 sky,
+    1 rocket, 2 tower, 255 void: unsure pixels and the unannotated rows below the horizon) and
+    the class names.  Source, licence and how the annotation was made:
+    ``tinydeeplab/photos/README.md``.
+    """
+    from tinydeeplab import data
+
+    folder = pathlib.Path(__file__).resolve().parent / "photos"
+    image = data.read_image(str(folder / "rocket.jpg"))
+    labels = data.read_mask(str(folder / "rocket_labels.png"), 3)
+    return image, labels, ("sky", "rocket", "tower")
