@@ -7,13 +7,14 @@
 # Steps (STEPS, default all): tests — every CUDA test, on the device; profile — where a CRF run's
 # time goes (benchmarks/profile_crf.py: steps, kernel launches, the one-launch mean field against
 # launch by launch, host profile); crf — the CRF against pydensecrf (skipped, saying so, where
-# pydensecrf is not installed); conv — the convolutions against PyTorch's cuDNN.  profile and
+# pydensecrf is not installed); conv — the convolutions against PyTorch's cuDNN; lessons — the
+# GPU lessons (14, 15) on the card, with their timings.  profile and
 # crf use the photograph IMAGE (default: the shared example beside the checkout, else a
 # synthetic scene; they say which).  tinydeeplab must be installed (pip install . — or,
 # offline, a wheel made elsewhere with `pip wheel --no-deps .`); each step's output goes to
 # $OUT/<step>.txt as well as to the screen.
 set -u
-STEPS=${STEPS:-tests profile crf conv}
+STEPS=${STEPS:-tests profile crf conv lessons}
 OUT=${OUT:-gpu-results}
 IMAGE=${IMAGE:-}
 mkdir -p "$OUT"
@@ -53,8 +54,13 @@ for s in $STEPS; do
     conv)
       step conv env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
         python benchmarks/bench_conv.py --device cuda --repeat 3 ;;
+    lessons)
+      for lesson in lessons/1[45]_*.py; do
+        [ -f "$lesson" ] && step "lesson_$(basename "$lesson" .py)" \
+          env TDL_OUT="$OUT/lesson_out" timeout 300 python "$lesson"
+      done ;;
     *)
-      echo "unknown step $s (tests, profile, crf, conv)" >&2
+      echo "unknown step $s (tests, profile, crf, conv, lessons)" >&2
       status=1 ;;
   esac
 done

@@ -252,4 +252,5 @@ exercises.run(exercises.check_weight_gradient, weight_gradient)
 # * The CPU loops and the CUDA kernel share one line of index math; gradcheck checks every
 #   gradient element by finite differences.
 # * Speed depends on the shape and on the BLAS kernel: benchmarks/ measure it side by side.
-# Next: lesson 04 for the network built from these convolutions, or 07 for the CRF's kernel.
+# Next: lesson 14 for the GPU kernel (kernels track), 04 for the network built from these
+# convolutions, or 07 for the CRF's kernel.

@@ -274,3 +274,28 @@ def check_move_backbone(fn):
     for k, v in target.head.state_dict().items():
         assert np.array_equal(v, head_before[k]), f"head.{k} changed: keep the new head"
     return True
+
+
+# ---- 14 ------------------------------------------------------------------------------------
+def check_dy_col(fn):
+    """fn(dy, r, m, kh, kw, s, pad, d, H, W): entry (r, m) of the implicit matrix dY_col; the
+    check builds dX = Σ_r W[:, :, r] dY_col[r] with it and compares with conv2d_backward."""
+    from tinydeeplab.kernels import atrous_conv
+
+    rng = np.random.default_rng(14)
+    for (N, C, H, W, K, kh, kw, s, pad, d) in [(1, 2, 7, 9, 3, 3, 3, 1, 2, 2),
+                                               (2, 3, 9, 8, 2, 3, 3, 2, 1, 1),
+                                               (1, 2, 11, 10, 2, 3, 2, 2, 3, 3)]:
+        x = rng.standard_normal((N, C, H, W))
+        w = rng.standard_normal((K, C, kh, kw))
+        y = atrous_conv.conv2d_forward(x, w, None, s, pad, d, variant="cpu_v1")
+        dy = rng.standard_normal(y.shape)
+        dx_ref, _, _ = atrous_conv.conv2d_backward(x, w, dy, s, pad, d, variant="cpu_v1")
+        R, M = K * kh * kw, N * H * W
+        cols = np.array([[fn(dy, r, m, kh, kw, s, pad, d, H, W) for m in range(M)]
+                         for r in range(R)], np.float64)
+        w_rows = w.transpose(1, 0, 2, 3).reshape(C, R)  # W[c, (k, p, q)]
+        dx = (w_rows @ cols).reshape(C, N, H, W).transpose(1, 0, 2, 3)
+        _close(dx, dx_ref, f"dX built from your dY_col (stride {s}, pad {pad}, rate {d}, "
+                           f"{kh}×{kw} kernel)", atol=1e-10)
+    return True
