@@ -143,4 +143,5 @@ exercises.run(exercises.check_bilateral_weight, bilateral_weight)
 # * A 1/8-resolution unary loses structures a few pixels wide; the CRF redistributes what the
 #   unary believes — its messages on the spokes push the way the unary already does.
 # * With a little unary support the CRF recovers them: it refines, it does not invent.
-# Next: back to lesson 05 or 09 to see what a better unary needs (network track).
+# Next: lesson 15 for the CRF on the GPU (CRF track), or back to lesson 05 or 09 to see what a
+# better unary needs (network track).

@@ -299,3 +299,22 @@ def check_dy_col(fn):
         _close(dx, dx_ref, f"dX built from your dY_col (stride {s}, pad {pad}, rate {d}, "
                            f"{kh}×{kw} kernel)", atol=1e-10)
     return True
+
+
+# ---- 15 ------------------------------------------------------------------------------------
+def check_number_by_sorting(fn):
+    """fn(keys (K, d) ints) -> (vertex (K,), M): vertices numbered in lexicographic order of
+    their keys, against NumPy's unique rows."""
+    rng = np.random.default_rng(15)
+    for K, d, spread in [(1, 2, 3), (40, 2, 3), (300, 5, 4), (257, 3, 100)]:
+        keys = rng.integers(-spread, spread, (K, d)).astype(np.int32)
+        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+        vertex, M = fn(keys)
+        assert int(M) == len(unique), f"{K} keys of {d} coordinates: you count {M} vertices, " \
+                                      f"there are {len(unique)}"
+        vertex = np.asarray(vertex)
+        assert vertex.shape == (K,), f"vertex has shape {vertex.shape}, expected ({K},)"
+        assert (vertex == inverse.ravel()).all(), (
+            f"{K} keys of {d} coordinates: {int((vertex != inverse.ravel()).sum())} keys get "
+            "another vertex number than their key's place in lexicographic order")
+    return True
