@@ -150,3 +150,29 @@ def test_frozen_batch_norm_without_trained_statistics_is_refused(tiny_set, tmp_p
                       init="a.npz", pretrained="b.pth")
     with pytest.raises(ValueError, match="either --init .* or --pretrained"):
         train(cfg, log=lambda s: None, progress=False)
+
+
+def test_msc_training_adds_a_loss_per_scale_and_the_fusion(tiny_set, tmp_path):
+    """--msc: the first loss is the sum of four cross-entropies (scales 1, 0.75, 0.5 and their
+    max) on the same batch and start, so about four times the single-scale one; the checkpoint
+    holds the plain network and records the scales."""
+    def first(name, **kw):
+        cfg = TrainConfig(tiny_set, str(tmp_path / name), crop=49, batch_size=2, iterations=1,
+                          scale=None, **kw)
+        model, history = train(cfg, log=lambda s: None, progress=False)
+        return model, history[0]["loss"]
+
+    _, single = first("single")
+    model, multi = first("msc", msc=(0.75, 0.5))
+    assert 3.0 * single < multi < 5.0 * single
+    loaded, _ = load_model(str(tmp_path / "msc" / "checkpoint.npz"))
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    with np.load(str(tmp_path / "msc" / "checkpoint.npz")) as f:
+        assert '"msc": [0.75, 0.5]' in str(f["extra/run"])
+    for bad in ((1.5,), (0.0,), ("half",)):
+        with pytest.raises(ValueError, match="msc must be input scales"):
+            train(TrainConfig(tiny_set, str(tmp_path / "bad"), msc=bad), log=lambda s: None,
+                  progress=False)
+    with pytest.raises(ValueError, match="--msc with --crf-layer"):
+        train(TrainConfig(tiny_set, str(tmp_path / "bad"), msc=(0.5,), crf_layer=2),
+              log=lambda s: None, progress=False)

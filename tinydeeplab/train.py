@@ -64,6 +64,7 @@ class TrainConfig:
     crf_compat: str = "potts"  # or "matrix": a learned C×C compatibility per kernel
     crf_scale: bool = False  # with crf_layer: learn a scale (temperature) of its output
     crf_test_iterations: int = None  # the CRF layer's iterations at test time (None: crf_layer)
+    msc: tuple = ()  # extra input scales for MSC training (DeepLab v2 §3.2: (0.75, 0.5))
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -224,7 +225,7 @@ RESUME_KEYS = ("data_root", "split", "subset", "backbone", "output_stride", "hea
                "lr", "momentum", "weight_decay", "lr_policy", "power",
                "step_size", "gamma", "head_lr_mult", "freeze_bn", "seed", "crf_layer",
                "crf_lr_mult", "crf_unary_loss", "crf_compat", "crf_scale",
-               "crf_test_iterations")
+               "crf_test_iterations", "msc")
 
 
 def run_settings(cfg):
@@ -233,6 +234,7 @@ def run_settings(cfg):
     values["data_root"] = os.path.abspath(cfg.data_root)
     values["aspp_rates"], values["scale"] = list(cfg.aspp_rates), \
         (list(cfg.scale) if cfg.scale else None)
+    values["msc"] = [float(s) for s in cfg.msc or ()]
     return json.dumps(values)
 
 
@@ -339,6 +341,9 @@ def _train(cfg, log, progress):
         log(f"resumed from {ckpt} at iteration {start}")
     _truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), start)
     model.to(cfg.device).train()
+    # MSC (DeepLab v2 §3.2): the network also sees the batch at smaller scales; each scale's
+    # logits and their max fusion get a loss.  The checkpoint holds the network itself.
+    network = models.MSC(model, cfg.msc).train() if cfg.msc else model
 
     def transform(image, label, rng):
         return train_transform(image, label, rng, cfg.crop, cfg.scale)
@@ -364,7 +369,7 @@ def _train(cfg, log, progress):
                 total = 0.0
                 for _ in range(cfg.iter_size):
                     x, y = next(batches)
-                    loss = segmentation_loss(model(Tensor(x).to(cfg.device)), y)
+                    loss = segmentation_loss(network(Tensor(x).to(cfg.device)), y)
                     (loss * (1.0 / cfg.iter_size)).backward()
                     total += loss.item() / cfg.iter_size
                 _check_finite(total, model, it, cfg, ckpt)
@@ -451,6 +456,13 @@ def _check_start(cfg, resuming):
     if cfg.init and cfg.pretrained:
         raise ValueError("give either --init (a whole network from a checkpoint) or "
                          "--pretrained (backbone weights), not both")
+    scales = tuple(cfg.msc or ())
+    if not all(isinstance(s, (int, float)) and 0 < s < 1 for s in scales):
+        raise ValueError(f"msc must be input scales between 0 and 1 (besides scale 1), e.g. "
+                         f"(0.75, 0.5); got {cfg.msc!r}")
+    if scales and cfg.crf_layer:
+        raise ValueError("--msc with --crf-layer is not supported: the CRF layer refines one "
+                         "scale's logits against that scale's image; train one or the other")
     if cfg.freeze_bn and not (cfg.init or cfg.pretrained or resuming):
         raise ValueError(
             "--freeze-bn needs a backbone with trained batch-norm statistics: give "
