@@ -121,4 +121,4 @@ exercises.run(exercises.check_poly_lr, poly_lr)
 # * Poly decays smoothly to 0; step divides by 10 at fixed iterations.  Compare them over
 #   seeds at the same budget before believing a difference.
 # * The head's 10× learning rate lets the new classifier catch up with a pre-trained body.
-# Next: the CRF track, 07 → 08 → 10.
+# Next: lesson 16, the capstone (network track), or the CRF track, 07 → 08 → 10.

@@ -318,3 +318,17 @@ def check_number_by_sorting(fn):
             f"{K} keys of {d} coordinates: {int((vertex != inverse.ravel()).sum())} keys get "
             "another vertex number than their key's place in lexicographic order")
     return True
+
+
+# ---- 16 ------------------------------------------------------------------------------------
+def check_paired_verdict(fn):
+    """fn(differences) -> "first" | "second" | "neither", by the mean against the spread."""
+    cases = [([0.02, 0.03, 0.025], "first"), ([-0.02, -0.01], "second"),
+             ([0.05, -0.04, 0.01], "neither"), ([0.04], "neither"), ([0.01, 0.01], "first"),
+             ([-0.01, 0.05], "neither"), ([-0.03, -0.029, 0.0], "second")]
+    for gaps, expected in cases:
+        got = fn(np.asarray(gaps))
+        assert got == expected, (f"differences {gaps}: you say {got!r}, the rule says "
+                                 f"{expected!r} (mean {np.mean(gaps):+.4f}, spread "
+                                 f"{np.std(gaps):.4f})")
+    return True
