@@ -284,7 +284,8 @@ def _col2im_backward(x, w, dy, stride, padding, dilation, kern):
     K, Ho, Wo = dy.shape[1:]
     w2d = w.reshape(K, -1)
     dw2d = xp.zeros_like(w2d)
-    dx = xp.zeros_like(x)
+    dx = xp.empty_like(x)  # zeroed by a write, not zeros_like: see max_pool._cpu_backward
+    dx[...] = 0
     row_bytes = w2d.shape[1] * Wo * x.itemsize
     for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, _budget(x)):
         L = (r1 - r0) * Wo

@@ -80,9 +80,12 @@ def _forward(x, y, argmax, kh, kw, sh, sw, ph, pw):
 
 def _backward(dy, argmax, dx):
     N, C, Ho, Wo = dy.shape
-    W = dx.shape[3]
+    H, W = dx.shape[2], dx.shape[3]
     for nc in prange(N * C):  # one plane per iteration: no two iterations touch one element
         n, c = nc // C, nc % C
+        for h in range(H):  # zeroed here, not by np.zeros: see _cpu_backward
+            for v in range(W):
+                dx[n, c, h, v] = 0
         for i in range(Ho):
             for j in range(Wo):
                 a = argmax[n, c, i, j]
@@ -101,7 +104,12 @@ def _cpu_forward(x, k, s, p, out_size):
 
 
 def _cpu_backward(dy, argmax, x_shape, k, s, p):
-    dx = np.zeros(x_shape, dtype=dy.dtype)
+    # np.empty, zeroed plane by plane inside the parallel loop.  np.zeros of a large array
+    # gets fresh pages from the OS (calloc skips the memset because new pages read as zero);
+    # the scatter then faults them in from both threads at once.  Measured in the tiny
+    # model's training step (stem 4 × 16 × 81², 2 cores): about 650 page faults and 3.4 ms,
+    # against none and 0.16 ms this way, where malloc reuses memory the process holds.
+    dx = np.empty(x_shape, dtype=dy.dtype)
     _backward_cpu(dy, argmax, dx)
     return dx
 
