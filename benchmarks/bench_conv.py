@@ -90,7 +90,7 @@ def quiet_small_grid_warnings():
     warnings.filterwarnings("ignore", message=".*will likely result in GPU under-utilization")
 
 
-def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):
+def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, variant=None):
     import torch  # first, so that its OpenMP runtime keeps its own defaults
     from threadpoolctl import threadpool_limits
 
@@ -98,6 +98,15 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):
     import tinydeeplab.functional as F
     from tinydeeplab import Tensor
 
+    from tinydeeplab.kernels import atrous_conv
+
+    if variant is not None:  # ours with another rung of the ladder than the default
+        if atrous_conv.VARIANTS.get(variant, None) is None or \
+                atrous_conv.VARIANTS[variant].device != device:
+            names = sorted(v for v, spec in atrous_conv.VARIANTS.items()
+                           if spec.device == device)
+            raise SystemExit(f"--variant must be one of the {device} variants {names}")
+        atrous_conv.DEFAULT[device] = variant
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -113,8 +122,8 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout):
 
     with threadpool_limits(limits=threads, user_api="blas"):
         roof = gemm_gflops(threads) if device == "cpu" else float("nan")
-        print(f"# atrous conv forward+backward, float32, device={device}, threads={threads}",
-              file=out)
+        print(f"# atrous conv forward+backward, float32, device={device}, threads={threads}, "
+              f"ours: {atrous_conv.DEFAULT[device]}", file=out)
         print(f"# {platform.processor() or platform.machine()}; BLAS: {blas_info()}", file=out)
         if device == "cpu":
             print(f"# NumPy sgemm 1024³ roofline: {roof:.1f} GFLOP/s", file=out)
@@ -168,8 +177,10 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
     parser.add_argument("--repeat", type=positive_int, default=5)
+    parser.add_argument("--variant", default=None,
+                        help="ours with this atrous_conv variant (default: the library's)")
     args = parser.parse_args(argv)
-    run(args.device, args.threads, args.repeat)
+    run(args.device, args.threads, args.repeat, variant=args.variant)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def peak_memory(framework, name, batch, size, threads):
 
 def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
     from tinydeeplab import nn
+    from tinydeeplab.kernels import atrous_conv as conv_k
     from tinydeeplab.kernels import batch_norm as bn_k
     from tinydeeplab.benchmarks.bench_conv import blas_info, block_times, median_times_in_blocks
 
@@ -123,6 +124,20 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
               f"{np.median(ratios):.2f} [{ratios.min():.2f}-{ratios.max():.2f}] | "
               f"{m_ours:.0f} | {m_torch:.0f} | "
               f"{m_ours / m_torch:.2f} |", file=out)
+        if name != "tiny":  # the convolution ladder's last two rungs, in turns
+            def with_conv(variant):
+                def step():
+                    conv_k.DEFAULT["cpu"] = variant
+                    step_ours()
+                return step
+
+            default = conv_k.DEFAULT["cpu"]
+            t_v3, t_v4 = median_times_in_blocks([with_conv("cpu_v3"), with_conv("cpu_v4")],
+                                                repeat)
+            conv_k.DEFAULT["cpu"] = default
+            print(f"\n(atrous conv cpu_v3 vs cpu_v4, ours, {label} step: {t_v3:.3f} s vs "
+                  f"{t_v4:.3f} s, ratio {t_v4 / t_v3:.2f}; the table uses {default})\n",
+                  file=out)
         if name == "tiny":  # the batch norm + ReLU fusion, measured in the same blocks
             def with_fusion(flag):
                 def step():

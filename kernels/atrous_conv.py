@@ -35,6 +35,8 @@ Variants (``VARIANTS``; one parametrised test runs them all against the same ref
     cpu_v3   v2 with the cheaper lowering per shape: kn2row forward when K < C (GEMM first,
              then add the shifted tap planes), and for stride 1 the backward as a convolution
              of dy with the flipped kernel (no col2im; dw from the same buffer)
+    cpu_v4   v3, but large stride-1 3×3 layers by Winograd F(2×2, 3×3) (forward and dx; dw by
+             im2col): 16 smaller GEMMs with 2.25× fewer multiply-adds (atrous_conv_winograd)
     cuda_v1  one CUDA thread per output element (and per input pixel / weight for backward)
     cuda_v2  im2col / col2im CUDA kernels + cuBLAS GEMM via cupy.matmul
     cuda_v3  tiled shared-memory implicit GEMM: im2col happens while loading the tiles
@@ -52,6 +54,7 @@ import numpy as np
 from tinydeeplab.backend import array_module, is_cupy_array
 
 from . import atrous_conv_cpu as _cpu
+from . import atrous_conv_winograd as _winograd
 from ._common import int_pair, lazy, pick
 
 # backward_weights: (dw, db) alone, for inputs that need no gradient (None: use backward)
@@ -170,6 +173,32 @@ def _budget(x):
     return COLS_BUDGET_BYTES["cuda" if is_cupy_array(x) else "cpu"]
 
 
+# cpu_v4 takes Winograd where it measured faster than v3 on 2 cores (benchmarks/RESULTS.md):
+# both channel counts ≥ 64 and ≥ 1.5 GFLOP in the layer.  Below that the transforms and the
+# 16 small GEMMs cost more than they save (a 64-channel 81×81 layer: 1.14× v3's time; an ASPP
+# classifier, 2048 → 21 channels: 7×); above it 0.56-0.88×.
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_FLOPS = 64, 1.5e9
+
+
+def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4):
+    """Whether cpu_v4 computes this convolution by Winograd (see WINOGRAD_MIN_*); not when
+    one image's transformed tiles would exceed the buffer budget (Winograd chunks by images;
+    v3 can cut an image into rows)."""
+    N, C, H, W = x_shape
+    K = w_shape[0]
+    if not _winograd.applies(w_shape, stride) or min(C, K) < WINOGRAD_MIN_CHANNELS:
+        return False
+    Ho, Wo = output_size(H, W, 3, 3, stride, padding, dilation)
+    tiles = len(_winograd.tile_origins(Ho, dilation[0])) * len(
+        _winograd.tile_origins(Wo, dilation[1]))
+    return 2 * K * C * 9 * N * Ho * Wo >= WINOGRAD_MIN_FLOPS and \
+        16 * (C + K) * tiles * itemsize <= COLS_BUDGET_BYTES["cpu"]
+
+
+def _buffer(name, shape, dtype):
+    return _workspace.get(name, shape, dtype, np)
+
+
 def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     """Forward by GEMM.  ``kern``: the device's kernel module (im2col, col2im, shift_add).
 
@@ -182,13 +211,17 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     N, C, H, W = x.shape
     K, _, kh, kw = w.shape
     Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
+    if lowering == "winograd" and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
+                                                             dilation, x.itemsize):
+        return _winograd.forward(x, w, b, padding, dilation, _budget(x), _buffer)
     y = xp.empty((N, K, Ho, Wo), dtype=x.dtype)
     if _is_pointwise(w, stride, padding):  # 1×1: x itself (subsampled) is the column matrix
         w2d = w.reshape(K, C)
         xs = xp.ascontiguousarray(x[:, :, ::stride[0], ::stride[1]])  # (N, C, Ho, Wo)
         for n in range(N):
             xp.matmul(w2d, xs[n].reshape(C, Ho * Wo), out=y[n].reshape(K, Ho * Wo))
-    elif lowering == "adaptive" and K < C and K * kh * kw * H * W * x.itemsize <= _budget(x):
+    elif lowering in ("adaptive", "winograd") and K < C and \
+            K * kh * kw * H * W * x.itemsize <= _budget(x):
         _kn2row_forward(x, w, y, stride, padding, dilation, kern)
     else:
         _im2col_forward(x, w, y, stride, padding, dilation, kern)
@@ -255,9 +288,20 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
         else:
             dx = dxs
         return dx, dw2d.reshape(w.shape), db
+    if lowering == "winograd" and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
+                                                             dilation, x.itemsize):
+        # dw as the gradient of the Winograd forward; dx as a Winograd convolution of dy with
+        # the flipped kernel (its padding 2d − pad must not be negative)
+        dw = _winograd.weight_gradient(x, dy, padding, dilation, _budget(x), _buffer)
+        if not need_dx:
+            return None, dw, db
+        if ph <= 2 * dh and pw <= 2 * dw_:
+            return _winograd.input_gradient(w, dy, x.shape, padding, dilation, _budget(x),
+                                            _buffer), dw, db
+        return _col2im_backward(x, w, dy, stride, padding, dilation, kern)[0], dw, db
     if not need_dx:
         return (None, *_weights_backward(x, w, dy, stride, padding, dilation, kern), db)
-    if lowering == "adaptive" and stride == (1, 1) and ph <= dh * (kh - 1) and \
+    if lowering in ("adaptive", "winograd") and stride == (1, 1) and ph <= dh * (kh - 1) and \
             pw <= dw_ * (kw - 1):
         return (*_flipped_conv_backward(x, w, dy, padding, dilation, kern), db)
     return (*_col2im_backward(x, w, dy, stride, padding, dilation, kern), db)
@@ -356,6 +400,8 @@ VARIANTS = {
     "cpu_v2": _gemm_variant("cpu", "im2col", "im2col with holes + GEMM"),
     "cpu_v3": _gemm_variant("cpu", "adaptive", "kn2row forward when K < C; backward as a "
                                                "flipped-kernel convolution"),
+    "cpu_v4": _gemm_variant("cpu", "winograd", "cpu_v3, with Winograd F(2×2, 3×3) for large "
+                                               "stride-1 3×3 layers"),
     "cuda_v1": Variant("cuda", lazy("atrous_conv_cuda", "forward_v1"),
                        lazy("atrous_conv_cuda", "backward_v1"),
                        "one thread per output element / input pixel / weight"),
@@ -365,7 +411,7 @@ VARIANTS = {
     "cuda_v4": _gemm_variant("cuda", "adaptive", "cpu_v3's lowerings with CUDA kernels + "
                                                  "cuBLAS"),
 }
-DEFAULT = {"cpu": "cpu_v3", "cuda": "cuda_v4"}
+DEFAULT = {"cpu": "cpu_v4", "cuda": "cuda_v4"}
 
 
 def kernel_source(variant):

@@ -168,12 +168,13 @@ print("gradcheck of F.conv2d (dilation 2):", grad_ok)
 # Two shapes of one layer (N, C, H, W) = (4, 128, 65, 65), 128 filters (in fast mode a tiny one,
 # where fixed per-call costs dominate):
 # at rate 2, like the dilated 3×3s of DeepLab's backbone, and at rate 12, like an ASPP branch.
-# The README's "about 0.9" is the median of benchmarks/bench_conv.py over DeepLab's layer shapes;
-# a single shape can sit far from it.  PyTorch's CPU time for dilated convolutions varies much
-# more with the rate than ours (ours always lowers to the same GEMM; in bench_conv's ASPP rows
+# benchmarks/bench_conv.py measures DeepLab's layer shapes (RESULTS.md: their median); a single
+# shape can sit far from it.  PyTorch's CPU time for dilated convolutions varies much more with
+# the rate than ours (ours does the same arithmetic at every rate; in bench_conv's ASPP rows
 # PyTorch takes 10-55 ms for the same work at different rates), so the rate-12 ratio below is
-# PyTorch's choice of algorithm as much as our speed.  And ours is im2col + OpenBLAS's GEMM:
-# its speed depends on which of OpenBLAS's kernels runs (printed below).  The benchmarks run
+# PyTorch's choice of algorithm as much as our speed.  Ours runs its GEMMs in OpenBLAS (by
+# im2col, or for a layer as large as the full-size one here by Winograd, section 6): its speed
+# depends on which of OpenBLAS's kernels runs (printed below).  The benchmarks run
 # with the best one for the CPU; an environment may force an older one (these machines set
 # OPENBLAS_CORETYPE), which can slow our side by a third.
 shape = (2, 32, 33, 33, 32) if FAST else (4, 128, 65, 65, 128)
@@ -227,8 +228,44 @@ except ImportError:
     print(f"ours {best_of(lambda: ours(2)) * 1e3:.1f} ms; PyTorch is not installed (pip install "
           "torch) so there is no comparison")
 
+# %% 6. Fewer multiplications: Winograd F(2, 3) on one tile (the CPU default, cpu_v4)
+# Two outputs of a 3-tap correlation, y0 = w0·x0 + w1·x1 + w2·x2 and y1 = w0·x1 + w1·x2 + w2·x3,
+# take 6 multiplications.  Winograd's minimal filtering algorithm F(2, 3) takes 4:
+#     m1 = (x0 − x2)·w0          m2 = (x1 + x2)·(w0 + w1 + w2)/2
+#     m3 = (x2 − x1)·(w0 − w1 + w2)/2          m4 = (x1 − x3)·w2
+#     y0 = m1 + m2 + m3,   y1 = m2 − m3 − m4
+# (the filter's sums are made once per filter, the input's once per tile and channel).
+x4, w3 = rng.standard_normal(4), rng.standard_normal(3)
+m1, m2 = (x4[0] - x4[2]) * w3[0], (x4[1] + x4[2]) * (w3[0] + w3[1] + w3[2]) / 2
+m3, m4 = (x4[2] - x4[1]) * (w3[0] - w3[1] + w3[2]) / 2, (x4[1] - x4[3]) * w3[2]
+y_winograd_1d = np.array([m1 + m2 + m3, m2 - m3 - m4])
+y_direct_1d = np.array([w3 @ x4[0:3], w3 @ x4[1:4]])
+print("F(2, 3): 4 multiplications instead of 6, difference "
+      f"{np.abs(y_winograd_1d - y_direct_1d).max():.1e}")
+# In matrices, y = Aᵀ [(G w) ⊙ (Bᵀ x)]; nested in both directions a 4×4 input tile gives a 2×2
+# block of outputs with 16 multiplications instead of 36 (2.25× fewer).  Dilation fits in by
+# the "hole algorithm" view: outputs i and i + d read inputs spaced d apart, so the tile is 4×4
+# inputs taken with stride d.  One tile of section 1's convolution (rate d), by the library's
+# matrices, against the loops:
+from tinydeeplab.kernels import atrous_conv_winograd as winograd  # noqa: E402
+
+BT, G, AT = winograd.BT, winograd.G, winograd.AT
+i0, j0, k0 = 2, 3, 1  # the outputs (i0, j0), (i0, j0 + d), (i0 + d, j0), (i0 + d, j0 + d)
+block = np.zeros((2, 2))
+for c in range(C):
+    tile = np.pad(x[0, c], pad)[i0:i0 + 4 * d:d, j0:j0 + 4 * d:d]  # 4×4 inputs, spaced d
+    block += AT @ ((G @ w[k0, c] @ G.T) * (BT @ tile @ BT.T)) @ AT.T
+block += b[k0]
+tile_gap = float(np.abs(block - y_loops[0, k0, i0:i0 + 2 * d:d, j0:j0 + 2 * d:d]).max())
+print(f"one 2×2 block by Winograd against the loops: {tile_gap:.1e}")
+# cpu_v4 does this for every tile at once: 16 GEMMs over the channels (U[e] = G w Gᵀ at
+# position e, (K × C), times V[e] = Bᵀ X B, (C × tiles)), forward, dx and dw (the transposed
+# transforms).  It takes this path for large layers only — below ~1.5 GFLOP the transforms cost
+# more than the multiplications saved (kernels/atrous_conv.py, winograd_pays).
+
 # %% Check
 assert np.abs(y_gemm - y_loops).max() < 1e-10, "im2col + GEMM disagrees with the loops"
+assert np.abs(y_winograd_1d - y_direct_1d).max() < 1e-12 and tile_gap < 1e-10
 assert np.abs(cols - cols_lib).max() == 0
 assert np.abs(y_cuda - y_cpu).max() < 1e-4, "the CUDA kernel disagrees with the CPU one"
 assert max(np.abs(dx - dx_lib).max(), np.abs(dw - dw_lib).max(), np.abs(db - db_lib).max()) \
