@@ -257,6 +257,17 @@ def _kn2row_forward(x, w, y, stride, padding, dilation, kern):
         kern.shift_add(z, y[n0:n1], kh, kw, stride, padding, dilation)
 
 
+def _matmul_nt(a, b):
+    """a @ bᵀ for the weight gradients (a long shared dimension, a small result), computed as
+    (b @ aᵀ)ᵀ when b has more rows: OpenBLAS runs these shapes faster with the larger output
+    dimension first — e.g. the 7×7 stem's dw (16 × 26244 by 147 × 26244) in 0.62 ms instead
+    of 1.40 (machine B, 2 threads)."""
+    xp = array_module(a)
+    if a.shape[0] < b.shape[0]:
+        return xp.matmul(b, a.T).T
+    return xp.matmul(a, b.T)
+
+
 def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=True):
     """(dx, dw, db) by GEMM; see ``gemm_forward`` for ``kern`` and ``lowering``.
 
@@ -279,7 +290,7 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
         dxs = xp.empty_like(xs) if need_dx else None
         for n in range(N):
             x2d, dy2d = xs[n].reshape(C, Ho * Wo), dy[n].reshape(K, Ho * Wo)
-            dw2d += xp.matmul(dy2d, x2d.T)
+            dw2d += _matmul_nt(dy2d, x2d)
             if need_dx:
                 xp.matmul(w2d.T, dy2d, out=dxs[n].reshape(C, Ho * Wo))
         if need_dx and (sh, sw) != (1, 1):
@@ -319,7 +330,7 @@ def _weights_backward(x, w, dy, stride, padding, dilation, kern):
         kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
         for n in range(n0, n1):
             i = n - n0
-            dw2d += xp.matmul(_rows_of(dy, n, r0, r1, Wo), cols[:, i * L:(i + 1) * L].T)
+            dw2d += _matmul_nt(_rows_of(dy, n, r0, r1, Wo), cols[:, i * L:(i + 1) * L])
     return (dw2d.reshape(w.shape),)
 
 
@@ -340,7 +351,7 @@ def _col2im_backward(x, w, dy, stride, padding, dilation, kern):
         for n in range(n0, n1):
             i = n - n0
             dy2d = _rows_of(dy, n, r0, r1, Wo)  # (K, L)
-            dw2d += xp.matmul(dy2d, cols[:, i * L:(i + 1) * L].T)
+            dw2d += _matmul_nt(dy2d, cols[:, i * L:(i + 1) * L])
             xp.matmul(w2d.T, dy2d, out=dcols[:, i * L:(i + 1) * L])
         kern.col2im_dilated(dcols, dx[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo)
     return dx, dw2d.reshape(w.shape)
