@@ -11,23 +11,20 @@ You will learn:
 
 Run:  python lessons/02_writing_the_kernel.py   (TDL_FAST=1 for a smaller, quicker run)
 """
-# %% Setup — without a GPU, CUDA kernels run on Numba's simulator (chosen before numba loads)
+# %% Setup — without a GPU, CUDA kernels run on Numba's simulator (chosen before numba.cuda loads)
 import os
 import time
 
-try:
-    import cupy
+from tinydeeplab import lessons
 
-    GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:
-    GPU = False
-if not GPU:
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+GPU = lessons.gpu_or_simulator()
+if GPU:
+    import cupy
 
 import numpy as np  # noqa: E402
 
 import tinydeeplab.functional as F  # noqa: E402
-from tinydeeplab import Tensor, exercises, gradcheck, lessons  # noqa: E402
+from tinydeeplab import Tensor, exercises, gradcheck  # noqa: E402
 from tinydeeplab.kernels import atrous_conv, atrous_conv_cpu  # noqa: E402
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)

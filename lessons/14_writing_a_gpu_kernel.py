@@ -17,25 +17,21 @@ shapes: it checks the logic and counts the loads; it cannot time anything.
 
 Run:  python lessons/14_writing_a_gpu_kernel.py   (TDL_FAST=1 for a smaller, quicker run)
 """
-# %% Setup — without a GPU, CUDA kernels run on Numba's simulator (chosen before numba loads)
+# %% Setup — without a GPU, CUDA kernels run on Numba's simulator (chosen before numba.cuda loads)
 import math
 import os
 import time
 
-try:
-    import cupy
+from tinydeeplab import exercises, lessons
 
-    GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:
-    GPU = False
-if not GPU:
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+GPU = lessons.gpu_or_simulator()
+if GPU:
+    import cupy
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from tinydeeplab import exercises, lessons  # noqa: E402
 from tinydeeplab.kernels import atrous_conv  # noqa: E402
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)

@@ -15,22 +15,19 @@ photograph, in NumPy.
 
 Run:  python lessons/15_the_gpu_crf.py   (TDL_FAST=1 for a smaller, quicker run)
 """
-# %% Setup — without a GPU, CUDA kernels run on Numba's simulator (chosen before numba loads)
+# %% Setup — without a GPU, CUDA kernels run on Numba's simulator (chosen before numba.cuda loads)
 import os
 import time
 
-try:
-    import cupy
+from tinydeeplab import lessons
 
-    GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:
-    GPU = False
-if not GPU:
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+GPU = lessons.gpu_or_simulator()
+if GPU:
+    import cupy
 
 import numpy as np  # noqa: E402
 
-from tinydeeplab import crf, exercises, lessons  # noqa: E402
+from tinydeeplab import crf, exercises  # noqa: E402
 from tinydeeplab.benchmarks.profile_crf import LaunchCounter  # noqa: E402
 from tinydeeplab.kernels.permutohedral import reference as R  # noqa: E402
 

@@ -116,3 +116,27 @@ def photograph():
     image = data.read_image(str(folder / "rocket.jpg"))
     labels = data.read_mask(str(folder / "rocket_labels.png"), 3)
     return image, labels, ("sky", "rocket", "tower")
+
+
+def gpu_or_simulator():
+    """True where CuPy sees a CUDA GPU.  Otherwise switch on Numba's CUDA simulator (every
+    thread a Python thread, NumPy arrays) so that a lesson's CUDA kernels run on the CPU, and
+    return False.  Call it before anything imports ``numba.cuda``."""
+    import sys
+
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return True
+    except Exception:  # noqa: BLE001  (not installed, no driver, no device: no GPU)
+        pass
+    if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        raise RuntimeError("numba.cuda was imported before the lesson could switch on the "
+                           "CUDA simulator: restart the kernel (or Python) and run the lesson "
+                           "from its first cell")
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # read by numba.cuda when it is first imported
+    import numba
+
+    numba.config.ENABLE_CUDASIM = True  # (numba read its environment when it was imported)
+    return False
