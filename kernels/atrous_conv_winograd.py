@@ -173,6 +173,12 @@ _input_transform_cpu = parallel_njit(_input_transform)
 _output_transform_cpu = parallel_njit(_output_transform)
 
 
+def _image_chunks(N, bytes_per_image, budget):
+    """(n0, n1) ranges of images whose transformed tiles fit in ``budget`` (at least one)."""
+    step = max(1, min(N, budget // max(bytes_per_image, 1)))
+    return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+
+
 def _fresh(name, shape, dtype):
     return np.empty(shape, dtype)
 
@@ -190,10 +196,7 @@ def forward(x, w, b, padding, dilation, budget, buffer=_fresh):
     tiles = rows.shape[0] * cols.shape[0]
     U = weight_transform(w.astype(x.dtype, copy=False))
     y = np.empty((N, K, Ho, Wo), x.dtype)
-    per_image = 16 * (C + K) * tiles * x.itemsize
-    step = max(1, min(N, budget // max(per_image, 1)))
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
+    for n0, n1 in _image_chunks(N, 16 * (C + K) * tiles * x.itemsize, budget):
         P = (n1 - n0) * tiles
         V = buffer("winograd_V", (16, C, P), x.dtype)
         _input_transform_cpu(x[n0:n1], V, rows, cols, ph, pw, dh, dw)
@@ -268,10 +271,7 @@ def weight_gradient(x, dy, padding, dilation, budget, buffer=_fresh):
     rows, cols = tile_origins(Ho, dh), tile_origins(Wo, dw_)
     tiles = rows.shape[0] * cols.shape[0]
     dU = np.zeros((16, K, C), x.dtype)
-    per_image = 16 * (C + K) * tiles * x.itemsize
-    step = max(1, min(N, budget // max(per_image, 1)))
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
+    for n0, n1 in _image_chunks(N, 16 * (C + K) * tiles * x.itemsize, budget):
         P = (n1 - n0) * tiles
         V = buffer("winograd_V", (16, C, P), x.dtype)
         _input_transform_cpu(x[n0:n1], V, rows, cols, ph, pw, dh, dw_)
