@@ -282,3 +282,18 @@ def test_weights_only_backward_equals_full_backward(variant, stride, padding, ke
     ref = reference_conv2d(to_numpy(x), to_numpy(w), None, (stride,) * 2, (padding,) * 2,
                            (1, 1))
     np.testing.assert_allclose(to_numpy(y), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape, kernel", [((3, 4, 9, 11), (5, 4, 3, 3)),  # images batched
+                                           ((3, 40, 9, 11), (2, 40, 3, 3)),  # C > 9K
+                                           ((2, 3, 47, 50), (4, 3, 3, 3))])  # large images
+def test_flipped_backward_batched_and_per_image_paths(shape, kernel):
+    """cpu_v3's stride-1 backward takes one GEMM over several small images, or one per image
+    (more input channels than column rows, or large images): both equal the loops."""
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal(shape), rng.standard_normal(kernel)
+    dy = rng.standard_normal((shape[0], kernel[0], shape[2], shape[3]))
+    ref = atrous_conv.conv2d_backward(x, w, dy, 1, 2, 2, variant="cpu_v1")
+    got = atrous_conv.conv2d_backward(x, w, dy, 1, 2, 2, variant="cpu_v3")
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, atol=1e-9)
