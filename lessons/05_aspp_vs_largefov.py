@@ -18,7 +18,6 @@ import numpy as np
 
 from tinydeeplab import Tensor, data, exercises, lessons, models
 from tinydeeplab.evaluate import predict_probs
-from tinydeeplab.train import TrainConfig, train
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
 OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
@@ -104,14 +103,9 @@ for name, n in head_weights.items():
 histories, nets = {}, {}
 for arm, (name, kw) in enumerate(heads.items()):
     for seed in seeds:
-        cfg = TrainConfig(root, os.path.join(OUT, f"run_05_arm{arm}_seed{seed}"),
-                          crop=81, scale=(0.75, 1.25), batch_size=4, iterations=iterations,
-                          lr=0.02, checkpoint_every=10**6, seed=seed, **kw)
-        for stale in ("checkpoint.npz", "log.jsonl"):  # a fresh run each time
-            if os.path.exists(os.path.join(cfg.out_dir, stale)):
-                os.remove(os.path.join(cfg.out_dir, stale))
-        nets[name, seed], histories[name, seed] = train(cfg, log=lambda s: None,
-                                                        progress=False)
+        nets[name, seed], histories[name, seed] = lessons.train_run(
+            root, f"run_05_arm{arm}_seed{seed}", crop=81, scale=(0.75, 1.25), batch_size=4,
+            iterations=iterations, lr=0.02, seed=seed, **kw)
 
 # %% 4. Small and large objects
 # For every object (class region) in the validation images: its IoU with the prediction;

@@ -13,14 +13,12 @@ Run:  python lessons/11_batch_norm.py   (TDL_FAST=1 for a smaller, quicker run)
 # %% Setup
 import json
 import os
-import shutil
 
 import numpy as np
 
 from tinydeeplab import Tensor, data, exercises, gradcheck, lessons
 from tinydeeplab import functional as F
 from tinydeeplab.evaluate import evaluate
-from tinydeeplab.train import TrainConfig, train
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
 OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
@@ -100,10 +98,8 @@ base_iterations, iterations = (40, 20) if FAST else (600, 300)
 seeds = (0,) if FAST else (0, 1, 2)
 val = data.VOCSegmentation(root, "val")
 base_dir = os.path.join(OUT, "run_11_base")
-shutil.rmtree(base_dir, ignore_errors=True)
-base, _ = train(TrainConfig(root, base_dir, crop=81, scale=(0.75, 1.25), batch_size=8,
-                            iterations=base_iterations, lr=0.02, checkpoint_every=10**6,
-                            seed=100), log=lambda s: None, progress=False)
+base, _ = lessons.train_run(root, "run_11_base", crop=81, scale=(0.75, 1.25), batch_size=8,
+                            iterations=base_iterations, lr=0.02, seed=100)
 base_miou = evaluate(base, val)["plain"]["miou"]
 print(f"base network (batch 8, {base_iterations} iterations): val mIoU {base_miou:.3f}")
 results = {}

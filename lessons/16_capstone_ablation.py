@@ -22,7 +22,6 @@ import numpy as np
 from tinydeeplab import data, exercises, lessons
 from tinydeeplab.demo import CRF_PARAMS
 from tinydeeplab.evaluate import evaluate
-from tinydeeplab.train import load_model
 
 FAST = lessons.fast()  # TDL_FAST=1: a smaller run (the test suite's smoke test)
 OUT = lessons.output_dir()  # figures and runs: $TDL_OUT, else ./lesson_out
@@ -55,10 +54,9 @@ scores = {name: {"plain": [], "crf": []} for name in ROWS}
 for seed in SEEDS:
     for name, row in ROWS.items():
         run = f"16_{name.replace(' + ', '_').lower()}_seed{seed}"
-        _, history = lessons.train_and_score(
-            root, run, val, head=row["head"], seed=seed,
+        model, history = lessons.train_run(
+            root, run, head=row["head"], seed=seed,
             **{**SETTINGS, **(dict(msc=MSC_SCALES, lr=MSC_LR) if row.get("msc") else {})})
-        model, _ = load_model(os.path.join(OUT, run, "checkpoint.npz"))  # the trained network
         test_scales = (1.0, *MSC_SCALES) if row.get("msc") else (1.0,)
         s = evaluate(model, val, scales=test_scales, crf=True, crf_params=CRF_PARAMS)
         scores[name]["plain"].append(s["plain"]["miou"])
@@ -77,9 +75,7 @@ for seed in SEEDS:
     base = os.path.join(OUT, f"16_aspp_seed{seed}", "checkpoint.npz")
     tune = dict(crop=CROP, scale=(0.75, 1.25), batch_size=4, iterations=FINE_TUNE, lr=0.0005,
                 init=base, freeze_bn=True, seed=seed)
-    lessons.train_and_score(root, f"16_finetune_plain_seed{seed}", val, **tune)
-    plain_ft, _ = load_model(os.path.join(OUT, f"16_finetune_plain_seed{seed}",
-                                          "checkpoint.npz"))
+    plain_ft, _ = lessons.train_run(root, f"16_finetune_plain_seed{seed}", **tune)
     plain_ft_scores.append(evaluate(plain_ft, val, crf=True,
                                     crf_params=CRF_PARAMS)["crf"]["miou"])
     layer_miou, _ = lessons.train_and_score(root, f"16_finetune_layer_seed{seed}", val,

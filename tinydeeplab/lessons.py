@@ -86,19 +86,25 @@ def paired_verdict(gap, first, second):
     return "within the seeds' spread: this small set cannot show a difference"
 
 
-def train_and_score(root, name, val, **settings):
+def train_run(root, name, **settings):
     """One training run of a lesson's experiment: a fresh ``name`` folder in the output folder,
     ``train.TrainConfig(root, ..., **settings)`` (no progress bar, no log lines, no
-    intermediate checkpoints), then the plain val mIoU.  Returns (mIoU, the run's history)."""
+    intermediate checkpoints).  Returns (the trained model, the run's history)."""
     import shutil
 
-    from tinydeeplab.evaluate import evaluate
     from tinydeeplab.train import TrainConfig, train
 
     run_dir = os.path.join(output_dir(), name)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
     cfg = TrainConfig(root, run_dir, checkpoint_every=10**6, **settings)
-    model, history = train(cfg, log=lambda line: None, progress=False)
+    return train(cfg, log=lambda line: None, progress=False)
+
+
+def train_and_score(root, name, val, **settings):
+    """``train_run``, then the plain val mIoU.  Returns (mIoU, the run's history)."""
+    from tinydeeplab.evaluate import evaluate
+
+    model, history = train_run(root, name, **settings)
     return evaluate(model, val)["plain"]["miou"], history
 
 
