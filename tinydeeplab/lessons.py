@@ -130,14 +130,11 @@ def gpu_or_simulator():
     return False.  Call it before anything imports ``numba.cuda``."""
     import sys
 
-    try:
-        import cupy
+    from tinydeeplab.backend import cuda_simulator, has_cuda
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return True
-    except Exception:  # noqa: BLE001  (not installed, no driver, no device: no GPU)
-        pass
-    if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    if has_cuda():
+        return True
+    if "numba.cuda" in sys.modules and not cuda_simulator():
         raise RuntimeError("numba.cuda was imported before the lesson could switch on the "
                            "CUDA simulator: restart the kernel (or Python) and run the lesson "
                            "from its first cell")
