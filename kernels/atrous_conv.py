@@ -35,8 +35,8 @@ Variants (``VARIANTS``; one parametrised test runs them all against the same ref
     cpu_v3   v2 with the cheaper lowering per shape: kn2row forward when K < C (GEMM first,
              then add the shifted tap planes), and for stride 1 the backward as a convolution
              of dy with the flipped kernel (no col2im; dw from the same buffer)
-    cpu_v4   v3, but large stride-1 3×3 layers by Winograd F(2×2, 3×3) (forward and dx; dw by
-             im2col): 16 smaller GEMMs with 2.25× fewer multiply-adds (atrous_conv_winograd)
+    cpu_v4   v3, but large stride-1 3×3 layers by Winograd F(2×2, 3×3) (forward, dx and dw):
+             16 smaller GEMMs with 2.25× fewer multiply-adds (atrous_conv_winograd)
     cuda_v1  one CUDA thread per output element (and per input pixel / weight for backward)
     cuda_v2  im2col / col2im CUDA kernels + cuBLAS GEMM via cupy.matmul
     cuda_v3  tiled shared-memory implicit GEMM: im2col happens while loading the tiles
@@ -189,10 +189,11 @@ def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4):
     if not _winograd.applies(w_shape, stride) or min(C, K) < WINOGRAD_MIN_CHANNELS:
         return False
     Ho, Wo = output_size(H, W, 3, 3, stride, padding, dilation)
+    if 2 * K * C * 9 * N * Ho * Wo < WINOGRAD_MIN_FLOPS:
+        return False
     tiles = len(_winograd.tile_origins(Ho, dilation[0])) * len(
         _winograd.tile_origins(Wo, dilation[1]))
-    return 2 * K * C * 9 * N * Ho * Wo >= WINOGRAD_MIN_FLOPS and \
-        16 * (C + K) * tiles * itemsize <= COLS_BUDGET_BYTES["cpu"]
+    return 16 * (C + K) * tiles * itemsize <= COLS_BUDGET_BYTES["cpu"]
 
 
 def _buffer(name, shape, dtype):
@@ -299,17 +300,15 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
         else:
             dx = dxs
         return dx, dw2d.reshape(w.shape), db
-    if lowering == "winograd" and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
-                                                             dilation, x.itemsize):
+    dx_by_winograd = ph <= 2 * dh and pw <= 2 * dw_  # the flipped convolution's padding ≥ 0
+    if lowering == "winograd" and xp is np and (dx_by_winograd or not need_dx) and \
+            winograd_pays(x.shape, w.shape, stride, padding, dilation, x.itemsize):
         # dw as the gradient of the Winograd forward; dx as a Winograd convolution of dy with
-        # the flipped kernel (its padding 2d − pad must not be negative)
+        # the flipped kernel (padding 2d − pad; where that is negative, v3's way below)
         dw = _winograd.weight_gradient(x, dy, padding, dilation, _budget(x), _buffer)
-        if not need_dx:
-            return None, dw, db
-        if ph <= 2 * dh and pw <= 2 * dw_:
-            return _winograd.input_gradient(w, dy, x.shape, padding, dilation, _budget(x),
-                                            _buffer), dw, db
-        return _col2im_backward(x, w, dy, stride, padding, dilation, kern)[0], dw, db
+        dx = _winograd.input_gradient(w, dy, x.shape, padding, dilation, _budget(x),
+                                      _buffer) if need_dx else None
+        return dx, dw, db
     if not need_dx:
         return (None, *_weights_backward(x, w, dy, stride, padding, dilation, kern), db)
     if lowering in ("adaptive", "winograd") and stride == (1, 1) and ph <= dh * (kh - 1) and \

@@ -173,10 +173,17 @@ _input_transform_cpu = parallel_njit(_input_transform)
 _output_transform_cpu = parallel_njit(_output_transform)
 
 
-def _image_chunks(N, bytes_per_image, budget):
-    """(n0, n1) ranges of images whose transformed tiles fit in ``budget`` (at least one)."""
-    step = max(1, min(N, budget // max(bytes_per_image, 1)))
-    return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+def _input_tiles(x, K, rows, cols, padding, dilation, budget, buffer):
+    """For chunks of images whose transformed tiles (V, and the K-row M beside it) fit in
+    ``budget``: yields (n0, n1, V), V (16, C, tiles of images n0..n1) = Bᵀ X B."""
+    N, C = x.shape[:2]
+    tiles = rows.shape[0] * cols.shape[0]
+    step = max(1, min(N, budget // max(16 * (C + K) * tiles * x.itemsize, 1)))
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        V = buffer("winograd_V", (16, C, (n1 - n0) * tiles), x.dtype)
+        _input_transform_cpu(x[n0:n1], V, rows, cols, *padding, *dilation)
+        yield n0, n1, V
 
 
 def _fresh(name, shape, dtype):
@@ -193,14 +200,10 @@ def forward(x, w, b, padding, dilation, budget, buffer=_fresh):
     (ph, pw), (dh, dw) = padding, dilation
     Ho, Wo = H + 2 * ph - 2 * dh, W + 2 * pw - 2 * dw
     rows, cols = tile_origins(Ho, dh), tile_origins(Wo, dw)
-    tiles = rows.shape[0] * cols.shape[0]
     U = weight_transform(w.astype(x.dtype, copy=False))
     y = np.empty((N, K, Ho, Wo), x.dtype)
-    for n0, n1 in _image_chunks(N, 16 * (C + K) * tiles * x.itemsize, budget):
-        P = (n1 - n0) * tiles
-        V = buffer("winograd_V", (16, C, P), x.dtype)
-        _input_transform_cpu(x[n0:n1], V, rows, cols, ph, pw, dh, dw)
-        M = buffer("winograd_M", (16, K, P), x.dtype)
+    for n0, n1, V in _input_tiles(x, K, rows, cols, padding, dilation, budget, buffer):
+        M = buffer("winograd_M", (16, K, V.shape[2]), x.dtype)
         np.matmul(U, V, out=M)  # 16 GEMMs
         _output_transform_cpu(M, y[n0:n1], rows, cols, dh, dw)
     if b is not None:
@@ -265,17 +268,13 @@ def weight_gradient(x, dy, padding, dilation, budget, buffer=_fresh):
     """dw (K, C, 3, 3): the exact gradient of the Winograd forward, which is the convolution.
     Forward: Y = Aᵀ (U ⊙ V) A with U = G w Gᵀ; backward: dM = A dY Aᵀ per tile,
     dU[e] = dM[e] · V[e]ᵀ (16 GEMMs, K × P × C, like the forward's), dw = Gᵀ dU G."""
-    N, C, H, W = x.shape
+    C = x.shape[1]
     K, Ho, Wo = dy.shape[1:]
-    (ph, pw), (dh, dw_) = padding, dilation
+    dh, dw_ = dilation
     rows, cols = tile_origins(Ho, dh), tile_origins(Wo, dw_)
-    tiles = rows.shape[0] * cols.shape[0]
     dU = np.zeros((16, K, C), x.dtype)
-    for n0, n1 in _image_chunks(N, 16 * (C + K) * tiles * x.itemsize, budget):
-        P = (n1 - n0) * tiles
-        V = buffer("winograd_V", (16, C, P), x.dtype)
-        _input_transform_cpu(x[n0:n1], V, rows, cols, ph, pw, dh, dw_)
-        dM = buffer("winograd_M", (16, K, P), x.dtype)
+    for n0, n1, V in _input_tiles(x, K, rows, cols, padding, dilation, budget, buffer):
+        dM = buffer("winograd_M", (16, K, V.shape[2]), x.dtype)
         _output_transform_adjoint_cpu(np.ascontiguousarray(dy[n0:n1]), dM, rows, cols, dh, dw_)
         dU += np.matmul(dM, V.transpose(0, 2, 1))  # 16 GEMMs
     dw = np.empty((K, C, 3, 3), x.dtype)
