@@ -137,3 +137,11 @@ def test_winograd_buffers_stay_within_the_budget(monkeypatch):
     assert max(size for _, size in requested) <= 24 << 20
     y_ref = reference_conv2d(x, w, None, (1, 1), (2, 2), (2, 2))
     assert np.abs(y - y_ref).max() / np.abs(y_ref).max() < 2e-6
+
+
+def test_cpu_v4_forced_with_padding_above_twice_the_rate(winograd_everywhere):
+    """Padding > 2d: the forward by Winograd, the backward v3's way (col2im), both right."""
+    rng = np.random.default_rng(4)
+    case = (rng.standard_normal((2, 3, 7, 9)), rng.standard_normal((4, 3, 3, 3)),
+            rng.standard_normal(4), (1, 1), (5, 3), (2, 1))
+    check_variant("cpu_v4", case, np.float64)
