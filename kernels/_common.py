@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from tinydeeplab.backend import is_cupy_array
+from tinydeeplab.backend import on_gpu
 
 THREADS = 128  # per block, for the one-thread-per-element kernels
 
@@ -23,7 +23,7 @@ def lazy(module, name):
 
 def pick(variants, default, x, variant=None):
     """The registry entry to run: ``variant`` if given, else the default for x's device."""
-    name = variant or default["cuda" if is_cupy_array(x) else "cpu"]
+    name = variant or default["cuda" if on_gpu(x) else "cpu"]
     if name not in variants:
         raise ValueError(f"variant must be one of {sorted(variants)}, got {variant!r}")
     return variants[name]

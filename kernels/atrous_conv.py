@@ -51,7 +51,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from tinydeeplab.backend import array_module, is_cupy_array
+from tinydeeplab.backend import array_module, is_cupy_array, on_gpu
 
 from . import atrous_conv_cpu as _cpu
 from . import atrous_conv_winograd as _winograd
@@ -170,7 +170,7 @@ def _rows_of(a, n, r0, r1, Wo):
 
 def _budget(x):
     """The im2col buffer budget, in bytes, for x's device."""
-    return COLS_BUDGET_BYTES["cuda" if is_cupy_array(x) else "cpu"]
+    return COLS_BUDGET_BYTES["cuda" if on_gpu(x) else "cpu"]
 
 
 # cpu_v4 takes Winograd where it measured faster than v3 on 2 cores (benchmarks/RESULTS.md):

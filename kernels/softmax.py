@@ -21,7 +21,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from tinydeeplab.backend import is_cupy_array
+from tinydeeplab.backend import on_gpu
 
 from . import parallel_njit
 from ._simd import (LANES, SHORT_STEPS, Rows, combine_lanes, row_map, row_operation,
@@ -350,7 +350,7 @@ def softmax_rows(a, out, cuda=None):
     """out = row-wise softmax of the 2-D float array a (NumPy → CPU, CuPy → CUDA;
     ``cuda=True`` runs the CUDA kernel on NumPy arrays under the simulator).  ``a`` and
     ``out`` are C-contiguous and of the same dtype; ``out`` may be ``a``."""
-    if cuda or (cuda is None and is_cupy_array(a)):
+    if cuda or (cuda is None and on_gpu(a)):
         from . import softmax_cuda
 
         softmax_cuda.softmax_rows(a, out)

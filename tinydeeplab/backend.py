@@ -4,6 +4,7 @@ Library code never asks "am I on the GPU?" directly; it asks ``array_module(a)``
 (``numpy`` or ``cupy``) that owns ``a`` and calls that.  CuPy is optional: nothing here imports it
 unless a CuPy array is actually handed to us or the user asks for the ``"cuda"`` device.
 """
+import contextlib
 import functools
 import os
 
@@ -44,8 +45,46 @@ def cuda_simulator():
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 
+# ---- the simulated GPU: the CUDA path run on NumPy arrays (tests without a GPU) -------------
+_simulated_gpu = False
+
+
+@contextlib.contextmanager
+def simulated_gpu():
+    """Inside this block NumPy arrays count as "cuda" arrays: every kernel dispatches to its
+    CUDA implementation, which Numba's simulator runs on the CPU, and ``Tensor.to("cuda")``
+    and ``Module.to("cuda")`` keep the arrays where they are.  So a whole training step runs
+    the CUDA path and can be compared with the CPU path on the same arrays.  Needs
+    ``NUMBA_ENABLE_CUDASIM=1`` (set before numba is imported, i.e. before tinydeeplab is);
+    simulated kernels are slow, so keep the shapes tiny."""
+    global _simulated_gpu
+    if not cuda_simulator():
+        raise RuntimeError("simulated_gpu() needs Numba's CUDA simulator: set "
+                           "NUMBA_ENABLE_CUDASIM=1 before importing tinydeeplab")
+    if has_cuda():
+        raise RuntimeError("simulated_gpu() is for machines without a GPU; with CuPy and a GPU "
+                           "use real CuPy arrays (Tensor.to('cuda'))")
+    before, _simulated_gpu = _simulated_gpu, True
+    try:
+        yield
+    finally:
+        _simulated_gpu = before
+
+
+def cuda_usable():
+    """True when ``device="cuda"`` can run: CuPy sees a GPU, or inside ``simulated_gpu()``."""
+    return _simulated_gpu or has_cuda()
+
+
+def on_gpu(a):
+    """True when ``a``'s kernels run on CUDA: a CuPy array, or any NumPy array inside
+    ``simulated_gpu()``.  Kernel dispatch asks this; moving data (``.get()``) asks
+    ``is_cupy_array``."""
+    return is_cupy_array(a) or (_simulated_gpu and isinstance(a, np.ndarray))
+
+
 def device_of(a):
-    return "cuda" if is_cupy_array(a) else "cpu"
+    return "cuda" if on_gpu(a) else "cpu"
 
 
 def to_device(a, device):
@@ -53,6 +92,8 @@ def to_device(a, device):
     if device == "cpu":
         return a.get() if is_cupy_array(a) else np.asarray(a)
     if device == "cuda":
+        if _simulated_gpu:
+            return np.asarray(a)
         if not has_cuda():
             raise RuntimeError(
                 "device='cuda' was requested but no CUDA GPU is usable: install the extra "

@@ -515,9 +515,9 @@ def main(argv=None):
             sys.exit(f"tinydeeplab {args.command}: --{name.replace('_', '-')} must be ≥ 1, "
                      f"got {value}")
     if getattr(args, "device", None) == "cuda":  # before any work or any file
-        from .backend import has_cuda
+        from .backend import cuda_usable
 
-        if not has_cuda():
+        if not cuda_usable():
             sys.exit(f"tinydeeplab {args.command}: --device cuda, but no CUDA GPU is usable "
                      "here (CuPy and an NVIDIA GPU are needed: pip install 'tinydeeplab[cuda]')")
     try:

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 from .autograd import Function, Tensor, is_grad_enabled
-from .backend import array_module, cuda_simulator, has_cuda, is_cupy_array, to_device
+from .backend import array_module, cuda_simulator, has_cuda, on_gpu, to_device
 from .kernels import permutohedral as _lattice
 from .kernels.softmax import softmax_rows
 from .nn import Module, Parameter
@@ -36,7 +36,7 @@ def resolve_device(device, *arrays):
     """"cpu" or "cuda": as asked, else where the arrays are.  "cuda" needs CuPy and a GPU, or
     Numba's CUDA simulator (then the CUDA kernels run on NumPy arrays, for testing)."""
     if device is None:
-        return "cuda" if any(is_cupy_array(a) for a in arrays) else "cpu"
+        return "cuda" if any(on_gpu(a) for a in arrays) else "cpu"
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not (has_cuda() or cuda_simulator()):

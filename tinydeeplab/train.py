@@ -265,9 +265,9 @@ def train(cfg, log=print, progress=True):
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise NotADirectoryError(f"--out {cfg.out_dir!r} exists and is not a folder")
     if cfg.device == "cuda":
-        from .backend import has_cuda
+        from .backend import cuda_usable
 
-        if not has_cuda():
+        if not cuda_usable():
             raise RuntimeError("--device cuda: no CUDA GPU is usable here (CuPy and an NVIDIA "
                                "GPU are needed: pip install 'tinydeeplab[cuda]')")
     created = not os.path.exists(cfg.out_dir)
