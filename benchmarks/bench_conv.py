@@ -6,6 +6,8 @@ Per shape: our time, torch's time (best of two blocks of --repeat runs, median w
 each block after a pause and a warm-up that also compiles the Numba kernels), the ratio, our GFLOP/s, and NumPy's single-precision GEMM GFLOP/s
 on this machine as the roofline (the im2col path can at best run at GEMM speed).
 FLOPs of one forward: 2·N·K·Ho·Wo·C·kh·kw; the backward costs twice that (dx and dw).
+``--batch N`` runs every shape at batch N (DeepLab trains at 10).  On the GPU, cuDNN runs with
+TF32 off (PyTorch's default lets cuDNN use it), float32 like ours.
 """
 import argparse
 import os
@@ -117,6 +119,8 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
 
         quiet_small_grid_warnings()
         csync = cupy.cuda.Device().synchronize
+        torch.backends.cudnn.allow_tf32 = False  # like for like: ours is float32 throughout
+        torch.backends.cuda.matmul.allow_tf32 = False
     else:
         csync = lambda: None  # noqa: E731
 
@@ -127,6 +131,9 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
         print(f"# {platform.processor() or platform.machine()}; BLAS: {blas_info()}", file=out)
         if device == "cpu":
             print(f"# NumPy sgemm 1024³ roofline: {roof:.1f} GFLOP/s", file=out)
+        else:
+            print(f"# {torch.cuda.get_device_name()}; cuDNN {torch.backends.cudnn.version()}, "
+                  "TF32 off", file=out)
         print("| input (N,C,H,W) | K | k | d | ours ms | torch ms | ours/torch | ours GFLOP/s |",
               file=out)
         print("|---|---|---|---|---|---|---|---|", file=out)
@@ -179,8 +186,12 @@ def main(argv=None):
     parser.add_argument("--repeat", type=positive_int, default=5)
     parser.add_argument("--variant", default=None,
                         help="ours with this atrous_conv variant (default: the library's)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="every shape at this batch size (default: the table's)")
     args = parser.parse_args(argv)
-    run(args.device, args.threads, args.repeat, variant=args.variant)
+    shapes = SHAPES if args.batch is None else \
+        [((args.batch, *x[1:]), K, k, d) for x, K, k, d in SHAPES]
+    run(args.device, args.threads, args.repeat, shapes=shapes, variant=args.variant)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@ Peak memory: each framework's step in a fresh child process, the rise of its res
 (VmHWM) during one step, after a warm-up step and malloc_trim (so memory the allocator kept
 from the warm-up does not hide the peak).
 Also reports the batch norm + ReLU fusion: the same tiny step with the fusion switched off.
+
+``--device cuda`` (CuPy and a CUDA build of PyTorch on a GPU): ResNet-101 DeepLab v2 (ASPP,
+output stride 8) on 321² crops at batch 10 (the paper's) and 2, forward + loss + backward + SGD
+update, ours (CuPy arrays, our CUDA kernels) against the twin (cuDNN, float32, TF32 off; the
+TF32 figure beside it), in turns, each step ending with a device synchronisation.  Memory: the
+peak of bytes in use during one step (CuPy's pool, tracked by an allocator hook, against
+``torch.cuda.max_memory_allocated``), weights, gradients and momentum included for both.
+Profile: where one of our steps spends its time by kernel family (each call synchronised).
 """
 import argparse
 import json
@@ -96,6 +104,169 @@ def peak_memory(framework, name, batch, size, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rise_mb"]
 
 
+GPU_CASES = {"resnet101-b10": ("resnet101", 10, 321), "resnet101-b2": ("resnet101", 2, 321),
+             "tiny": ("tiny", 16, 161)}
+
+
+def _gpu_step_functions(name, batch, size, lr=1e-3):
+    """Ours and the twin on the GPU, each a full SGD step ending in a synchronisation."""
+    import cupy
+    import torch
+
+    import tinydeeplab.functional as F
+    from tinydeeplab import Tensor
+    from tinydeeplab.benchmarks.torch_twin import paired
+    from tinydeeplab.optim import SGD
+
+    ours, _, twin = paired(name, 8, num_classes=21)
+    ours.to("cuda").train()
+    twin.cuda().train()
+    opt_ours = SGD(ours.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    opt_torch = torch.optim.SGD(twin.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    out = (size - 1) // 8 + 1
+    target = rng.integers(0, 21, (batch, out, out))
+    target[:, :3] = 255
+    x_ours, t_ours = cupy.asarray(x), cupy.asarray(target)
+    x_torch, t_torch = torch.tensor(x, device="cuda"), torch.tensor(target, device="cuda")
+    sync_ours, sync_torch = cupy.cuda.Device().synchronize, torch.cuda.synchronize
+
+    def step_ours():
+        opt_ours.zero_grad()
+        F.cross_entropy(ours(Tensor(x_ours)), t_ours).backward()
+        opt_ours.step()
+        sync_ours()
+
+    def step_torch():
+        opt_torch.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(twin(x_torch), t_torch, ignore_index=255).backward()
+        opt_torch.step()
+        sync_torch()
+
+    return step_ours, step_torch
+
+
+def _cupy_peak_bytes(step):
+    """Peak bytes in use in CuPy's pool during ``step`` (after a warm-up step)."""
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    step()
+    peak = [pool.used_bytes()]
+
+    def allocate(size):
+        memory = pool.malloc(size)
+        peak[0] = max(peak[0], pool.used_bytes())
+        return memory
+
+    cupy.cuda.set_allocator(allocate)
+    try:
+        step()
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)
+    return peak[0]
+
+
+def _torch_peak_bytes(step):
+    import torch
+
+    step()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    return torch.cuda.max_memory_allocated()
+
+
+def profile_by_kernel(step, sync):
+    """Seconds of one step by kernel family (each call synchronised); "other" is the rest:
+    CuPy's element-wise operations, the loss, the SGD update and Python."""
+    import time
+
+    from tinydeeplab.kernels import atrous_conv, batch_norm, bilinear, max_pool
+
+    families = {"conv forward": (atrous_conv, "conv2d_forward"),
+                "conv backward": (atrous_conv, "conv2d_backward"),
+                "batch norm forward": (batch_norm, "batch_norm_forward"),
+                "batch norm backward": (batch_norm, "batch_norm_backward"),
+                "max-pool": (max_pool, "max_pool2d_forward"),
+                "max-pool backward": (max_pool, "max_pool2d_backward"),
+                "bilinear": (bilinear, "bilinear_forward"),
+                "bilinear backward": (bilinear, "bilinear_backward")}
+    spent = dict.fromkeys(families, 0.0)
+    originals = {}
+    for family, (module, name) in families.items():
+        originals[family] = getattr(module, name)
+
+        def timed(*args, _family=family, _call=originals[family], **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            result = _call(*args, **kwargs)
+            sync()
+            spent[_family] += time.perf_counter() - t0
+            return result
+        setattr(module, name, timed)
+    try:
+        step()  # warm-up with the hooks in place
+        spent = dict.fromkeys(families, 0.0)
+        t0 = time.perf_counter()
+        step()
+        total = time.perf_counter() - t0
+    finally:
+        for family, (module, name) in families.items():
+            setattr(module, name, originals[family])
+    spent["other"] = total - sum(spent.values())
+    return total, spent
+
+
+def run_cuda(repeat=3, out=sys.stdout, cases=("resnet101-b10", "resnet101-b2"), rounds=4):
+    import cupy
+    import torch
+
+    from tinydeeplab.benchmarks.bench_conv import block_times, quiet_small_grid_warnings
+
+    quiet_small_grid_warnings()
+    card = torch.cuda.get_device_name()
+    print(f"# DeepLab v2 training step (forward, loss, backward, SGD), float32, {card}; "
+          f"CuPy {cupy.__version__}, PyTorch {torch.__version__}, cuDNN "
+          f"{torch.backends.cudnn.version()}", file=out)
+    print(f"# time: median of {rounds} rounds (each: a block of {repeat} steps of ours, then of "
+          "torch); ratio: median of the per-round ratios [range]; torch TF32 off, and on in "
+          "the last column", file=out)
+    print("| model | batch × size | ours s | torch s | ours/torch | torch TF32 s | "
+          "peak MB ours | peak MB torch | memory ratio |", file=out)
+    print("|---|---|---|---|---|---|---|---|---|", file=out)
+    profiles = []
+    for label in cases:
+        name, batch, size = GPU_CASES[label]
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+        step_ours, step_torch = _gpu_step_functions(name, batch, size)
+        times = np.array(block_times([step_ours, step_torch], repeat, rounds, pause=0.05))
+        t_ours, t_torch = np.median(times, axis=0)
+        ratios = times[:, 0] / times[:, 1]
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        t_tf32 = np.median([row[0] for row in block_times([step_torch], repeat, 2, pause=0.05)])
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        m_ours = _cupy_peak_bytes(step_ours) / 2**20
+        m_torch = _torch_peak_bytes(step_torch) / 2**20
+        print(f"| {name} | {batch} × {size}² | {t_ours:.3f} | {t_torch:.3f} | "
+              f"{np.median(ratios):.2f} [{ratios.min():.2f}-{ratios.max():.2f}] | "
+              f"{t_tf32:.3f} | {m_ours:.0f} | {m_torch:.0f} | {m_ours / m_torch:.2f} |",
+              file=out)
+        profiles.append((label, *profile_by_kernel(step_ours, cupy.cuda.Device().synchronize)))
+        del step_ours, step_torch
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+    for label, total, spent in profiles:
+        print(f"\nwhere ours spends one step ({label}, each kernel call synchronised: "
+              f"{total:.3f} s):", file=out)
+        for family, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+            print(f"  {family:20s} {seconds:7.3f} s  {100 * seconds / total:5.1f} %", file=out)
+
+
 def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
     from tinydeeplab import nn
     from tinydeeplab.kernels import atrous_conv as conv_k
@@ -174,9 +345,23 @@ def main(argv=None):
     parser.add_argument("--repeat", type=positive_int, default=3)
     parser.add_argument("--rounds", type=positive_int, default=6,
                         help="blocks of ours then torch; the ratio is their median")
-    parser.add_argument("--models", default="tiny,resnet50",
-                        help=f"comma-separated, from {list(CASES)}")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated, from {list(CASES)} (default tiny,resnet50); "
+                        f"with --device cuda from {list(GPU_CASES)} (default "
+                        "resnet101-b10,resnet101-b2)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        from tinydeeplab.backend import has_cuda
+
+        if not has_cuda():
+            parser.error("--device cuda: CuPy sees no GPU here")
+        cases = tuple((args.models or "resnet101-b10,resnet101-b2").split(","))
+        unknown = set(cases) - set(GPU_CASES)
+        if unknown:
+            parser.error(f"--models: unknown {sorted(unknown)}; choose from {list(GPU_CASES)}")
+        return run_cuda(args.repeat, cases=cases, rounds=min(args.rounds, 4))
+    args.models = args.models or "tiny,resnet50"
     models = tuple(args.models.split(","))
     unknown = set(models) - set(CASES)
     if unknown:

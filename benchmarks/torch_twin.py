@@ -97,8 +97,20 @@ def randomise_batch_norm(module, seed):
             m.bias.data.copy_(torch.randn(C, generator=g) * 0.1)
 
 
+class TorchDeepLab(tnn.Module):
+    """The twin's whole network: the ResNet body and the ASPP branches, summed."""
+
+    def __init__(self, body, heads):
+        super().__init__()
+        self.body, self.heads = body, heads
+
+    def forward(self, x):
+        f = self.body(x)
+        return sum(h(f) for h in self.heads)
+
+
 def paired(name, output_stride, num_classes=5, seed=0):
-    """Our DeepLab v2 and a PyTorch twin with the same weights."""
+    """Our DeepLab v2, the twin's body and the whole twin (a module), with the same weights."""
     torch.manual_seed(seed)
     body = TorchResNet(name, output_stride)
     randomise_batch_norm(body, seed)
@@ -110,9 +122,4 @@ def paired(name, output_stride, num_classes=5, seed=0):
         theirs.weight.data.copy_(torch.tensor(mine.weight.data))
         theirs.bias.data.copy_(torch.tensor(mine.bias.data) + 0.01)
         mine.bias.data += np.float32(0.01)
-
-    def twin(x):
-        f = body(x)
-        return sum(h(f) for h in heads)
-
-    return ours, body, twin
+    return ours, body, TorchDeepLab(body, heads)
