@@ -7,6 +7,7 @@
 # With a 10-minute limit per command, run it in two parts:
 #     STEPS="tests profile crf conv lessons" bash benchmarks/gpu_checks.sh
 #     STEPS="model convbatch train" bash benchmarks/gpu_checks.sh
+# and, with time left, STEPS=demo (tinydeeplab demo --device cuda, about as long as the CPU demo).
 #
 # Steps (STEPS, default all): tests — every CUDA test, on the device; profile — where a CRF run's
 # time goes (benchmarks/profile_crf.py: steps, kernel launches, the one-launch mean field against
@@ -22,7 +23,7 @@
 # offline, a wheel made elsewhere with `pip wheel --no-deps .`); each step's output goes to
 # $OUT/<step>.txt as well as to the screen.
 set -u
-STEPS=${STEPS:-tests profile crf conv lessons model convbatch train}
+STEPS=${STEPS:-tests profile crf conv lessons model convbatch train demo}
 OUT=${OUT:-gpu-results}
 IMAGE=${IMAGE:-}
 mkdir -p "$OUT"
@@ -76,8 +77,10 @@ for s in $STEPS; do
       step train 240 python benchmarks/train_twin.py --device cuda --out "$OUT/train_twin" \
         --n-train 800 --n-val 100 --size 192 --crop 161 --batch-size 10 \
         --iterations 1000 --quiet ;;
+    demo)
+      step demo 540 tinydeeplab demo --device cuda --out "$OUT/demo" ;;
     *)
-      echo "unknown step $s (tests, profile, crf, conv, lessons, model, convbatch, train)" >&2
+      echo "unknown step $s (tests, profile, crf, conv, lessons, model, convbatch, train, demo)" >&2
       status=1 ;;
   esac
 done

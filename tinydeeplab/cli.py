@@ -15,7 +15,7 @@ from .benchmarks import existing_file, positive_int  # (argparse type; the packa
 def _demo(args):
     from . import demo
 
-    demo.run(out_dir=args.out, iterations=args.iterations, seed=args.seed)
+    demo.run(out_dir=args.out, iterations=args.iterations, seed=args.seed, device=args.device)
 
 
 def _train(args):
@@ -364,6 +364,9 @@ def build_parser():
                    "$TDL_CACHE or ~/.cache/tinydeeplab/demo)")
     p.add_argument("--iterations", type=int, default=None, help="training iterations")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: a larger demo (800 images of 192², batch 10) on the GPU, in "
+                   "its own cache folder (demo-cuda)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="train DeepLab v2 on a VOC-layout data set")
