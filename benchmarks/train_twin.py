@@ -12,6 +12,8 @@ v ← m·v + lr·(g + λ·w)), not torch.optim's.  Reported: images/s of each (t
 iterations after the first five, data loading included), wall time, and the validation mIoU
 of both, scored by the same code (the twin's trained weights are copied back into our model
 for that).  Without ``--data`` a synthetic VOC-layout set is written under ``--out``.
+The two runs follow each other, not in turns, so their images/s carry the machine's drift
+between them; ``bench_model.py`` is the in-turns comparison of a step.
 """
 import argparse
 import json
