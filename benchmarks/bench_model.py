@@ -35,6 +35,16 @@ CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321),
          "resnet101": ("resnet101", 1, 321)}
 
 
+def _random_batch(batch, size, classes=21):
+    """Images and labels at the logits' 1/8 resolution, a few rows void (255)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    out = (size - 1) // 8 + 1
+    target = rng.integers(0, classes, (batch, out, out))
+    target[:, :3] = 255
+    return x, target
+
+
 def _step_functions(name, batch, size, threads):
     import torch
 
@@ -49,11 +59,7 @@ def _step_functions(name, batch, size, threads):
     ours, body, twin = paired(name, 8, num_classes=21)
     ours.train()
     body.train()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    out = (size - 1) // 8 + 1
-    target = rng.integers(0, 21, (batch, out, out))
-    target[:, :3] = 255
+    x, target = _random_batch(batch, size)
     xt, tt = torch.tensor(x), torch.tensor(target)
 
     def step_ours():
@@ -123,11 +129,7 @@ def _gpu_step_functions(name, batch, size, lr=1e-3):
     twin.cuda().train()
     opt_ours = SGD(ours.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     opt_torch = torch.optim.SGD(twin.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    out = (size - 1) // 8 + 1
-    target = rng.integers(0, 21, (batch, out, out))
-    target[:, :3] = 255
+    x, target = _random_batch(batch, size)
     x_ours, t_ours = cupy.asarray(x), cupy.asarray(target)
     x_torch, t_torch = torch.tensor(x, device="cuda"), torch.tensor(target, device="cuda")
     sync_ours, sync_torch = cupy.cuda.Device().synchronize, torch.cuda.synchronize
