@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 PROBE = r"""
 import os, sys, json
@@ -23,7 +24,8 @@ dx, dw, db = atrous_conv.conv2d_backward(x, w, np.ones_like(y), 1, 2, 2)
 np.savez(sys.argv[1], y=y, dx=dx, dw=dw)
 print(json.dumps({{"layer": numba.threading_layer(),
                   "env": {{k: os.environ.get(k) for k in ("OPENBLAS_THREAD_TIMEOUT",)}},
-                  "describe": tinydeeplab._threads.describe()}}))
+                  "describe": tinydeeplab._threads.describe(),
+                  "spin": tinydeeplab._threads.blas_workers_spin()}}))
 """
 
 
@@ -49,6 +51,7 @@ def test_layers_chosen_environment_restored_and_results_identical(tmp_path):
     assert after_numpy["layer"] == "workqueue", after_numpy
     assert "NumPy was imported before tinydeeplab" in after_numpy["describe"]
     assert "OpenBLAS workers sleep" in first["describe"]
+    assert after_numpy["spin"] and not first["spin"]
     if first["layer"] != "tbb":  # where the tbb package is missing: say so, then still compare
         print(f"Numba's TBB layer did not load here ({first['describe']}); "
               f"checked {first['layer']} instead")
@@ -65,6 +68,22 @@ def test_the_users_own_settings_win(tmp_path):
     assert report["env"]["OPENBLAS_THREAD_TIMEOUT"] == "28"  # left alone
     assert "your NUMBA_THREADING_LAYER" in report["describe"]
     assert "OPENBLAS_THREAD_TIMEOUT=28" in report["describe"]
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_train_says_when_blas_threads_spin(tmp_path, monkeypatch, spinning):
+    """A script that imported NumPy first trains up to ~2x slower: train() says why and how
+    to avoid it, and says nothing otherwise."""
+    from tinydeeplab import _threads, data
+    from tinydeeplab.train import TrainConfig, train
+
+    monkeypatch.setattr(_threads, "BLAS_WORKERS_SLEEP", not spinning)
+    root = data.make_synthetic_voc(str(tmp_path / "set"), n_train=2, n_val=1, size=40, seed=1)
+    messages = []
+    train(TrainConfig(root, str(tmp_path / "run"), crop=33, batch_size=2, iterations=1),
+          log=messages.append, progress=False)
+    noted = [m for m in messages if "import tinydeeplab before NumPy" in m]
+    assert len(noted) == (1 if spinning else 0), messages
 
 
 FORK = r"""
@@ -110,7 +129,6 @@ def test_load_adapter_gives_up_the_cores_other_processes_hold(monkeypatch):
     11× slower, benchmarks/under_load.py): the adapter now matches the worker threads to the
     cores left free, and gives them back when the others stop."""
     import numba
-    import pytest
     from threadpoolctl import threadpool_info
 
     from tinydeeplab._threads import LoadAdapter

@@ -88,6 +88,18 @@ def configure_numba():
     _choice = "tbb if it loads, else workqueue"
 
 
+SPINNING_BLAS_NOTE = (
+    "NumPy was imported before tinydeeplab, so OpenBLAS's threads spin after each GEMM and "
+    "a CPU training step runs up to ~2x slower: import tinydeeplab before NumPy, or set "
+    "OPENBLAS_THREAD_TIMEOUT=4 in the environment")
+
+
+def blas_workers_spin():
+    """True when OpenBLAS's workers busy-wait between GEMMs (NumPy was imported first and
+    OPENBLAS_THREAD_TIMEOUT was not set): training on the CPU then loses up to half its speed."""
+    return not BLAS_WORKERS_SLEEP
+
+
 def describe():
     """One line for benchmark headers: the Numba layer in use and how OpenBLAS waits."""
     import numba

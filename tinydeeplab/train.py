@@ -17,7 +17,7 @@ import numpy as np
 
 from . import functional as F
 from . import models
-from ._threads import LoadAdapter
+from ._threads import SPINNING_BLAS_NOTE, LoadAdapter, blas_workers_spin
 from .autograd import Tensor
 from .backend import array_module, to_device
 from .data import Loader, VOCSegmentation, require_valid, train_transform
@@ -293,6 +293,8 @@ def _train(cfg, log, progress):
     for name in models.remove_stale_temporaries(cfg.out_dir):
         log(f"removed {name}: a checkpoint save that was killed before it finished")
     t0 = time.perf_counter()
+    if cfg.device == "cpu" and blas_workers_spin():
+        log(f"note: {SPINNING_BLAS_NOTE}")
     report = require_valid(cfg.data_root, cfg.split, cfg.subset, cfg.workers)
     log(f"checked {report['images']} images and masks of {cfg.split!r} in "
         f"{time.perf_counter() - t0:.1f} s")
