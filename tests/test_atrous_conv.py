@@ -225,6 +225,31 @@ def test_lowering_buffers_are_bounded_for_a_large_layer(variant, monkeypatch):
     np.testing.assert_allclose(dw, wt.grad.numpy(), atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("shape, w_shape, stride, padding, pieces_expected", [
+    ((4, 3, 161, 161), (16, 3, 7, 7), 2, 3, 4),  # the tiny model's stem: one image a piece
+    ((3, 16, 41, 41), (16, 16, 3, 3), 2, 1, 1),  # all three images fit in one piece
+    ((1, 64, 81, 81), (64, 64, 3, 3), 1, 1, 1),  # one image is larger: not cut into rows
+])
+def test_forward_in_cache_sized_pieces_gives_the_same_bits(shape, w_shape, stride, padding,
+                                                             pieces_expected, monkeypatch):
+    """FORWARD_PIECE_BYTES takes the forward's images a few at a time so that the GEMM finds
+    the columns in cache; the GEMMs are per image either way, so the result must not change by
+    a bit (training runs recorded before stay reproducible).  Rows are never cut for it: that
+    changes OpenBLAS's summation order (3 % of a 64-channel 81² layer's outputs moved)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    pieces = []
+    original = atrous_conv.plan_chunks
+    monkeypatch.setattr(atrous_conv, "plan_chunks",
+                        lambda *args: pieces.append(list(original(*args))) or iter(pieces[-1]))
+    cut = atrous_conv.conv2d_forward(x, w, None, stride, padding, 1, variant="cpu_v3")
+    monkeypatch.setattr(atrous_conv, "FORWARD_PIECE_BYTES", 1 << 40)
+    whole = atrous_conv.conv2d_forward(x, w, None, stride, padding, 1, variant="cpu_v3")
+    assert len(pieces[0]) == pieces_expected and len(pieces[1]) == 1
+    np.testing.assert_array_equal(cut, whole)
+
+
 def test_same_width_im2col_equals_the_row_by_row_one():
     """Stride 1 with Wo == W takes the shifted-plane copy (``_im2col_same_width``); it must write
     exactly what the row-by-row ``im2col_rows`` writes, for any padding, dilation, kernel size and
