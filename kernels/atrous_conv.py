@@ -120,7 +120,7 @@ COLS_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 # so that the GEMM reads the columns from cache right after im2col wrote them instead of
 # from memory: the tiny model's 7×7/2 stem (15 MB of columns for 4 × 161²) runs as four
 # 3.9 MB pieces, and the tiny training step took 0.97× and 0.99× the time in two runs
-# (machine B, in turns; the stem alone, forward + backward, 0.81×).
+# (machine B, in turns; the stem's forward alone 0.90×: 0.83 against 0.93 ms).
 # Whole images only: the GEMMs are one per image either way, so the result keeps its bits
 # (cutting an image's rows would change the GEMMs' shapes, and OpenBLAS's summation order
 # with them).  The backward keeps COLS_BUDGET_BYTES: pieces would reorder dw's sums.
