@@ -33,3 +33,19 @@ def test_the_twin_trains_to_our_weights(tmp_path):
         assert np.abs(theirs[name] - value).max() / scale < 1e-4, name
         moved += not np.array_equal(value, initial[name])
     assert moved > 50  # the comparison is of trained weights, not of the starting point
+
+
+def test_profile_by_kernel_accounts_for_the_step_and_restores_the_kernels():
+    """bench_model.profile_by_kernel (used on the GPU by gpu_checks.sh): the families and
+    "other" add up to the step, the convolutions take time, the kernels are unhooked after."""
+    from tinydeeplab.benchmarks import bench_model
+    from tinydeeplab.kernels import atrous_conv, batch_norm
+
+    before = atrous_conv.conv2d_forward, batch_norm.batch_norm_backward
+    _, step, _ = bench_model._step_functions("tiny", 2, 65, 2)
+    total, spent = bench_model.profile_by_kernel(step, lambda: None)
+    assert (atrous_conv.conv2d_forward, batch_norm.batch_norm_backward) == before
+    assert sum(spent.values()) == pytest.approx(total)
+    assert spent["conv forward"] > 0 and spent["conv backward"] > 0
+    assert spent["batch norm forward"] > 0 and spent["max-pool"] > 0
+    assert spent["bilinear"] == 0  # the benchmark's step has no resize
