@@ -362,7 +362,7 @@ def main(argv=None):
         unknown = set(cases) - set(GPU_CASES)
         if unknown:
             parser.error(f"--models: unknown {sorted(unknown)}; choose from {list(GPU_CASES)}")
-        return run_cuda(args.repeat, cases=cases, rounds=min(args.rounds, 4))
+        return run_cuda(args.repeat, cases=cases, rounds=args.rounds)
     args.models = args.models or "tiny,resnet50"
     models = tuple(args.models.split(","))
     unknown = set(models) - set(CASES)

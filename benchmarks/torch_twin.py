@@ -123,3 +123,32 @@ def paired(name, output_stride, num_classes=5, seed=0):
         theirs.bias.data.copy_(torch.tensor(mine.bias.data) + 0.01)
         mine.bias.data += np.float32(0.01)
     return ours, body, TorchDeepLab(body, heads)
+
+
+def twin_of(model):
+    """A PyTorch twin (on the CPU) holding our ``model``'s weights (ASPP head): the way back
+    of ``paired``, for a twin that starts where one of our runs starts."""
+    state = model.state_dict()
+    body = TorchResNet(model.backbone.name, model.backbone.output_stride)
+    missing, unexpected = body.load_state_dict(
+        {k[len("backbone."):]: torch.tensor(v) for k, v in state.items()
+         if k.startswith("backbone.")}, strict=False)
+    assert set(missing) <= {"fc.weight", "fc.bias"} and not unexpected, (missing, unexpected)
+    classes = model.head.branches[0].weight.shape[0]
+    heads = tnn.ModuleList(
+        tnn.Conv2d(model.backbone.out_channels, classes, 3, 1, r, r)
+        for r in model.head.rates)
+    heads.load_state_dict({k[len("head.branches."):]: torch.tensor(v) for k, v in state.items()
+                           if k.startswith("head.branches.")})
+    return TorchDeepLab(body, heads)
+
+
+def copy_twin_into(twin, model):
+    """The twin's weights and batch-norm statistics into our ``model`` (on the CPU), e.g. to
+    score a trained twin with our evaluation; returns ``model``."""
+    state = {f"backbone.{k}": v.detach().cpu().numpy() for k, v in twin.body.state_dict().items()
+             if not k.startswith("fc.")}
+    state.update({f"head.branches.{k}": v.detach().cpu().numpy()
+                  for k, v in twin.heads.state_dict().items()})
+    model.load_state_dict(state)
+    return model

@@ -24,47 +24,19 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy
 import numpy as np
 
-
-def _twin_from(model, device):
-    """A PyTorch twin holding ``model``'s weights (ASPP head)."""
-    import torch
-
-    from tinydeeplab.benchmarks.torch_twin import TorchDeepLab, TorchResNet
-
-    state = model.state_dict()
-    body = TorchResNet(model.backbone.name, model.backbone.output_stride)
-    missing, unexpected = body.load_state_dict(
-        {k[len("backbone."):]: torch.tensor(v) for k, v in state.items()
-         if k.startswith("backbone.")}, strict=False)
-    assert set(missing) <= {"fc.weight", "fc.bias"} and not unexpected, (missing, unexpected)
-    classes = model.head.branches[0].weight.shape[0]
-    heads = torch.nn.ModuleList(
-        torch.nn.Conv2d(model.backbone.out_channels, classes, 3, 1, r, r)
-        for r in model.head.rates)
-    heads.load_state_dict({k[len("head.branches."):]: torch.tensor(v) for k, v in state.items()
-                           if k.startswith("head.branches.")})
-    return TorchDeepLab(body, heads).to(device)
-
-
-def _copy_back(twin, model):
-    """The twin's trained weights and statistics into our ``model`` (on the CPU)."""
-    state = {f"backbone.{k}": v.detach().cpu().numpy() for k, v in twin.body.state_dict().items()
-             if not k.startswith("fc.")}
-    state.update({f"head.branches.{k}": v.detach().cpu().numpy()
-                  for k, v in twin.heads.state_dict().items()})
-    model.load_state_dict(state)
-    return model
+from tinydeeplab.benchmarks import positive_int
 
 
 def train_twin(cfg, model, dataset, log=print):
     """The twin's training loop on our batches; returns (trained twin, images/s list)."""
     import torch
 
+    from tinydeeplab.benchmarks.torch_twin import twin_of
     from tinydeeplab.data import Loader, train_transform
     from tinydeeplab.train import _batches, downsample_labels, learning_rate
 
     device = "cuda" if cfg.device == "cuda" else "cpu"
-    twin = _twin_from(model, device).train()
+    twin = twin_of(model).to(device).train()
     head = {id(p) for p in twin.heads.parameters()}
     groups = []  # (parameter, lr multiplier, weight decay), as train.param_groups
     for name, p in list(twin.body.named_parameters()) + \
@@ -114,6 +86,7 @@ def train_twin(cfg, model, dataset, log=print):
 
 def run(args, out=sys.stdout):
     from tinydeeplab import data, models
+    from tinydeeplab.benchmarks.torch_twin import copy_twin_into
     from tinydeeplab.evaluate import evaluate
     from tinydeeplab.train import TrainConfig, train
 
@@ -141,7 +114,7 @@ def run(args, out=sys.stdout):
     t0 = time.perf_counter()
     twin, speeds = train_twin(cfg, start, train_set, log=quiet)
     wall_twin = time.perf_counter() - t0
-    miou_twin = evaluate(_copy_back(twin, start).eval(), val)["plain"]["miou"]
+    miou_twin = evaluate(copy_twin_into(twin, start).eval(), val)["plain"]["miou"]
 
     ips_ours = float(np.median([r["images_per_s"] for r in history[5:]] or
                                [history[-1]["images_per_s"]]))
@@ -175,17 +148,17 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default="train-twin")
     parser.add_argument("--data", default=None, help="a VOC-layout root (default: synthetic)")
-    parser.add_argument("--n-train", type=int, default=800)
-    parser.add_argument("--n-val", type=int, default=100)
-    parser.add_argument("--size", type=int, default=192, help="synthetic image size")
+    parser.add_argument("--n-train", type=positive_int, default=800)
+    parser.add_argument("--n-val", type=positive_int, default=100)
+    parser.add_argument("--size", type=positive_int, default=192, help="synthetic image size")
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--crop", type=int, default=161)
-    parser.add_argument("--batch-size", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--crop", type=positive_int, default=161)
+    parser.add_argument("--batch-size", type=positive_int, default=10)
+    parser.add_argument("--iterations", type=positive_int, default=1000)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=positive_int, default=4)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.device == "cuda":

@@ -6,7 +6,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the twin is a PyTorch model")
 
 from tinydeeplab import data, models  # noqa: E402
-from tinydeeplab.benchmarks.train_twin import _copy_back, train_twin  # noqa: E402
+from tinydeeplab.benchmarks.torch_twin import copy_twin_into  # noqa: E402
+from tinydeeplab.benchmarks.train_twin import train_twin  # noqa: E402
 from tinydeeplab.train import TrainConfig, train  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def test_the_twin_trains_to_our_weights(tmp_path):
     start = models.deeplab_v2(dataset.num_classes, "tiny", 8, seed=cfg.seed)
     twin, speeds = train_twin(cfg, start, dataset, log=lambda s: None)
     assert len(speeds) == 4
-    theirs = _copy_back(twin, start).state_dict()
+    theirs = copy_twin_into(twin, start).state_dict()
     mine = ours.state_dict()
     moved = 0
     initial = models.deeplab_v2(dataset.num_classes, "tiny", 8, seed=cfg.seed).state_dict()
