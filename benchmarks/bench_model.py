@@ -209,7 +209,7 @@ def profile_by_kernel(step, sync):
         setattr(module, name, timed)
     try:
         step()  # warm-up with the hooks in place
-        spent = dict.fromkeys(families, 0.0)
+        spent.update(dict.fromkeys(families, 0.0))
         t0 = time.perf_counter()
         step()
         total = time.perf_counter() - t0

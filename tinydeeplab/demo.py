@@ -1,7 +1,8 @@
 """``tinydeeplab demo``: the whole pipeline on the CPU in a few minutes, nothing to download.
 
 ``--device cuda`` trains a larger demo on a GPU (``CUDA_DEFAULTS``: four times the images,
-larger crops, batch 10) in about the CPU demo's time, into its own cache folder.
+larger crops, batch 10) into its own cache folder; sized to take about the CPU demo's time,
+which has yet to be timed on a GPU.
 
 1. Generate the synthetic VOC-layout set (textured shapes at several scales on textured
    backgrounds, void borders) into a cache folder — once; later runs reuse it.
@@ -25,12 +26,12 @@ from .viz import plot_curves, save_grid
 # Sized for ≤ 10 minutes on 2 cores (measured in benchmarks/RESULTS.md).
 DEFAULTS = dict(n_train=200, n_val=50, size=128, crop=113, batch_size=4, iterations=4000,
                 lr=0.02)
-# DeepLab v2's CRF parameters for ResNet-101 on VOC (crf.dense_crf's defaults).  Tried on
-# this set after 1500 iterations: they added 3.1 points of mIoU; widths scaled to the smaller
-# images (bilateral 20 px / 10 levels, 10 / 20, 30 / 5, 5 / 30) added 2.1-2.4, 3.0, 2.4, 0.9.
 # The GPU demo: more and larger images, the paper's batch of 10, the same schedule length.
 CUDA_DEFAULTS = dict(n_train=800, n_val=100, size=192, crop=161, batch_size=10, iterations=4000,
                      lr=0.02)
+# DeepLab v2's CRF parameters for ResNet-101 on VOC (crf.dense_crf's defaults).  Tried on
+# this set after 1500 iterations: they added 3.1 points of mIoU; widths scaled to the smaller
+# images (bilateral 20 px / 10 levels, 10 / 20, 30 / 5, 5 / 30) added 2.1-2.4, 3.0, 2.4, 0.9.
 CRF_PARAMS = dict(iterations=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3)
 
 
