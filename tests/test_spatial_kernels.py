@@ -160,6 +160,43 @@ def test_batch_norm_variants_match_torch(variant, training, relu, dtype):
         np.testing.assert_allclose(ours, ref.detach().numpy(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (1, 1, 4, 5), (3, 6, 1, 2), (1, 9, 11, 13)])
+def test_batch_norm_cpu_v3_is_bit_identical_to_cpu_v1(shape, dtype):
+    # cpu_v3 reorganises cpu_v1's loops without changing any sum's order: every bit agrees,
+    # channel counts that are not a multiple of its group of 4 included.
+    rng = np.random.default_rng(shape[1])
+    C = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    v1, v3 = bn_k.VARIANTS["cpu_v1"], bn_k.VARIANTS["cpu_v3"]
+    stats1, stats3 = v1.stats(x, 1e-5), v3.stats(x, 1e-5)
+    for a, b_ in zip(stats1, stats3):
+        assert np.array_equal(a, b_)
+    for relu in (False, True):
+        y1 = v1.forward(x, *stats1, w, b, relu)
+        y3 = v3.forward(x, *stats1, w, b, relu)
+        assert np.array_equal(y1, y3)
+        if relu:
+            assert (y1 == 0).any()  # the mask has something to do
+        for training in (False, True):
+            for a, b_ in zip(v1.backward(dy, x, y1, *stats1, w, training, relu),
+                             v3.backward(dy, x, y1, *stats1, w, training, relu)):
+                assert a.dtype == b_.dtype and np.array_equal(a, b_)
+
+
+def test_batch_norm_benchmark_runs_and_checks_the_bits():
+    import io
+
+    from tinydeeplab.benchmarks import bench_batch_norm
+
+    out = io.StringIO()
+    bench_batch_norm.run(repeat=1, rounds=1, out=out, shapes=[(2, 5, 3, 7)])
+    row = out.getvalue().splitlines()[-1]
+    assert row.startswith("| 2×5×3×7 |") and row.endswith("| yes |")
+
+
 @pytest.mark.parametrize("variant", sorted(v for v in bn_k.VARIANTS
                                      if bn_k.VARIANTS[v].device == "cpu"))
 @pytest.mark.parametrize("training", [True, False])
