@@ -153,8 +153,9 @@ def downsample_labels(labels, size):
     """Nearest-neighbour resize of (B, H, W) labels to size (h, w), sampling pixel centres."""
     B, H, W = labels.shape
     h, w = size
-    rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1)
+    xp = array_module(labels)  # labels on the GPU are resized there
+    rows = xp.minimum(((xp.arange(h) + 0.5) * H / h).astype(int), H - 1)
+    cols = xp.minimum(((xp.arange(w) + 0.5) * W / w).astype(int), W - 1)
     return labels[:, rows[:, None], cols[None, :]]
 
 
@@ -370,8 +371,9 @@ def _train(cfg, log, progress):
                 opt.zero_grad()
                 total = 0.0
                 for _ in range(cfg.iter_size):
-                    x, y = next(batches)
-                    loss = segmentation_loss(network(Tensor(x).to(cfg.device)), y)
+                    x, y = next(batches)  # each copied to the device once per step
+                    x, y = to_device(x, cfg.device), to_device(y, cfg.device)
+                    loss = segmentation_loss(network(Tensor(x)), y)
                     (loss * (1.0 / cfg.iter_size)).backward()
                     total += loss.item() / cfg.iter_size
                 _check_finite(total, model, it, cfg, ckpt)
