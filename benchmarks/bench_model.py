@@ -149,6 +149,40 @@ def _gpu_step_functions(name, batch, size, lr=1e-3):
     return step_ours, step_torch
 
 
+def batch_copy_times(batch, size, repeat=20, rounds=3):
+    """Seconds to copy one training batch (float32 images and full-size uint8 labels) to the
+    GPU: from ordinary (pageable) host memory, from page-locked (pinned) memory the batch
+    already sits in, and staged through pinned memory (a host copy first).  Pinned memory
+    pays only if the difference matters next to a step's time."""
+    import cupy
+    import cupyx
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, 21, (batch, size, size)).astype(np.uint8)
+    pinned_x, pinned_labels = cupyx.empty_pinned(x.shape, x.dtype), \
+        cupyx.empty_pinned(labels.shape, labels.dtype)
+    pinned_x[...], pinned_labels[...] = x, labels
+    sync = cupy.cuda.Device().synchronize
+
+    def pageable():
+        cupy.asarray(x), cupy.asarray(labels)
+        sync()
+
+    def pinned():
+        cupy.asarray(pinned_x), cupy.asarray(pinned_labels)
+        sync()
+
+    def staged():
+        pinned_x[...], pinned_labels[...] = x, labels
+        pinned()
+
+    from tinydeeplab.benchmarks.bench_conv import block_times
+
+    times = block_times([pageable, pinned, staged], repeat, rounds, pause=0.05)
+    return tuple(np.median(times, axis=0)), x.nbytes + labels.nbytes
+
+
 def _cupy_peak_bytes(step):
     """Peak bytes in use in CuPy's pool during ``step`` (after a warm-up step)."""
     import cupy
@@ -237,7 +271,7 @@ def run_cuda(repeat=3, out=sys.stdout, cases=("resnet101-b10", "resnet101-b2"), 
     print("| model | batch × size | ours s | torch s | ours/torch | torch TF32 s | "
           "peak MB ours | peak MB torch | memory ratio |", file=out)
     print("|---|---|---|---|---|---|---|---|---|", file=out)
-    profiles = []
+    profiles, copies = [], []
     for label in cases:
         name, batch, size = GPU_CASES[label]
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -259,6 +293,10 @@ def run_cuda(repeat=3, out=sys.stdout, cases=("resnet101-b10", "resnet101-b2"), 
               f"{t_tf32:.3f} | {m_ours:.0f} | {m_torch:.0f} | {m_ours / m_torch:.2f} |",
               file=out)
         profiles.append((label, *profile_by_kernel(step_ours, cupy.cuda.Device().synchronize)))
+        (t_pageable, t_pinned, t_staged), nbytes = batch_copy_times(batch, size)
+        copies.append(f"one batch to the GPU ({label}, {nbytes / 2**20:.1f} MB): pageable "
+                      f"{t_pageable * 1e3:.2f} ms, pinned {t_pinned * 1e3:.2f} ms, staged "
+                      f"through pinned {t_staged * 1e3:.2f} ms; our step {t_ours * 1e3:.0f} ms")
         del step_ours, step_torch
         cupy.get_default_memory_pool().free_all_blocks()
         torch.cuda.empty_cache()
@@ -267,6 +305,7 @@ def run_cuda(repeat=3, out=sys.stdout, cases=("resnet101-b10", "resnet101-b2"), 
               f"{total:.3f} s):", file=out)
         for family, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
             print(f"  {family:20s} {seconds:7.3f} s  {100 * seconds / total:5.1f} %", file=out)
+    print("", *copies, sep="\n", file=out)
 
 
 def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
