@@ -9,6 +9,12 @@ m = N·H·W values per channel:
     inference:  μ, σ² = r_μ, r_σ²  (DeepLab's frozen batch norm: these and γ, β stay fixed)
     x̂ = (x − μ) / √(σ² + eps),   y = γ·x̂ + β,   and with ``relu``: y = max(γ·x̂ + β, 0)
 
+A ResNet block ends in relu(bn(x) + shortcut).  With ``residual`` (the shortcut) the forward
+does all three in one pass and the backward returns the shortcut's gradient (dy masked by
+y > 0) too, rounding at each step as the separate operations do: the same bits, with two
+fewer passes over the activations each way.  cpu_v3 has this in its own loops; the other
+variants compose their forward and backward with array operations.
+
 Backward (dy already masked by y > 0 when fused with ReLU):
 
     dβ = Σ dy,   dγ = Σ dy·x̂
@@ -335,11 +341,38 @@ def _grad_input_v3(g, x, mean, invstd, weight, dweight, dbias, training, dx):
                 dx[n, c, i] = k * g[n, c, i]
 
 
+def _normalize_add_v3(x, mean, invstd, weight, bias, residual, relu, y):
+    # A ResNet block's end, y = relu(bn(x) + residual), in one pass.  Each step rounds as the
+    # separate operations do: bn(x) to y's dtype, then the addition in that dtype, then
+    # ReLU as ops.relu computes it (s·[s > 0]), so the bits are the same.
+    N, C, P = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        scale = weight[c] * invstd[c]
+        shift = bias[c] - mean[c] * scale
+        for i in range(P):
+            y[n, c, i] = x[n, c, i] * scale + shift
+            s = y[n, c, i] + residual[n, c, i]
+            y[n, c, i] = s if not relu or s > 0 else s * 0
+
+
+def _after_relu_v3(dy, y, g):
+    # g = dy·[y > 0]: ReLU's backward as ops.relu computes it (a product, so a masked
+    # element is dy·0, as there)
+    N, C, P = y.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for i in range(P):
+            g[n, c, i] = dy[n, c, i] if y[n, c, i] > 0 else dy[n, c, i] * 0
+
+
 _stats_v3_cpu = parallel_njit(_stats_v3)
 _normalize_v3_cpu = parallel_njit(_normalize_v3)
 _relu_mask_v3_cpu = parallel_njit(_relu_mask_v3)
 _grad_params_v3_cpu = parallel_njit(_grad_params_v3)
 _grad_input_v3_cpu = parallel_njit(_grad_input_v3)
+_normalize_add_v3_cpu = parallel_njit(_normalize_add_v3)
+_after_relu_v3_cpu = parallel_njit(_after_relu_v3)
 
 
 def _cpu_v3_stats(x, eps):
@@ -369,14 +402,34 @@ def _cpu_v3_backward(dy, x, y, mean, invstd, weight, training, relu):
     return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)
 
 
-Variant = namedtuple("Variant", "device stats forward backward description")
+def _cpu_v3_forward_add(x, mean, invstd, weight, bias, relu, residual):
+    y = np.empty_like(x)
+    _normalize_add_v3_cpu(_flat(x), mean, invstd, weight, bias, _flat(residual), relu,
+                          _flat(y))
+    return y
+
+
+def _cpu_v3_backward_add(dy, x, y, mean, invstd, weight, training, relu):
+    g = dy
+    if relu:
+        g = np.empty_like(dy)
+        _after_relu_v3_cpu(_flat(dy), _flat(y), _flat(g))
+    dx, dweight, dbias = _cpu_v3_backward(g, x, x, mean, invstd, weight, training, False)
+    return dx, dweight, dbias, g
+
+
+# forward_add / backward_add: the block-end fusion relu(bn(x) + residual), where a variant
+# has it in one pass (the others compose forward/backward with array operations)
+Variant = namedtuple("Variant", "device stats forward backward description forward_add "
+                                "backward_add", defaults=(None, None))
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu_stats, _cpu_forward, _cpu_backward,
                       "Numba loops: a channel per iteration for sums, a plane for the rest"),
     "cpu_v2": Variant("cpu", _cpu_v2_stats, _cpu_v2_forward, _cpu_v2_backward,
                       "as cpu_v1 over flat planes, sums reassociated into SIMD accumulators"),
     "cpu_v3": Variant("cpu", _cpu_v3_stats, _cpu_v3_forward, _cpu_v3_backward,
-                      "cpu_v1's arithmetic bit for bit, four channels' sums side by side"),
+                      "cpu_v1's arithmetic bit for bit, four channels' sums side by side",
+                      _cpu_v3_forward_add, _cpu_v3_backward_add),
     "cuda_v1": Variant("cuda", lazy("batch_norm_cuda", "stats"),
                        lazy("batch_norm_cuda", "forward"), lazy("batch_norm_cuda", "backward"),
                        "a block per channel for sums (shared-memory tree), a thread per "
@@ -402,10 +455,16 @@ def check_bn_args(x, running_mean, running_var, weight, bias):
 
 
 def batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum=0.1,
-                       eps=1e-5, relu=False, variant=None):
+                       eps=1e-5, relu=False, variant=None, residual=None):
     """y and (mean, invstd) for the backward.  In training the running statistics (float
-    arrays of shape (C,)) are updated in place."""
+    arrays of shape (C,)) are updated in place.  With ``residual`` (an array of x's shape and
+    dtype, a ResNet block's shortcut) y = bn(x) + residual, then the ReLU if ``relu``: the
+    same bits as the three operations one after another."""
     check_bn_args(x, running_mean, running_var, weight, bias)
+    if residual is not None and (tuple(residual.shape) != tuple(x.shape) or
+                                 residual.dtype != x.dtype):
+        raise ValueError(f"batch_norm: residual must have x's shape {tuple(x.shape)} and dtype "
+                         f"{x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
     xp = array_module(x)
     x = xp.ascontiguousarray(x)
     N, C, H, W = x.shape
@@ -429,17 +488,31 @@ def batch_norm_forward(x, running_mean, running_var, weight, bias, training, mom
         invstd = 1.0 / xp.sqrt(running_var.astype(xp.float64) + eps)
     weight = xp.ones(C, x.dtype) if weight is None else weight.astype(x.dtype)
     bias = xp.zeros(C, x.dtype) if bias is None else bias.astype(x.dtype)
-    y = impl.forward(x, mean, invstd, weight, bias, bool(relu))
+    if residual is None:
+        y = impl.forward(x, mean, invstd, weight, bias, bool(relu))
+    elif impl.forward_add is not None:
+        y = impl.forward_add(x, mean, invstd, weight, bias, bool(relu),
+                             xp.ascontiguousarray(residual))
+    else:  # the operations one after another, as the autograd graph would run them
+        y = impl.forward(x, mean, invstd, weight, bias, False) + residual
+        y = y * (y > 0) if relu else y
     return y, (mean, invstd)
 
 
-def batch_norm_backward(dy, x, y, saved, weight, training, relu=False, variant=None):
-    """(dx, dweight, dbias); ``y`` is needed only when fused with ReLU (its mask)."""
+def batch_norm_backward(dy, x, y, saved, weight, training, relu=False, variant=None,
+                        residual=False):
+    """(dx, dweight, dbias); ``y`` is needed only when fused with ReLU (its mask).  With
+    ``residual`` (the forward had one) the residual's gradient comes fourth."""
     xp = array_module(x)
     mean, invstd = saved
     C = x.shape[1]
     weight = xp.ones(C, x.dtype) if weight is None else weight.astype(x.dtype)
     y = x if y is None else y
     impl = pick(VARIANTS, DEFAULT, x, variant)
-    return impl.backward(xp.ascontiguousarray(dy), x, y, mean, invstd, weight, bool(training),
-                         bool(relu))
+    dy = xp.ascontiguousarray(dy)
+    if not residual:
+        return impl.backward(dy, x, y, mean, invstd, weight, bool(training), bool(relu))
+    if impl.backward_add is not None:
+        return impl.backward_add(dy, x, y, mean, invstd, weight, bool(training), bool(relu))
+    g = dy * (y > 0) if relu else dy  # ReLU's backward, as ops.relu computes it
+    return (*impl.backward(g, x, x, mean, invstd, weight, bool(training), False), g)

@@ -52,6 +52,27 @@ def test_tiny_model_training_step_gradients_equal_pytorch():
                                        atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tiny", "resnet50"])
+def test_fused_block_ends_give_the_separate_operations_bits(name, monkeypatch):
+    # nn.FUSE_BN_RELU runs batch norm, the residual addition and the ReLU as one operation;
+    # a training step must come out bit for bit as with the operations one by one
+    results = []
+    for fuse in (True, False):
+        monkeypatch.setattr(nn, "FUSE_BN_RELU", fuse)
+        ours, _, _ = paired(name, 8, num_classes=5, seed=1)
+        ours.train()
+        rng = np.random.default_rng(4)
+        x = rng.standard_normal((2, 3, 41, 49)).astype(np.float32)
+        y = ours(Tensor(x))
+        F.cross_entropy(y, rng.integers(0, 5, y.shape[:1] + y.shape[2:])).backward()
+        results.append([y.data] + [p.grad for _, p in ours.named_parameters()] +
+                       [b for _, b in ours.named_buffers()])
+    fused, separate = results
+    assert len(fused) == len(separate) > 50
+    for a, b in zip(fused, separate):
+        assert np.array_equal(a, b)
+
+
 def test_output_shapes_321_gives_41_at_stride_8():
     net = models.deeplab_v2(21, "tiny", 8).eval()
     with no_grad():

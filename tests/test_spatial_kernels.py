@@ -186,6 +186,64 @@ def test_batch_norm_cpu_v3_is_bit_identical_to_cpu_v1(shape, dtype):
                 assert a.dtype == b_.dtype and np.array_equal(a, b_)
 
 
+@pytest.mark.parametrize("variant", sorted(v for v in bn_k.VARIANTS
+                                     if bn_k.VARIANTS[v].device == "cpu"))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_with_residual_equals_the_separate_operations(variant, training, relu,
+                                                                 dtype):
+    # relu(bn(x) + residual) in one call, against bn, + and ReLU as three autograd
+    # operations: every bit of the output and of all four gradients
+    rng = np.random.default_rng(int(training) + 2 * int(relu))
+    shape = (2, 5, 7, 3)
+    x, res, dy = ((rng.standard_normal(shape) * 2 + 1).astype(dtype) for _ in range(3))
+    w, b = rng.standard_normal(5).astype(dtype), rng.standard_normal(5).astype(dtype)
+
+    def run(fused):
+        xt, rt, wt, bt = (Tensor(a.copy(), requires_grad=True) for a in (x, res, w, b))
+        stats = np.zeros(5, dtype), np.ones(5, dtype) * 1.5
+        if fused:
+            y = F.batch_norm(xt, *stats, wt, bt, training, relu=relu, residual=rt)
+        else:
+            y = F.batch_norm(xt, *stats, wt, bt, training) + rt
+            y = F.relu(y) if relu else y
+        y.backward(Tensor(dy))
+        return [y.data, xt.grad, rt.grad, wt.grad, bt.grad, *stats]
+
+    saved = bn_k.DEFAULT["cpu"]
+    bn_k.DEFAULT["cpu"] = variant
+    try:
+        fused, separate = run(True), run(False)
+    finally:
+        bn_k.DEFAULT["cpu"] = saved
+    if relu:
+        assert (fused[0] == 0).any() and (fused[0] > 0).any()
+    for a, b_ in zip(fused, separate):
+        assert a.dtype == b_.dtype and np.array_equal(a, b_)
+
+
+def test_batch_norm_residual_gradcheck():
+    rng = np.random.default_rng(3)
+    x, r = (Tensor(rng.standard_normal((2, 3, 3, 4)), requires_grad=True) for _ in range(2))
+    w = Tensor(rng.standard_normal(3), requires_grad=True)
+
+    def fn(x, r, w):
+        return F.batch_norm(x, np.zeros(3), np.ones(3), w, None, training=True, relu=True,
+                            residual=r)
+
+    assert gradcheck(fn, [x, r, w])
+
+
+def test_batch_norm_rejects_a_residual_of_another_shape():
+    x = Tensor(np.zeros((1, 2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        F.batch_norm(x, np.zeros(2), np.ones(2), residual=Tensor(np.zeros((1, 2, 4, 3),
+                                                                             np.float32)))
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        F.batch_norm(x, np.zeros(2), np.ones(2), residual=Tensor(np.zeros((1, 2, 4, 4))))
+
+
 def test_batch_norm_benchmark_runs_and_checks_the_bits():
     import io
 

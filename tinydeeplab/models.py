@@ -49,12 +49,12 @@ class BasicBlock(nn.Module):
                                rng=rng)
         self.bn1 = nn.BatchNorm2d(planes, relu=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False, rng=rng)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = nn.BatchNorm2d(planes, relu=True)  # relu(bn2(·) + identity)
         self.downsample = downsample
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))) + identity)
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))), residual=identity)
 
 
 class Bottleneck(nn.Module):
@@ -73,13 +73,13 @@ class Bottleneck(nn.Module):
                                rng=rng)
         self.bn2 = nn.BatchNorm2d(planes, relu=True)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False, rng=rng)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = nn.BatchNorm2d(planes * 4, relu=True)  # relu(bn3(·) + identity)
         self.downsample = downsample
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
-        return F.relu(self.bn3(self.conv3(out)) + identity)
+        return self.bn3(self.conv3(out), residual=identity)
 
 
 class ResNet(nn.Module):

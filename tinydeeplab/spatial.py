@@ -69,12 +69,34 @@ class BatchNorm(Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+class BatchNormAdd(Function):
+    """relu(bn(x) + residual), a ResNet block's end, in one kernel pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum,
+                eps, relu):
+        y, saved = _bn.batch_norm_forward(x, running_mean, running_var, weight, bias, training,
+                                          momentum, eps, relu, residual=residual)
+        ctx.save_for_backward(x, y if relu else None, weight)
+        ctx.stats, ctx.training, ctx.relu = saved, training, relu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, y, weight = ctx.saved
+        dx, dw, db, dres = _bn.batch_norm_backward(dy, x, y, ctx.stats, weight, ctx.training,
+                                                   ctx.relu, residual=True)
+        return dx, dw, db, dres, None, None, None, None, None, None
+
+
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, relu=False):
+               momentum=0.1, eps=1e-5, relu=False, residual=None):
     """Batch normalisation (PyTorch's argument order); ``relu=True`` fuses the ReLU after it.
 
     ``running_mean``/``running_var`` are arrays (or Tensors, whose data is used) updated in
-    place in training; ``weight``/``bias`` are Tensors (learnable) or None.
+    place in training; ``weight``/``bias`` are Tensors (learnable) or None.  ``residual``, a
+    Tensor of x's shape (a ResNet block's shortcut), is added before the ReLU:
+    ``relu(bn(x) + residual)``, the same bits as ``F.relu(F.batch_norm(x, ...) + residual)``.
     """
     data = _data(x, "x")
     rm = running_mean.data if isinstance(running_mean, Tensor) else running_mean
@@ -85,4 +107,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     xp = array_module(data)
     weight = Tensor(xp.ones(data.shape[1], data.dtype)) if weight is None else weight
     bias = Tensor(xp.zeros(data.shape[1], data.dtype)) if bias is None else bias
+    if residual is not None:
+        res = _data(residual, "residual")
+        if tuple(res.shape) != tuple(data.shape) or res.dtype != data.dtype:
+            raise ValueError(f"batch_norm: residual must have x's shape {tuple(data.shape)} "
+                             f"and dtype {data.dtype}, got {tuple(res.shape)} {res.dtype}")
+        return BatchNormAdd.apply(x, weight, bias, residual, rm, rv, bool(training), momentum,
+                                  eps, bool(relu))
     return BatchNorm.apply(x, weight, bias, rm, rv, bool(training), momentum, eps, bool(relu))
