@@ -53,24 +53,8 @@ def interpolate(x, size, mode="bilinear", align_corners=False):
 
 
 class BatchNorm(Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                relu):
-        y, saved = _bn.batch_norm_forward(x, running_mean, running_var, weight, bias, training,
-                                          momentum, eps, relu)
-        ctx.save_for_backward(x, y if relu else None, weight)
-        ctx.stats, ctx.training, ctx.relu = saved, training, relu
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, y, weight = ctx.saved
-        dx, dw, db = _bn.batch_norm_backward(dy, x, y, ctx.stats, weight, ctx.training, ctx.relu)
-        return dx, dw, db, None, None, None, None, None, None
-
-
-class BatchNormAdd(Function):
-    """relu(bn(x) + residual), a ResNet block's end, in one kernel pass each way."""
+    """bn(x), then ``+ residual`` if given (a ResNet block's end), then the ReLU if ``relu``,
+    in one kernel pass each way."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum,
@@ -79,13 +63,15 @@ class BatchNormAdd(Function):
                                           momentum, eps, relu, residual=residual)
         ctx.save_for_backward(x, y if relu else None, weight)
         ctx.stats, ctx.training, ctx.relu = saved, training, relu
+        ctx.residual = residual is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, y, weight = ctx.saved
-        dx, dw, db, dres = _bn.batch_norm_backward(dy, x, y, ctx.stats, weight, ctx.training,
-                                                   ctx.relu, residual=True)
+        grads = _bn.batch_norm_backward(dy, x, y, ctx.stats, weight, ctx.training, ctx.relu,
+                                        residual=ctx.residual)
+        dx, dw, db, dres = grads if ctx.residual else (*grads, None)
         return dx, dw, db, dres, None, None, None, None, None, None
 
 
@@ -107,11 +93,5 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     xp = array_module(data)
     weight = Tensor(xp.ones(data.shape[1], data.dtype)) if weight is None else weight
     bias = Tensor(xp.zeros(data.shape[1], data.dtype)) if bias is None else bias
-    if residual is not None:
-        res = _data(residual, "residual")
-        if tuple(res.shape) != tuple(data.shape) or res.dtype != data.dtype:
-            raise ValueError(f"batch_norm: residual must have x's shape {tuple(data.shape)} "
-                             f"and dtype {data.dtype}, got {tuple(res.shape)} {res.dtype}")
-        return BatchNormAdd.apply(x, weight, bias, residual, rm, rv, bool(training), momentum,
-                                  eps, bool(relu))
-    return BatchNorm.apply(x, weight, bias, rm, rv, bool(training), momentum, eps, bool(relu))
+    return BatchNorm.apply(x, weight, bias, residual, rm, rv, bool(training), momentum, eps,
+                           bool(relu))
