@@ -7,7 +7,8 @@
 # With a 10-minute limit per command, run it in two parts:
 #     STEPS="tests profile crf conv lessons" bash benchmarks/gpu_checks.sh
 #     STEPS="model convbatch train" bash benchmarks/gpu_checks.sh
-# and, with time left, STEPS=demo (tinydeeplab demo --device cuda, about as long as the CPU demo).
+# and, with time left, STEPS="voc demo" (demo: tinydeeplab demo --device cuda, about as long as
+# the CPU demo).
 #
 # Steps (STEPS, default all): tests — every CUDA test, on the device; profile — where a CRF run's
 # time goes (benchmarks/profile_crf.py: steps, kernel launches, the one-launch mean field against
@@ -16,6 +17,9 @@
 # GPU lessons (14, 15) on the card, with their timings; model — one DeepLab v2 (ResNet-101) training
 # step against the PyTorch twin, batch 10 and 2, memory and where ours spends the step
 # (bench_model.py --device cuda); convbatch — the convolutions at DeepLab's batch of 10;
+# voc — ResNet-101 trained for 20 iterations from torchvision-format (stand-in) weights with
+# frozen batch norm on a VOC-layout folder, then evaluated (benchmarks/voc_run.py; VOC=PATH,
+# default ../shared/data/voc_mini, skipped saying so where it is missing);
 # train — a training run of ours and of the twin on a synthetic set (train_twin.py).  Each
 # step has a time limit (LIMIT_<step> seconds overrides it).  profile and
 # crf use the photograph IMAGE (default: the shared example beside the checkout, else a
@@ -23,7 +27,7 @@
 # offline, a wheel made elsewhere with `pip wheel --no-deps .`); each step's output goes to
 # $OUT/<step>.txt as well as to the screen.
 set -u
-STEPS=${STEPS:-tests profile crf conv lessons model convbatch train demo}
+STEPS=${STEPS:-tests profile crf conv lessons model convbatch voc train demo}
 OUT=${OUT:-gpu-results}
 IMAGE=${IMAGE:-}
 mkdir -p "$OUT"
@@ -73,6 +77,14 @@ for s in $STEPS; do
       step model 180 python benchmarks/bench_model.py --device cuda --repeat 3 --rounds 3 ;;
     convbatch)
       step convbatch 90 python benchmarks/bench_conv.py --device cuda --repeat 3 --batch 10 ;;
+    voc)
+      VOC=${VOC:-../shared/data/voc_mini}
+      if [ -d "$VOC" ]; then
+        step voc 240 python benchmarks/voc_run.py --data "$VOC" --device cuda \
+          --out "$OUT/voc" --backbone resnet101 --iterations 20 --batch-size 2 --crop 161
+      else
+        echo "== voc: skipped: no VOC-layout folder at $VOC (set VOC=PATH)" | tee "$OUT/voc.txt"
+      fi ;;
     train)
       step train 240 python benchmarks/train_twin.py --device cuda --out "$OUT/train_twin" \
         --n-train 800 --n-val 100 --size 192 --crop 161 --batch-size 10 \
@@ -80,7 +92,7 @@ for s in $STEPS; do
     demo)
       step demo 540 tinydeeplab demo --device cuda --out "$OUT/demo" ;;
     *)
-      echo "unknown step $s (tests, profile, crf, conv, lessons, model, convbatch, train, demo)" >&2
+      echo "unknown step $s (tests, profile, crf, conv, lessons, model, convbatch, voc, train, demo)" >&2
       status=1 ;;
   esac
 done

@@ -33,22 +33,11 @@ def readme_commands():
 
 
 def _stand_in_weights(path, backbone):
-    """torchvision-format weights of a random ResNet whose batch-norm statistics are those
-    of the VOC photos (what pre-trained statistics are; frozen defaults would explode), the
-    last batch norm of each residual branch scaled down as training leaves it."""
-    import numpy as np
+    """torchvision-format weights of a random ResNet with the VOC photos' batch-norm
+    statistics (see benchmarks/voc_run.py)."""
+    from tinydeeplab.benchmarks.voc_run import stand_in_weights
 
-    from tinydeeplab import data, models, pth
-
-    ds = data.VOCSegmentation(str(VOC_MINI), "train")
-    rng = np.random.default_rng(0)
-    x = np.stack([data.train_transform(*ds[i], rng, 97, None)[0] for i in range(len(ds))])
-    net = models.ResNet(backbone, 8)
-    for name, m in net.named_modules():
-        if name.rstrip(".").endswith("bn3"):
-            m.weight.data *= 0.1
-    models.calibrate_batch_norm(net, x)
-    pth.save(path, net.state_dict())
+    stand_in_weights(path, backbone, VOC_MINI)
 
 
 def _full_image_loss(checkpoint_or_model):
@@ -129,3 +118,20 @@ def test_readme_commands_run_on_real_voc_files(tmp_path):
     after = _full_image_loss(str(tmp_path / "runs/r101/checkpoint.npz"))
     print(f"full-image loss on the training photos: {before:.2f} before, {after:.2f} after")
     assert after < before, (before, after)
+
+
+def test_voc_run_trains_from_pth_weights_and_evaluates(tmp_path, capsys):
+    """benchmarks/voc_run.py (the GPU script's VOC step) on the CPU: stand-in .pth weights,
+    frozen batch norm, a checkpoint and the eval scores."""
+    import pytest
+
+    if not VOC_MINI.is_dir():
+        pytest.skip(f"{VOC_MINI} (three real VOC pairs) is not on this machine")
+    pytest.importorskip("torch", reason="torch writes the stand-in .pth weights")
+    from tinydeeplab.benchmarks import voc_run
+
+    log = voc_run.run(VOC_MINI, tmp_path, "cpu", "resnet18", iterations=2, crop=65)
+    out = capsys.readouterr().out
+    assert [r["iteration"] for r in log] == [1, 2]
+    assert (tmp_path / "run" / "checkpoint.npz").is_file()
+    assert "loss:" in out and "miou" in out
