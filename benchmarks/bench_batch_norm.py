@@ -1,6 +1,6 @@
 """Batch norm + ReLU kernels, the CPU ladder side by side: cpu_v1 (plain loops), cpu_v3 (the
 same bits, four channels' sums at once) and cpu_v2 (sums reassociated), on the training step's
-shapes, in turns in one process.
+shapes, in turns in one process, with PyTorch's batch norm + ReLU for reference.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_batch_norm.py
 """
@@ -39,20 +39,41 @@ def step(variant, x, w, b, dy):
     return (mean, invstd, y) + impl.backward(dy, x, y, mean, invstd, w, True, True)
 
 
+def torch_step(x, w, b, dy):
+    """PyTorch's batch norm (training) + ReLU, forward and backward, for reference."""
+    import torch
+
+    xt = torch.from_numpy(x).requires_grad_()
+    wt, bt = torch.from_numpy(w).requires_grad_(), torch.from_numpy(b).requires_grad_()
+    y = torch.relu(torch.nn.functional.batch_norm(xt, None, None, wt, bt, True))
+    return torch.autograd.grad(y, (xt, wt, bt), torch.from_numpy(dy))
+
+
 def run(repeat=5, rounds=5, out=sys.stdout, shapes=SHAPES):
     print(f"# batch norm + ReLU, training (statistics, forward, backward), float32, "
           f"{numba.get_num_threads()} Numba threads", file=out)
     print(f"# ms: median of {rounds} rounds in turns (a block of {repeat} calls per variant); "
           "ratio: median of the per-round ratios to cpu_v1", file=out)
+    try:
+        import torch
+
+        torch.set_num_threads(numba.get_num_threads())
+        have_torch = True
+    except ImportError:
+        have_torch = False
+        print("# PyTorch is not installed: no torch column", file=out)
     print("| shape | " + " | ".join(f"{v} ms" for v in LADDER) +
+          (" | torch ms" if have_torch else "") +
           " | cpu_v3 / cpu_v1 | cpu_v2 / cpu_v1 | cpu_v3 = cpu_v1 bit for bit |", file=out)
-    print("|---" * (2 * len(LADDER) + 1) + "|", file=out)
+    print("|---" * (2 * len(LADDER) + 2 + have_torch) + "|", file=out)
     for shape in shapes:
         args = case(shape)
         same = all(np.array_equal(a, c) for a, c in zip(step("cpu_v1", *args),
                                                         step("cpu_v3", *args)))
-        times = np.array(block_times([lambda v=v: step(v, *args) for v in LADDER],
-                                     repeat, rounds))
+        fns = [lambda v=v: step(v, *args) for v in LADDER]
+        if have_torch:
+            fns.append(lambda: torch_step(*args))
+        times = np.array(block_times(fns, repeat, rounds))
         ms = np.median(times, axis=0) * 1e3
         ratios = [np.median(times[:, i] / times[:, 0]) for i in (1, 2)]
         print(f"| {'×'.join(map(str, shape))} | " + " | ".join(f"{t:.3f}" for t in ms) +
