@@ -12,8 +12,8 @@ m = N·H·W values per channel:
 A ResNet block ends in relu(bn(x) + shortcut).  With ``residual`` (the shortcut) the forward
 does all three in one pass and the backward returns the shortcut's gradient (dy masked by
 y > 0) too, rounding at each step as the separate operations do: the same bits, with two
-fewer passes over the activations each way.  cpu_v3 has this in its own loops; the other
-variants compose their forward and backward with array operations.
+fewer passes over the activations each way.  cpu_v3 and cuda_v1 have this in their own
+kernels; cpu_v1 and cpu_v2 compose their forward and backward with array operations.
 
 Backward (dy already masked by y > 0 when fused with ReLU):
 
@@ -433,7 +433,8 @@ VARIANTS = {
     "cuda_v1": Variant("cuda", lazy("batch_norm_cuda", "stats"),
                        lazy("batch_norm_cuda", "forward"), lazy("batch_norm_cuda", "backward"),
                        "a block per channel for sums (shared-memory tree), a thread per "
-                       "element for the rest"),
+                       "element for the rest", lazy("batch_norm_cuda", "forward_add"),
+                       lazy("batch_norm_cuda", "backward_add")),
 }
 # cpu_v2 is the fastest and agrees with cpu_v1 to 1e-7, but its other summation order sends a
 # 4000-iteration training run down another path: the demo scored 0.388 / 0.421 with it against

@@ -66,6 +66,33 @@ def _normalize_kernel(x, mean, invstd, weight, bias, relu, y):
 
 
 @cuda.jit
+def _normalize_add_kernel(x, mean, invstd, weight, bias, residual, relu, y):
+    # relu(bn(x) + residual), rounding as the separate operations do (see batch_norm.py)
+    t = cuda.grid(1)
+    N, C, H, W = x.shape
+    if t >= N * C * H * W:
+        return
+    c = (t // (H * W)) % C
+    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
+    scale = weight[c] * invstd[c]
+    y[n, c, h, w_] = x[n, c, h, w_] * scale + (bias[c] - mean[c] * scale)
+    s = y[n, c, h, w_] + residual[n, c, h, w_]
+    y[n, c, h, w_] = s if not relu or s > 0 else s * 0
+
+
+@cuda.jit
+def _after_relu_kernel(dy, y, g):
+    # g = dy·[y > 0], ReLU's backward as ops.relu computes it
+    t = cuda.grid(1)
+    N, C, H, W = y.shape
+    if t >= N * C * H * W:
+        return
+    c = (t // (H * W)) % C
+    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
+    g[n, c, h, w_] = dy[n, c, h, w_] if y[n, c, h, w_] > 0 else dy[n, c, h, w_] * 0
+
+
+@cuda.jit
 def _grad_params_kernel(dy, x, y, mean, invstd, relu, dweight, dbias):
     c = cuda.blockIdx.x
     N, C, H, W = x.shape
@@ -128,3 +155,17 @@ def backward(dy, x, y, mean, invstd, weight, training, relu):
     launch(_grad_input_kernel, x.size, dy, x, y, mean, invstd, weight, dweight, dbias,
             training, relu, dx)
     return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)
+
+
+def forward_add(x, mean, invstd, weight, bias, relu, residual):
+    y = array_module(x).empty_like(x)
+    launch(_normalize_add_kernel, x.size, x, mean, invstd, weight, bias, residual, relu, y)
+    return y
+
+
+def backward_add(dy, x, y, mean, invstd, weight, training, relu):
+    g = dy
+    if relu:
+        g = array_module(dy).empty_like(dy)
+        launch(_after_relu_kernel, dy.size, dy, y, g)
+    return (*backward(g, x, x, mean, invstd, weight, training, False), g)

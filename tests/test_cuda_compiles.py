@@ -117,6 +117,11 @@ def every_kernel(monkeypatch):
                                              training, relu=True, variant="cuda_v1")
             bn.batch_norm_backward(np.ones_like(x), x, y, saved, ones, training, relu=True,
                                    variant="cuda_v1")
+            y, saved = bn.batch_norm_forward(x, zeros.copy(), ones.copy(), ones, zeros,
+                                             training, relu=True, variant="cuda_v1",
+                                             residual=dy)
+            bn.batch_norm_backward(np.ones_like(x), x, y, saved, ones, training, relu=True,
+                                   variant="cuda_v1", residual=True)
         softmax_rows(x.reshape(-1, 4), np.empty_like(x.reshape(-1, 4)), cuda=True)
         features = (rng.random((30, 5)) * 2).astype(np.float32)
         lattice = crf.PermutohedralLattice(features, device="cuda")

@@ -160,6 +160,37 @@ def test_batch_norm_variants_match_torch(variant, training, relu, dtype):
         np.testing.assert_allclose(ours, ref.detach().numpy(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("variant", sorted(bn_k.VARIANTS))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_with_residual_matches_torch(variant, training, relu):
+    # relu(bn(x) + residual): every variant (fused kernels or composed) against PyTorch
+    rng = np.random.default_rng(5 + int(training) + 2 * int(relu))
+    N, C, H, W = (2, 3, 5, 7) if bn_k.VARIANTS[variant].device == "cpu" else (2, 3, 3, 2)
+    x, res = ((rng.standard_normal((N, C, H, W)) * 2 + 1).astype(np.float32) for _ in range(2))
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32) * 1.5
+    xt, rt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, res, w, b))
+    yt = torch.nn.functional.batch_norm(xt, torch.tensor(rm), torch.tensor(rv), wt, bt,
+                                        training, 0.1, 1e-5) + rt
+    yt = torch.relu(yt) if relu else yt
+    dy = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(dy))
+    dev = bn_k.VARIANTS[variant].device
+    y, saved = bn_k.batch_norm_forward(on_device(x, dev), on_device(rm, dev), on_device(rv, dev),
+                                       on_device(w, dev), on_device(b, dev), training, 0.1,
+                                       1e-5, relu, variant=variant,
+                                       residual=on_device(res, dev))
+    grads = bn_k.batch_norm_backward(on_device(dy, dev), on_device(x, dev), y, saved,
+                                     on_device(w, dev), training, relu, variant=variant,
+                                     residual=True)
+    assert len(grads) == 4
+    for ours, ref in zip([y, *grads], [yt, xt.grad, wt.grad, bt.grad, rt.grad]):
+        ours = to_numpy(ours)
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, ref.detach().numpy(), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(2, 7, 5, 3), (1, 1, 4, 5), (3, 6, 1, 2), (1, 9, 11, 13)])
 def test_batch_norm_cpu_v3_is_bit_identical_to_cpu_v1(shape, dtype):
