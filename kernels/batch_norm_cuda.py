@@ -31,6 +31,13 @@ def _block_sum(shared, value):
     return total
 
 
+@cuda.jit(device=True)
+def _nchw(t, shape):
+    """The (n, c, h, w) position of flat element t of a C-contiguous (N, C, H, W) array."""
+    _, C, H, W = shape
+    return t // (C * H * W), (t // (H * W)) % C, (t // W) % H, t % W
+
+
 @cuda.jit
 def _stats_kernel(x, mean, invstd, eps):
     c = cuda.blockIdx.x
@@ -55,11 +62,9 @@ def _stats_kernel(x, mean, invstd, eps):
 @cuda.jit
 def _normalize_kernel(x, mean, invstd, weight, bias, relu, y):
     t = cuda.grid(1)
-    N, C, H, W = x.shape
-    if t >= N * C * H * W:
+    if t >= x.size:
         return
-    c = (t // (H * W)) % C
-    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
+    n, c, h, w_ = _nchw(t, x.shape)
     scale = weight[c] * invstd[c]
     v = x[n, c, h, w_] * scale + (bias[c] - mean[c] * scale)
     y[n, c, h, w_] = max(v, 0.0) if relu else v
@@ -69,11 +74,9 @@ def _normalize_kernel(x, mean, invstd, weight, bias, relu, y):
 def _normalize_add_kernel(x, mean, invstd, weight, bias, residual, relu, y):
     # relu(bn(x) + residual), rounding as the separate operations do (see batch_norm.py)
     t = cuda.grid(1)
-    N, C, H, W = x.shape
-    if t >= N * C * H * W:
+    if t >= x.size:
         return
-    c = (t // (H * W)) % C
-    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
+    n, c, h, w_ = _nchw(t, x.shape)
     scale = weight[c] * invstd[c]
     y[n, c, h, w_] = x[n, c, h, w_] * scale + (bias[c] - mean[c] * scale)
     s = y[n, c, h, w_] + residual[n, c, h, w_]
@@ -84,11 +87,9 @@ def _normalize_add_kernel(x, mean, invstd, weight, bias, residual, relu, y):
 def _after_relu_kernel(dy, y, g):
     # g = dy·[y > 0], ReLU's backward as ops.relu computes it
     t = cuda.grid(1)
-    N, C, H, W = y.shape
-    if t >= N * C * H * W:
+    if t >= y.size:
         return
-    c = (t // (H * W)) % C
-    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
+    n, c, h, w_ = _nchw(t, y.shape)
     g[n, c, h, w_] = dy[n, c, h, w_] if y[n, c, h, w_] > 0 else dy[n, c, h, w_] * 0
 
 
@@ -117,12 +118,10 @@ def _grad_params_kernel(dy, x, y, mean, invstd, relu, dweight, dbias):
 @cuda.jit
 def _grad_input_kernel(dy, x, y, mean, invstd, weight, dweight, dbias, training, relu, dx):
     t = cuda.grid(1)
-    N, C, H, W = x.shape
-    if t >= N * C * H * W:
+    if t >= x.size:
         return
-    c = (t // (H * W)) % C
-    w_, h, n = t % W, (t // W) % H, t // (W * H * C)
-    m = N * H * W
+    n, c, h, w_ = _nchw(t, x.shape)
+    m = x.size // x.shape[1]  # values per channel
     g = dy[n, c, h, w_]
     if relu and y[n, c, h, w_] <= 0:
         g = 0.0
