@@ -15,8 +15,9 @@ several overlapping windows collects all their gradients).  On the CPU each (n, 
 iteration, so the scatter-add cannot race; on CUDA each input element *gathers* from the
 windows that contain it (no atomics, deterministic).
 
-Variants: ``cpu_v1`` (Numba loops, parallel over planes) and ``cuda_v1`` (one thread per output
-for the forward, per input element for the backward).
+Variants: ``cpu_v1`` (Numba loops, parallel over planes), ``cpu_v2`` (the default: the same
+answers, bit for bit, without data-dependent branches in the forward) and ``cuda_v1`` (one
+thread per output for the forward, per input element for the backward).
 """
 from collections import namedtuple
 
@@ -92,7 +93,68 @@ def _backward(dy, argmax, dx):
                 dx[n, c, a // W, a % W] += dy[n, c, i, j]
 
 
+def _forward_v2(x, y, argmax, kh, kw, sh, sw, ph, pw):
+    # cpu_v1's answer without its data-dependent branches.  ``if x > best`` is taken at
+    # random on real activations, and each mispredicted branch costs more than the
+    # comparison.  Here a window's maximum is a chain of selects (best = e if e > best),
+    # which compile to max instructions, and its first position comes from a second scan,
+    # backwards, with conditional moves: the first element equal to the maximum is the
+    # one cpu_v1 keeps.  A NaN in the first place stays the answer, as in cpu_v1; NaNs
+    # later in the window are passed over, as there.  3×3 windows inside the image (the
+    # stem's pooling) are written out in full; the rest take the general loops.
+    N, C, H, W = x.shape
+    Ho, Wo = y.shape[2], y.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for i in range(Ho):
+            h0 = i * sh - ph
+            p0, p1 = max(0, -h0), min(kh, H - h0)
+            for j in range(Wo):
+                v0 = j * sw - pw
+                q0, q1 = max(0, -v0), min(kw, W - v0)
+                if kh == 3 and kw == 3 and p0 == 0 and p1 == 3 and q0 == 0 and q1 == 3:
+                    a0, a1, a2 = x[n, c, h0, v0], x[n, c, h0, v0 + 1], x[n, c, h0, v0 + 2]
+                    a3, a4, a5 = (x[n, c, h0 + 1, v0], x[n, c, h0 + 1, v0 + 1],
+                                  x[n, c, h0 + 1, v0 + 2])
+                    a6, a7, a8 = (x[n, c, h0 + 2, v0], x[n, c, h0 + 2, v0 + 1],
+                                  x[n, c, h0 + 2, v0 + 2])
+                    best = a0
+                    best = a1 if a1 > best else best
+                    best = a2 if a2 > best else best
+                    best = a3 if a3 > best else best
+                    best = a4 if a4 > best else best
+                    best = a5 if a5 > best else best
+                    best = a6 if a6 > best else best
+                    best = a7 if a7 > best else best
+                    best = a8 if a8 > best else best
+                    k = 8 if a8 == best else 0  # 0 also when a0 is NaN (never == best)
+                    k = 7 if a7 == best else k
+                    k = 6 if a6 == best else k
+                    k = 5 if a5 == best else k
+                    k = 4 if a4 == best else k
+                    k = 3 if a3 == best else k
+                    k = 2 if a2 == best else k
+                    k = 1 if a1 == best else k
+                    k = 0 if a0 == best else k
+                    y[n, c, i, j] = best
+                    argmax[n, c, i, j] = (h0 + k // 3) * W + v0 + k % 3
+                    continue
+                best = x[n, c, h0 + p0, v0 + q0]
+                for p in range(p0, p1):
+                    for q in range(q0, q1):
+                        e = x[n, c, h0 + p, v0 + q]
+                        best = e if e > best else best
+                where = (h0 + p0) * W + v0 + q0
+                for p in range(p1 - 1, p0 - 1, -1):
+                    for q in range(q1 - 1, q0 - 1, -1):
+                        e = x[n, c, h0 + p, v0 + q]
+                        where = (h0 + p) * W + v0 + q if e == best else where
+                y[n, c, i, j] = best
+                argmax[n, c, i, j] = where
+
+
 _forward_cpu = parallel_njit(_forward)
+_forward_v2_cpu = parallel_njit(_forward_v2)
 _backward_cpu = parallel_njit(_backward)
 
 
@@ -100,6 +162,13 @@ def _cpu_forward(x, k, s, p, out_size):
     y = np.empty(x.shape[:2] + out_size, dtype=x.dtype)
     argmax = np.empty(y.shape, dtype=np.int32)
     _forward_cpu(x, y, argmax, *k, *s, *p)
+    return y, argmax
+
+
+def _cpu_v2_forward(x, k, s, p, out_size):
+    y = np.empty(x.shape[:2] + out_size, dtype=x.dtype)
+    argmax = np.empty(y.shape, dtype=np.int32)
+    _forward_v2_cpu(x, y, argmax, *k, *s, *p)
     return y, argmax
 
 
@@ -116,11 +185,13 @@ def _cpu_backward(dy, argmax, x_shape, k, s, p):
 
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu_forward, _cpu_backward, "Numba loops, parallel over planes"),
+    "cpu_v2": Variant("cpu", _cpu_v2_forward, _cpu_backward,
+                      "cpu_v1's answer without data-dependent branches; 3×3 written out"),
     "cuda_v1": Variant("cuda", lazy("max_pool_cuda", "forward"),
                        lazy("max_pool_cuda", "backward"),
                        "one thread per output (forward) / per input element (backward)"),
 }
-DEFAULT = {"cpu": "cpu_v1", "cuda": "cuda_v1"}
+DEFAULT = {"cpu": "cpu_v2", "cuda": "cuda_v1"}
 
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, variant=None):

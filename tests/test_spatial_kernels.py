@@ -60,10 +60,32 @@ def test_max_pool_variants_match_torch(variant):
     run()
 
 
-def test_max_pool_caffe_stem_with_ties_takes_the_first_maximum():
+@pytest.mark.parametrize("variant", ["cpu_v1", "cpu_v2"])
+def test_max_pool_caffe_stem_with_ties_takes_the_first_maximum(variant):
     x = np.zeros((1, 1, 7, 7))  # all ties: PyTorch gives each window's first element
     x[0, 0, 3, 3] = -1
-    check_pool("cpu_v1", (x, (3, 3), (2, 2), (1, 1), True))
+    check_pool(variant, (x, (3, 3), (2, 2), (1, 1), True))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pool", [((3, 3), (2, 2), (1, 1), False), ((3, 3), (1, 1), (1, 1), True),
+                                  ((2, 3), (1, 2), (1, 1), False), ((3, 2), (2, 1), (0, 1), True)])
+def test_max_pool_cpu_v2_gives_cpu_v1_bits(pool, dtype):
+    # ties, repeated values, NaN (first in a window, and later), ±inf and signed zeros: the
+    # same maxima and the same positions as cpu_v1, inside the image and at its borders
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (2, 3, 11, 10)).astype(dtype)  # many ties
+    x[0, 0, :, :] = rng.standard_normal((11, 10))
+    x[0, 1, 2:5, 2:5] = np.nan
+    x[0, 1, 7, 7] = np.nan
+    x[1, 0, 4, :] = -np.inf
+    x[1, 0, 6, 3] = np.inf
+    x[1, 1] = np.where(rng.random((11, 10)) < 0.5, -0.0, 0.0).astype(dtype)
+    k, st_, p, ceil = pool
+    y1, a1 = pool_k.max_pool2d_forward(x, k, st_, p, ceil, variant="cpu_v1")
+    y2, a2 = pool_k.max_pool2d_forward(x, k, st_, p, ceil, variant="cpu_v2")
+    assert np.array_equal(a1, a2)
+    assert np.array_equal(y1.view(np.uint8), y2.view(np.uint8))  # bits, so -0.0 ≠ 0.0
 
 
 def test_max_pool_gradcheck():
