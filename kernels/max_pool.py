@@ -16,8 +16,9 @@ iteration, so the scatter-add cannot race; on CUDA each input element *gathers* 
 windows that contain it (no atomics, deterministic).
 
 Variants: ``cpu_v1`` (Numba loops, parallel over planes), ``cpu_v2`` (the default: the same
-answers, bit for bit, without data-dependent branches in the forward) and ``cuda_v1`` (one
-thread per output for the forward, per input element for the backward).
+answers, bit for bit, without data-dependent branches in the forward and with flat planes in
+the backward) and ``cuda_v1`` (one thread per output for the forward, per input element for
+the backward).
 """
 from collections import namedtuple
 
@@ -153,9 +154,24 @@ def _forward_v2(x, y, argmax, kh, kw, sh, sw, ph, pw):
                 argmax[n, c, i, j] = where
 
 
+def _backward_v2(dy, argmax, dx):
+    # cpu_v1's scatter over each plane seen flat (dx as (N, C, H·W)): argmax is already the
+    # flat position, so no division and remainder per element; the additions into each
+    # element come in the same order, so the bits are the same
+    N, C, Ho, Wo = dy.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for e in range(dx.shape[2]):
+            dx[n, c, e] = 0
+        for i in range(Ho):
+            for j in range(Wo):
+                dx[n, c, argmax[n, c, i, j]] += dy[n, c, i, j]
+
+
 _forward_cpu = parallel_njit(_forward)
 _forward_v2_cpu = parallel_njit(_forward_v2)
 _backward_cpu = parallel_njit(_backward)
+_backward_v2_cpu = parallel_njit(_backward_v2)
 
 
 def _cpu_forward(x, k, s, p, out_size):
@@ -183,10 +199,17 @@ def _cpu_backward(dy, argmax, x_shape, k, s, p):
     return dx
 
 
+def _cpu_v2_backward(dy, argmax, x_shape, k, s, p):
+    dx = np.empty(x_shape, dtype=dy.dtype)  # zeroed in the loop, as in _cpu_backward
+    _backward_v2_cpu(dy, argmax, dx.reshape(x_shape[0], x_shape[1], -1))
+    return dx
+
+
 VARIANTS = {
     "cpu_v1": Variant("cpu", _cpu_forward, _cpu_backward, "Numba loops, parallel over planes"),
-    "cpu_v2": Variant("cpu", _cpu_v2_forward, _cpu_backward,
-                      "cpu_v1's answer without data-dependent branches; 3×3 written out"),
+    "cpu_v2": Variant("cpu", _cpu_v2_forward, _cpu_v2_backward,
+                      "cpu_v1's answers without data-dependent branches (3×3 written out); "
+                      "the backward over flat planes"),
     "cuda_v1": Variant("cuda", lazy("max_pool_cuda", "forward"),
                        lazy("max_pool_cuda", "backward"),
                        "one thread per output (forward) / per input element (backward)"),

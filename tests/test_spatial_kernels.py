@@ -70,7 +70,7 @@ def test_max_pool_caffe_stem_with_ties_takes_the_first_maximum(variant):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pool", [((3, 3), (2, 2), (1, 1), False), ((3, 3), (1, 1), (1, 1), True),
                                   ((2, 3), (1, 2), (1, 1), False), ((3, 2), (2, 1), (0, 1), True)])
-def test_max_pool_cpu_v2_gives_cpu_v1_bits(pool, dtype):
+def test_max_pool_cpu_v2_gives_cpu_v1_bits(pool, dtype):  # forward and backward
     # ties, repeated values, NaN (first in a window, and later), ±inf and signed zeros: the
     # same maxima and the same positions as cpu_v1, inside the image and at its borders
     rng = np.random.default_rng(0)
@@ -86,6 +86,10 @@ def test_max_pool_cpu_v2_gives_cpu_v1_bits(pool, dtype):
     y2, a2 = pool_k.max_pool2d_forward(x, k, st_, p, ceil, variant="cpu_v2")
     assert np.array_equal(a1, a2)
     assert np.array_equal(y1.view(np.uint8), y2.view(np.uint8))  # bits, so -0.0 ≠ 0.0
+    dy = rng.standard_normal(y1.shape).astype(dtype)  # overlapping windows share inputs
+    dx1, dx2 = (pool_k.max_pool2d_backward(dy, a1, x.shape, k, st_, p, variant=v)
+                for v in ("cpu_v1", "cpu_v2"))
+    assert np.array_equal(dx1.view(np.uint8), dx2.view(np.uint8))
 
 
 def test_max_pool_gradcheck():
