@@ -157,6 +157,8 @@ def batch_copy_times(batch, size, repeat=20, rounds=3):
     import cupy
     import cupyx
 
+    from tinydeeplab.benchmarks.bench_conv import block_times
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     labels = rng.integers(0, 21, (batch, size, size)).astype(np.uint8)
@@ -176,8 +178,6 @@ def batch_copy_times(batch, size, repeat=20, rounds=3):
     def staged():
         pinned_x[...], pinned_labels[...] = x, labels
         pinned()
-
-    from tinydeeplab.benchmarks.bench_conv import block_times
 
     times = block_times([pageable, pinned, staged], repeat, rounds, pause=0.05)
     return tuple(np.median(times, axis=0)), x.nbytes + labels.nbytes
