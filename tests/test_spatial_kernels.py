@@ -280,7 +280,10 @@ def test_batch_norm_with_residual_equals_the_separate_operations(variant, traini
         assert a.dtype == b_.dtype and np.array_equal(a, b_)
 
 
-def test_batch_norm_residual_gradcheck():
+@pytest.mark.parametrize("variant", sorted(v for v in bn_k.VARIANTS
+                                     if bn_k.VARIANTS[v].device == "cpu"))
+def test_batch_norm_residual_gradcheck(variant, monkeypatch):
+    monkeypatch.setitem(bn_k.DEFAULT, "cpu", variant)  # fused kernels and composed paths
     rng = np.random.default_rng(3)
     x, r = (Tensor(rng.standard_normal((2, 3, 3, 4)), requires_grad=True) for _ in range(2))
     w = Tensor(rng.standard_normal(3), requires_grad=True)
