@@ -344,12 +344,12 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
                 return step
 
             default = conv_k.DEFAULT["cpu"]
-            t_v3, t_v4 = median_times_in_blocks([with_conv("cpu_v3"), with_conv("cpu_v4")],
-                                                repeat)
+            rungs = ("cpu_v3", "cpu_v4", "cpu_v5")
+            t = median_times_in_blocks([with_conv(v) for v in rungs], repeat)
             conv_k.DEFAULT["cpu"] = default
-            print(f"\n(atrous conv cpu_v3 vs cpu_v4, ours, {label} step: {t_v3:.3f} s vs "
-                  f"{t_v4:.3f} s, ratio {t_v4 / t_v3:.2f}; the table uses {default})\n",
-                  file=out)
+            print(f"\n(atrous conv {' / '.join(rungs)}, ours, {label} step: "
+                  f"{' / '.join(f'{s:.3f}' for s in t)} s, cpu_v5 / cpu_v4 {t[2] / t[1]:.2f}; "
+                  f"the table uses {default})\n", file=out)
         if name == "tiny":  # the batch norm + ReLU fusion, measured in the same blocks
             def with_fusion(flag):
                 def step():

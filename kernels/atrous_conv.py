@@ -37,6 +37,9 @@ Variants (``VARIANTS``; one parametrised test runs them all against the same ref
              of dy with the flipped kernel (no col2im; dw from the same buffer)
     cpu_v4   v3, but large stride-1 3×3 layers by Winograd F(2×2, 3×3) (forward, dx and dw):
              16 smaller GEMMs with 2.25× fewer multiply-adds (atrous_conv_winograd)
+    cpu_v5   v4 with the channels last inside Winograd (images (N, H, W, C), tiles (16,
+             tiles, C)): the transforms become loops over contiguous channels, in SIMD, and
+             cost a fraction of v4's, so Winograd pays on smaller layers too
     cuda_v1  one CUDA thread per output element (and per input pixel / weight for backward)
     cuda_v2  im2col / col2im CUDA kernels + cuBLAS GEMM via cupy.matmul
     cuda_v3  tiled shared-memory implicit GEMM: im2col happens while loading the tiles
@@ -187,22 +190,41 @@ def _budget(x):
 # 16 small GEMMs cost more than they save (a 64-channel 81×81 layer: 1.14× v3's time; an ASPP
 # classifier, 2048 → 21 channels: 7×); above it 0.56-0.88×.
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_FLOPS = 64, 1.5e9
+# cpu_v5's transforms cost a fraction of v4's, so it pays on smaller layers, where three
+# things hold (forward + backward against v3, in turns on 2 cores): ≥ 0.6 GFLOP (0.75-0.97×
+# v3's time above, 1.1-1.6× below); ≥ 256 tiles, for the 16 GEMMs' rows (1 × 256 × 21²,
+# 121 tiles: 1.0-1.2×; 1 × 256 × 33², 289 tiles: 0.85×); and tiles that fit the map, their
+# 2×2 outputs no more than 12.5 % past it (4 × 128 × 21² at rate 4 has 31 % beyond: 1.23×).
+WINOGRAD_CL_MIN_FLOPS, WINOGRAD_CL_MIN_TILES, WINOGRAD_CL_MAX_OVERHANG = 0.6e9, 256, 0.125
 
 
-def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4):
-    """Whether cpu_v4 computes this convolution by Winograd (see WINOGRAD_MIN_*); not when
-    one image's transformed tiles would exceed the buffer budget (Winograd chunks by images;
-    v3 can cut an image into rows)."""
+# The Winograd lowerings: the suffix of their functions in atrous_conv_winograd
+_WINOGRAD = {"winograd": "", "winograd_cl": "_cl"}
+
+
+def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4,
+                  lowering="winograd"):
+    """Whether cpu_v4 (``lowering`` "winograd") or cpu_v5 ("winograd_cl") computes this
+    convolution by Winograd (see WINOGRAD_MIN_*); not when one image's buffers would exceed
+    the budget (Winograd chunks by images; v3 can cut an image into rows)."""
     N, C, H, W = x_shape
     K = w_shape[0]
     if not _winograd.applies(w_shape, stride) or min(C, K) < WINOGRAD_MIN_CHANNELS:
         return False
     Ho, Wo = output_size(H, W, 3, 3, stride, padding, dilation)
-    if 2 * K * C * 9 * N * Ho * Wo < WINOGRAD_MIN_FLOPS:
-        return False
+    flops = 2 * K * C * 9 * N * Ho * Wo
     tiles = len(_winograd.tile_origins(Ho, dilation[0])) * len(
         _winograd.tile_origins(Wo, dilation[1]))
-    return 16 * (C + K) * tiles * itemsize <= COLS_BUDGET_BYTES["cpu"]
+    if lowering == "winograd_cl":
+        if flops < WINOGRAD_CL_MIN_FLOPS or N * tiles < WINOGRAD_CL_MIN_TILES or \
+                4 * tiles > (1 + WINOGRAD_CL_MAX_OVERHANG) * Ho * Wo:
+            return False
+        per_image = _winograd.channels_last_bytes(C, K, Ho, Wo, dilation, itemsize)
+    else:
+        if flops < WINOGRAD_MIN_FLOPS:
+            return False
+        per_image = 16 * (C + K) * tiles * itemsize
+    return per_image <= COLS_BUDGET_BYTES["cpu"]
 
 
 def _buffer(name, shape, dtype):
@@ -221,16 +243,17 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     N, C, H, W = x.shape
     K, _, kh, kw = w.shape
     Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
-    if lowering == "winograd" and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
-                                                             dilation, x.itemsize):
-        return _winograd.forward(x, w, b, padding, dilation, _budget(x), _buffer)
+    if lowering in _WINOGRAD and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
+                                                            dilation, x.itemsize, lowering):
+        forward = getattr(_winograd, "forward" + _WINOGRAD[lowering])
+        return forward(x, w, b, padding, dilation, _budget(x), _buffer)
     y = xp.empty((N, K, Ho, Wo), dtype=x.dtype)
     if _is_pointwise(w, stride, padding):  # 1×1: x itself (subsampled) is the column matrix
         w2d = w.reshape(K, C)
         xs = xp.ascontiguousarray(x[:, :, ::stride[0], ::stride[1]])  # (N, C, Ho, Wo)
         for n in range(N):
             xp.matmul(w2d, xs[n].reshape(C, Ho * Wo), out=y[n].reshape(K, Ho * Wo))
-    elif lowering in ("adaptive", "winograd") and K < C and \
+    elif lowering != "im2col" and K < C and \
             K * kh * kw * H * W * x.itemsize <= _budget(x):
         _kn2row_forward(x, w, y, stride, padding, dilation, kern)
     else:
@@ -313,17 +336,19 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
             dx = dxs
         return dx, dw2d.reshape(w.shape), db
     dx_by_winograd = ph <= 2 * dh and pw <= 2 * dw_  # the flipped convolution's padding ≥ 0
-    if lowering == "winograd" and xp is np and (dx_by_winograd or not need_dx) and \
-            winograd_pays(x.shape, w.shape, stride, padding, dilation, x.itemsize):
+    if lowering in _WINOGRAD and xp is np and (dx_by_winograd or not need_dx) and \
+            winograd_pays(x.shape, w.shape, stride, padding, dilation, x.itemsize, lowering):
         # dw as the gradient of the Winograd forward; dx as a Winograd convolution of dy with
         # the flipped kernel (padding 2d − pad; where that is negative, v3's way below)
-        dw = _winograd.weight_gradient(x, dy, padding, dilation, _budget(x), _buffer)
-        dx = _winograd.input_gradient(w, dy, x.shape, padding, dilation, _budget(x),
-                                      _buffer) if need_dx else None
+        suffix = _WINOGRAD[lowering]
+        dw = getattr(_winograd, "weight_gradient" + suffix)(x, dy, padding, dilation,
+                                                            _budget(x), _buffer)
+        dx = getattr(_winograd, "input_gradient" + suffix)(
+            w, dy, x.shape, padding, dilation, _budget(x), _buffer) if need_dx else None
         return dx, dw, db
     if not need_dx:
         return (None, *_weights_backward(x, w, dy, stride, padding, dilation, kern), db)
-    if lowering in ("adaptive", "winograd") and stride == (1, 1) and ph <= dh * (kh - 1) and \
+    if lowering != "im2col" and stride == (1, 1) and ph <= dh * (kh - 1) and \
             pw <= dw_ * (kw - 1):
         return (*_flipped_conv_backward(x, w, dy, padding, dilation, kern), db)
     return (*_col2im_backward(x, w, dy, stride, padding, dilation, kern), db)
@@ -436,6 +461,8 @@ VARIANTS = {
                                                "flipped-kernel convolution"),
     "cpu_v4": _gemm_variant("cpu", "winograd", "cpu_v3, with Winograd F(2×2, 3×3) for large "
                                                "stride-1 3×3 layers"),
+    "cpu_v5": _gemm_variant("cpu", "winograd_cl", "cpu_v4 with the channels last in the "
+                                                  "Winograd transforms (vectorised)"),
     "cuda_v1": Variant("cuda", lazy("atrous_conv_cuda", "forward_v1"),
                        lazy("atrous_conv_cuda", "backward_v1"),
                        "one thread per output element / input pixel / weight"),
@@ -445,7 +472,7 @@ VARIANTS = {
     "cuda_v4": _gemm_variant("cuda", "adaptive", "cpu_v3's lowerings with CUDA kernels + "
                                                  "cuBLAS"),
 }
-DEFAULT = {"cpu": "cpu_v4", "cuda": "cuda_v4"}
+DEFAULT = {"cpu": "cpu_v5", "cuda": "cuda_v4"}
 
 
 def kernel_source(variant):

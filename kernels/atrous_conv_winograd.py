@@ -1,4 +1,5 @@
-"""Winograd F(2×2, 3×3) for dilated 3×3 convolutions, stride 1 (the CPU ladder's ``cpu_v4``).
+"""Winograd F(2×2, 3×3) for dilated 3×3 convolutions, stride 1 (the CPU ladder's ``cpu_v4`` and
+``cpu_v5``).
 
 The hole algorithm, again.  With stride 1, output row i reads input rows i − pad + p·d,
 p = 0, 1, 2: rows that differ by multiples of d.  So the outputs i0 and i0 + d read rows
@@ -26,15 +27,16 @@ multiplications instead of 36.  Over channels the products become 16 matrix prod
 Tiles: for each residue a = i0 mod d, the outputs a, a + d, a + 2d, ... are paired two by
 two, so tile origins are i0 = a + 2d·t.  The backward with respect to x is the same
 convolution of dy with the kernel flipped and K, C swapped (padding 2d − pad); the weight
-gradient stays with im2col (``atrous_conv._weights_backward``).  The transforms add rounding:
-float32 results differ from the float64 reference by a few 1e-6 relative — like a GEMM's
-different summation order, checked by the same tests.
+gradient is the forward's adjoint (dM = A dY Aᵀ per tile, dU[e] = dM[e] · V[e]ᵀ, dw = Gᵀ dU G).
+The transforms add rounding: float32 results differ from the float64 reference by a few 1e-6
+relative — like a GEMM's different summation order, checked by the same tests.
 
 Ladder: ``winograd_reference`` (NumPy, float64, the formulas above written out) → the Numba
-transforms here, parallel over channels, with the GEMMs in BLAS.
+transforms, one number at a time, parallel over channels, with the GEMMs in BLAS (cpu_v4) →
+the same transforms with the channels last, in SIMD over channels (cpu_v5, the last section).
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from . import parallel_njit
 
@@ -287,5 +289,224 @@ def input_gradient(w, dy, x_shape, padding, dilation, budget, buffer=_fresh):
     (ph, pw), (dh, dw) = padding, dilation
     w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     dx = forward(dy, w_flip, None, (2 * dh - ph, 2 * dw - pw), dilation, budget, buffer)
+    assert dx.shape == tuple(x_shape)
+    return dx
+
+
+# ---- the channels-last rung (cpu_v5): the same arithmetic, vectorised over channels ---------
+#
+# cpu_v4's transforms handle one number at a time: a tile's 16 inputs lie d apart in a plane,
+# its 16 outputs go to 16 different planes, and the loops are too short and too scattered for
+# the compiler's vector instructions.  With the channels last — the images as (N, H, W, C),
+# V as (16, tiles, C), M as (16, tiles, K) — each of those numbers becomes a run of C numbers
+# side by side in memory, and every transform is an inner loop over channels that compiles
+# to SIMD instructions.  Each value is computed by the same additions in the same order as in
+# cpu_v4 (V and Y from M bit for bit); the GEMMs become M[e] = V[e] · U[e]ᵀ, the same products
+# with the matrices' roles transposed.  The price is one transposing copy of the input (with
+# the zero padding written in, so the tile loops need no bounds tests) and of the output, a
+# few percent of the transforms' traffic.
+
+# STAGING: a tile row's output (or dy's) rows are staged channels last and copied to or from
+# the planes one channel at a time, reading (writing) the staging buffer K + 16 numbers apart.
+# Without the 16, rows of 512 channels lie 2 KB apart, and every 32nd cache set takes all of
+# them: the copy of a 512-channel tile row then ran 4× slower (1 × 512 × 41², d = 4).
+@njit(cache=True)
+def _transpose(src, dst):
+    # dst[j, c] = src[c, j], 16 rows of src at a time: each row of dst then gets 16 numbers
+    # side by side (a cache line) per visit; 0.3-0.6× the time of copying one number at a
+    # time on DeepLab's layers.
+    C, W = src.shape
+    whole = C - C % 16
+    for c0 in range(0, whole, 16):
+        for j in range(W):
+            for c in range(16):
+                dst[j, c0 + c] = src[c0 + c, j]
+    for j in range(W):
+        for c in range(whole, C):
+            dst[j, c] = src[c, j]
+
+
+def _padded_channels_last(x, xh, ph, pw):
+    # xh[n, ph + h, pw + q, c] = x[n, c, h, q]; zero around it (padding, room for the last tile)
+    N, C, H, W = x.shape
+    Hp, Wp = xh.shape[1], xh.shape[2]
+    for r in prange(N * Hp):
+        n, i = r // Hp, r % Hp
+        h = i - ph
+        if 0 <= h < H:
+            xh[n, i, :pw] = 0
+            xh[n, i, pw + W:] = 0
+            _transpose(x[n, :, h, :], xh[n, i, pw:pw + W, :])
+        else:
+            xh[n, i] = 0
+
+
+def _input_transform_cl(xh, V, rows, cols, dh, dw):
+    # V[e, p, c] = (Bᵀ X B)[e] for tile p = (n, tr, tc): cpu_v4's arithmetic, c innermost
+    N, C = xh.shape[0], xh.shape[3]
+    TR, TC = rows.shape[0], cols.shape[0]
+    for r in prange(N * TR):
+        n, i0 = r // TR, rows[r % TR]
+        i1, i2, i3 = i0 + dh, i0 + 2 * dh, i0 + 3 * dh
+        for tc in range(TC):
+            j0 = cols[tc]
+            j1, j2, j3 = j0 + dw, j0 + 2 * dw, j0 + 3 * dw
+            p = r * TC + tc
+            for c in range(C):
+                x00, x01, x02, x03 = xh[n, i0, j0, c], xh[n, i0, j1, c], xh[n, i0, j2, c], \
+                    xh[n, i0, j3, c]
+                x10, x11, x12, x13 = xh[n, i1, j0, c], xh[n, i1, j1, c], xh[n, i1, j2, c], \
+                    xh[n, i1, j3, c]
+                x20, x21, x22, x23 = xh[n, i2, j0, c], xh[n, i2, j1, c], xh[n, i2, j2, c], \
+                    xh[n, i2, j3, c]
+                x30, x31, x32, x33 = xh[n, i3, j0, c], xh[n, i3, j1, c], xh[n, i3, j2, c], \
+                    xh[n, i3, j3, c]
+                # Bᵀ along the rows, column by column
+                b00, b01, b02, b03 = x00 - x20, x01 - x21, x02 - x22, x03 - x23
+                b10, b11, b12, b13 = x10 + x20, x11 + x21, x12 + x22, x13 + x23
+                b20, b21, b22, b23 = x20 - x10, x21 - x11, x22 - x12, x23 - x13
+                b30, b31, b32, b33 = x10 - x30, x11 - x31, x12 - x32, x13 - x33
+                # then B along the columns
+                V[0, p, c], V[1, p, c] = b00 - b02, b01 + b02
+                V[2, p, c], V[3, p, c] = b02 - b01, b01 - b03
+                V[4, p, c], V[5, p, c] = b10 - b12, b11 + b12
+                V[6, p, c], V[7, p, c] = b12 - b11, b11 - b13
+                V[8, p, c], V[9, p, c] = b20 - b22, b21 + b22
+                V[10, p, c], V[11, p, c] = b22 - b21, b21 - b23
+                V[12, p, c], V[13, p, c] = b30 - b32, b31 + b32
+                V[14, p, c], V[15, p, c] = b32 - b31, b31 - b33
+
+
+def _output_transform_cl(M, y, rows, cols, dh, dw):
+    # y[n, k, i0 + s·dh, j0 + t·dw] = (Aᵀ M A)[s, t]: a tile row's two output rows are made
+    # channels last in ``out``, then copied into y's planes
+    N, K, Ho, Wo = y.shape
+    TR, TC = rows.shape[0], cols.shape[0]
+    for r in prange(N * TR):
+        n, i0 = r // TR, rows[r % TR]
+        out = np.empty((2, Wo + dw, K + 16), y.dtype)  # rows K + 16 long: see STAGING
+        for tc in range(TC):
+            j0 = cols[tc]
+            j1 = j0 + dw
+            p = r * TC + tc
+            for k in range(K):
+                m00, m01, m02, m03 = M[0, p, k], M[1, p, k], M[2, p, k], M[3, p, k]
+                m10, m11, m12, m13 = M[4, p, k], M[5, p, k], M[6, p, k], M[7, p, k]
+                m20, m21, m22, m23 = M[8, p, k], M[9, p, k], M[10, p, k], M[11, p, k]
+                m30, m31, m32, m33 = M[12, p, k], M[13, p, k], M[14, p, k], M[15, p, k]
+                r0, r1 = m00 + m10 + m20, m01 + m11 + m21  # Aᵀ M: two rows, per column
+                r2, r3 = m02 + m12 + m22, m03 + m13 + m23
+                s0, s1 = m10 - m20 - m30, m11 - m21 - m31
+                s2, s3 = m12 - m22 - m32, m13 - m23 - m33
+                out[0, j0, k], out[0, j1, k] = r0 + r1 + r2, r1 - r2 - r3  # then · A
+                out[1, j0, k], out[1, j1, k] = s0 + s1 + s2, s1 - s2 - s3
+        for s in range(min(2, (Ho - 1 - i0) // dh + 1)):  # the second row may lie past the end
+            for k in range(K):
+                for j in range(Wo):
+                    y[n, k, i0 + s * dh, j] = out[s, j, k]
+
+
+def _output_transform_adjoint_cl(dy, dM, rows, cols, dh, dw):
+    # dM[e, p, k] = (A dY Aᵀ)[e]: the transpose of _output_transform_cl, dy's two rows of a
+    # tile row made channels last (zero past the edges) first
+    N, K, Ho, Wo = dy.shape
+    TR, TC = rows.shape[0], cols.shape[0]
+    for r in prange(N * TR):
+        n, i0 = r // TR, rows[r % TR]
+        g = np.zeros((2, Wo + dw, K + 16), dy.dtype)  # see STAGING
+        for s in range(min(2, (Ho - 1 - i0) // dh + 1)):
+            for k in range(K):
+                for j in range(Wo):
+                    g[s, j, k] = dy[n, k, i0 + s * dh, j]
+        for tc in range(TC):
+            j0 = cols[tc]
+            j1 = j0 + dw
+            p = r * TC + tc
+            for k in range(K):
+                g00, g01, g10, g11 = g[0, j0, k], g[0, j1, k], g[1, j0, k], g[1, j1, k]
+                a0, a1, a2, a3 = g00, g00 + g10, g00 - g10, -g10  # A dY, first column
+                b0, b1, b2, b3 = g01, g01 + g11, g01 - g11, -g11  # and second
+                dM[0, p, k], dM[1, p, k], dM[2, p, k], dM[3, p, k] = a0, a0 + b0, a0 - b0, -b0
+                dM[4, p, k], dM[5, p, k], dM[6, p, k], dM[7, p, k] = a1, a1 + b1, a1 - b1, -b1
+                dM[8, p, k], dM[9, p, k], dM[10, p, k], dM[11, p, k] = a2, a2 + b2, a2 - b2, \
+                    -b2
+                dM[12, p, k], dM[13, p, k], dM[14, p, k], dM[15, p, k] = a3, a3 + b3, \
+                    a3 - b3, -b3
+
+
+_padded_channels_last_cpu = parallel_njit(_padded_channels_last)
+_input_transform_cl_cpu = parallel_njit(_input_transform_cl)
+_output_transform_cl_cpu = parallel_njit(_output_transform_cl)
+_output_transform_adjoint_cl_cpu = parallel_njit(_output_transform_adjoint_cl)
+
+
+def channels_last_bytes(C, K, Ho, Wo, dilation, itemsize):
+    """Bytes of one image's buffers in the channels-last rung: V, M and the padded copy."""
+    (dh, dw) = dilation
+    tiles = len(tile_origins(Ho, dh)) * len(tile_origins(Wo, dw))
+    return (16 * (C + K) * tiles + C * (Ho + 3 * dh) * (Wo + 3 * dw)) * itemsize
+
+
+def _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget, buffer):
+    """Like _input_tiles, channels last: yields (n0, n1, V), V (16, tiles, C)."""
+    N, C = x.shape[:2]
+    (ph, pw), (dh, dw) = padding, dilation
+    step = max(1, min(N, budget // channels_last_bytes(C, K, Ho, Wo, dilation, x.itemsize)))
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        xh = buffer("winograd_xh", (n1 - n0, Ho + 3 * dh, Wo + 3 * dw, C), x.dtype)
+        _padded_channels_last_cpu(x[n0:n1], xh, ph, pw)
+        V = buffer("winograd_V", (16, (n1 - n0) * rows.shape[0] * cols.shape[0], C), x.dtype)
+        _input_transform_cl_cpu(xh, V, rows, cols, dh, dw)
+        yield n0, n1, V
+
+
+def forward_cl(x, w, b, padding, dilation, budget, buffer=_fresh):
+    """``forward`` with the channels last: M[e] = V[e] · U[e]ᵀ as (tiles, K) matrices."""
+    N, C, H, W = x.shape
+    K = w.shape[0]
+    (ph, pw), (dh, dw) = padding, dilation
+    Ho, Wo = H + 2 * ph - 2 * dh, W + 2 * pw - 2 * dw
+    rows, cols = tile_origins(Ho, dh), tile_origins(Wo, dw)
+    U = buffer("winograd_U", (16, K, C), x.dtype)
+    _weight_transform_cpu(w.astype(x.dtype, copy=False), U)  # w may be a view (flipped)
+    y = np.empty((N, K, Ho, Wo), x.dtype)
+    for n0, n1, V in _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget,
+                                     buffer):
+        M = buffer("winograd_M", (16, V.shape[1], K), x.dtype)
+        np.matmul(V, U.transpose(0, 2, 1), out=M)  # 16 GEMMs
+        _output_transform_cl_cpu(M, y[n0:n1], rows, cols, dh, dw)
+    if b is not None:
+        y += b.reshape(1, K, 1, 1)
+    return y
+
+
+def weight_gradient_cl(x, dy, padding, dilation, budget, buffer=_fresh):
+    """``weight_gradient`` with the channels last: dU[e] = dM[e]ᵀ · V[e]."""
+    C = x.shape[1]
+    K, Ho, Wo = dy.shape[1:]
+    dh, dw_ = dilation
+    rows, cols = tile_origins(Ho, dh), tile_origins(Wo, dw_)
+    dU = buffer("winograd_dU", (16, K, C), x.dtype)
+    first = True
+    for n0, n1, V in _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget,
+                                     buffer):
+        dM = buffer("winograd_M", (16, V.shape[1], K), x.dtype)
+        _output_transform_adjoint_cl_cpu(dy[n0:n1], dM, rows, cols, dh, dw_)
+        if first:
+            np.matmul(dM.transpose(0, 2, 1), V, out=dU)  # 16 GEMMs
+            first = False
+        else:
+            dU += np.matmul(dM.transpose(0, 2, 1), V)
+    dw = np.empty((K, C, 3, 3), x.dtype)
+    _weight_transform_adjoint_cpu(dU, dw)
+    return dw
+
+
+def input_gradient_cl(w, dy, x_shape, padding, dilation, budget, buffer=_fresh):
+    """``input_gradient`` by ``forward_cl`` (the flipped kernel as a view: no copy)."""
+    (ph, pw), (dh, dw) = padding, dilation
+    w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+    dx = forward_cl(dy, w_flip, None, (2 * dh - ph, 2 * dw - pw), dilation, budget, buffer)
     assert dx.shape == tuple(x_shape)
     return dx

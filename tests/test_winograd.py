@@ -1,6 +1,7 @@
-"""Winograd F(2×2, 3×3) (cpu_v4's rung for large 3×3 layers): the NumPy reference, the Numba
-transforms, and cpu_v4 forced onto small shapes, against the float64 loops, PyTorch and finite
-differences; and the rule that decides when cpu_v4 takes it."""
+"""Winograd F(2×2, 3×3) (the rung of cpu_v4 and, channels last, cpu_v5 for large 3×3 layers):
+the NumPy reference, both rungs' Numba transforms, and cpu_v4/cpu_v5 forced onto small shapes,
+against the float64 loops, PyTorch and finite differences; and the rules that decide when they
+take it."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -32,9 +33,10 @@ def test_reference_and_fast_forward_equal_the_loops(case):
     x, w, b, _, pad, d = case
     y_ref = reference_conv2d(x, w, b, (1, 1), pad, d)
     np.testing.assert_allclose(winograd.winograd_reference(x, w, b, pad, d), y_ref, atol=1e-11)
-    np.testing.assert_allclose(winograd.forward(x, w, b, pad, d, 1 << 26), y_ref, atol=1e-11)
-    # images one at a time (a budget too small for two) give the same result
-    np.testing.assert_allclose(winograd.forward(x, w, b, pad, d, 1), y_ref, atol=1e-11)
+    for forward in (winograd.forward, winograd.forward_cl):
+        np.testing.assert_allclose(forward(x, w, b, pad, d, 1 << 26), y_ref, atol=1e-11)
+        # images one at a time (a budget too small for two) give the same result
+        np.testing.assert_allclose(forward(x, w, b, pad, d, 1), y_ref, atol=1e-11)
 
 
 @settings(max_examples=30, deadline=None)
@@ -45,9 +47,35 @@ def test_weight_gradient_is_the_adjoint_of_the_forward(case):
     y = reference_conv2d(x, w, None, (1, 1), pad, d)
     dy = np.random.default_rng(1).standard_normal(y.shape)
     _, dw_ref, _ = atrous_conv.conv2d_backward(x, w, dy, 1, pad, d, variant="cpu_v1")
-    np.testing.assert_allclose(winograd.weight_gradient(x, dy, pad, d, 1 << 26), dw_ref,
-                               atol=1e-10)
-    np.testing.assert_allclose(winograd.weight_gradient(x, dy, pad, d, 1), dw_ref, atol=1e-10)
+    for weight_gradient in (winograd.weight_gradient, winograd.weight_gradient_cl):
+        np.testing.assert_allclose(weight_gradient(x, dy, pad, d, 1 << 26), dw_ref, atol=1e-10)
+        np.testing.assert_allclose(weight_gradient(x, dy, pad, d, 1), dw_ref, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=stride1_3x3_case())
+def test_channels_last_transforms_are_bit_identical_to_cpu_v4s(case):
+    """cpu_v5's transforms do cpu_v4's additions in cpu_v4's order, channels last: V, and Y
+    from a given M, agree bit for bit (only the GEMMs' summation order differs)."""
+    x, _, _, _, (ph, pw), (dh, dw) = case
+    x = x.astype(np.float32)
+    N, C, H, W = x.shape
+    Ho, Wo = H + 2 * ph - 2 * dh, W + 2 * pw - 2 * dw
+    rows, cols = winograd.tile_origins(Ho, dh), winograd.tile_origins(Wo, dw)
+    P = N * len(rows) * len(cols)
+    V = np.empty((16, C, P), np.float32)
+    winograd._input_transform_cpu(x, V, rows, cols, ph, pw, dh, dw)
+    xh = np.full((N, Ho + 3 * dh, Wo + 3 * dw, C), np.nan, np.float32)  # the padding written
+    winograd._padded_channels_last_cpu(x, xh, ph, pw)
+    V_cl = np.empty((16, P, C), np.float32)
+    winograd._input_transform_cl_cpu(xh, V_cl, rows, cols, dh, dw)
+    assert np.array_equal(V_cl, V.transpose(0, 2, 1))
+    M = np.random.default_rng(2).standard_normal((16, 3, P)).astype(np.float32)
+    y, y_cl = np.empty((N, 3, Ho, Wo), np.float32), np.full((N, 3, Ho, Wo), np.nan, np.float32)
+    winograd._output_transform_cpu(M, y, rows, cols, dh, dw)
+    winograd._output_transform_cl_cpu(np.ascontiguousarray(M.transpose(0, 2, 1)), y_cl, rows,
+                                      cols, dh, dw)
+    assert np.array_equal(y_cl, y)
 
 
 def test_float32_rounding_is_bounded():
@@ -55,45 +83,56 @@ def test_float32_rounding_is_bounded():
     x = rng.standard_normal((2, 64, 23, 19)).astype(np.float32)
     w = (rng.standard_normal((48, 64, 3, 3)) * 0.1).astype(np.float32)
     y_ref = reference_conv2d(x, w, None, (1, 1), (2, 2), (2, 2))
-    y = winograd.forward(x, w, None, (2, 2), (2, 2), 1 << 26)
-    assert y.dtype == np.float32
-    assert np.abs(y - y_ref).max() / np.abs(y_ref).max() < 2e-6
+    for forward in (winograd.forward, winograd.forward_cl):
+        y = forward(x, w, None, (2, 2), (2, 2), 1 << 26)
+        assert y.dtype == np.float32
+        assert np.abs(y - y_ref).max() / np.abs(y_ref).max() < 2e-6
 
 
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
-    """cpu_v4 takes Winograd for every stride-1 3×3 layer, however small."""
+    """cpu_v4 and cpu_v5 take Winograd for every stride-1 3×3 layer, however small."""
     monkeypatch.setattr(atrous_conv, "WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(atrous_conv, "WINOGRAD_MIN_FLOPS", 0)
+    monkeypatch.setattr(atrous_conv, "WINOGRAD_CL_MIN_FLOPS", 0)
+    monkeypatch.setattr(atrous_conv, "WINOGRAD_CL_MIN_TILES", 0)
+    monkeypatch.setattr(atrous_conv, "WINOGRAD_CL_MAX_OVERHANG", np.inf)
 
 
+WINOGRAD_VARIANTS = {"cpu_v4": "", "cpu_v5": "_cl"}  # and the suffix of their functions
+
+
+@pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cpu_v4_forced_matches_reference_and_torch(dtype, winograd_everywhere):
+def test_forced_winograd_matches_reference_and_torch(variant, dtype, winograd_everywhere):
     @settings(max_examples=25, deadline=None)
     @given(case=stride1_3x3_case())
     def check(case):
-        check_variant("cpu_v4", case, dtype)
+        check_variant(variant, case, dtype)
 
     check()
 
 
-def test_cpu_v4_forced_takes_the_winograd_path(winograd_everywhere, monkeypatch):
+@pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
+def test_forced_winograd_takes_the_winograd_path(variant, winograd_everywhere, monkeypatch):
     calls = []
-    for name in ("forward", "weight_gradient"):
+    suffix = WINOGRAD_VARIANTS[variant]
+    for name in ("forward" + suffix, "weight_gradient" + suffix):
         monkeypatch.setattr(winograd, name, lambda *a, f=getattr(winograd, name), n=name:
-                            calls.append(n) or f(*a))
+                            calls.append(n.removesuffix(suffix)) or f(*a))
     x, w = np.ones((1, 2, 7, 9)), np.ones((3, 2, 3, 3))
-    atrous_conv.conv2d_forward(x, w, None, 1, 2, 2, variant="cpu_v4")
-    atrous_conv.conv2d_backward(x, w, np.ones((1, 3, 7, 9)), 1, 2, 2, variant="cpu_v4")
+    atrous_conv.conv2d_forward(x, w, None, 1, 2, 2, variant=variant)
+    atrous_conv.conv2d_backward(x, w, np.ones((1, 3, 7, 9)), 1, 2, 2, variant=variant)
     # forward; dw; dx as the flipped convolution (through forward)
     assert calls == ["forward", "weight_gradient", "forward"]
-    atrous_conv.conv2d_backward(x, w, np.ones((1, 3, 7, 9)), 1, 2, 2, variant="cpu_v4",
+    atrous_conv.conv2d_backward(x, w, np.ones((1, 3, 7, 9)), 1, 2, 2, variant=variant,
                                 need_dx=False)
     assert calls[3:] == ["weight_gradient"]
 
 
-def test_gradcheck_through_cpu_v4(winograd_everywhere, monkeypatch):
-    monkeypatch.setitem(atrous_conv.DEFAULT, "cpu", "cpu_v4")
+@pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
+def test_gradcheck_through_forced_winograd(variant, winograd_everywhere, monkeypatch):
+    monkeypatch.setitem(atrous_conv.DEFAULT, "cpu", variant)
     rng = np.random.default_rng(5)
     x = Tensor(rng.standard_normal((2, 2, 7, 6)), requires_grad=True)
     w = Tensor(rng.standard_normal((3, 2, 3, 3)), requires_grad=True)
@@ -101,23 +140,39 @@ def test_gradcheck_through_cpu_v4(winograd_everywhere, monkeypatch):
     assert gradcheck(lambda x, w, b: F.conv2d(x, w, b, 1, 3, 2), [x, w, b])
 
 
-def test_when_cpu_v4_takes_winograd():
-    pays = atrous_conv.winograd_pays
+@pytest.mark.parametrize("lowering", ["winograd", "winograd_cl"])
+def test_when_cpu_v4_and_v5_take_winograd(lowering):
+    def pays(x_shape, w_shape, stride, padding, dilation):
+        return atrous_conv.winograd_pays(x_shape, w_shape, stride, padding, dilation, 4,
+                                         lowering)
+
     assert pays((1, 512, 41, 41), (512, 512, 3, 3), (1, 1), (4, 4), (4, 4))  # ResNet layer4
     assert pays((1, 256, 41, 41), (256, 256, 3, 3), (1, 1), (2, 2), (2, 2))  # layer3
     assert not pays((1, 2048, 41, 41), (21, 2048, 3, 3), (1, 1), (12, 12), (12, 12))  # ASPP
     assert not pays((4, 64, 21, 21), (64, 64, 3, 3), (1, 1), (2, 2), (2, 2))  # small
     assert not pays((1, 512, 41, 41), (512, 512, 3, 3), (2, 2), (1, 1), (1, 1))  # strided
     assert not pays((1, 512, 41, 41), (512, 512, 1, 1), (1, 1), (0, 0), (1, 1))  # 1×1
+    # where only cpu_v5's cheaper transforms pay (0.6-1.5 GFLOP, ≥ 256 tiles, 2×2 tiles
+    # that fit the map)
+    mid = [((2, 64, 65, 65), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1)),  # 0.62 GFLOP
+           ((2, 128, 33, 33), (128, 128, 3, 3), (1, 1), (2, 2), (2, 2))]  # 578 tiles
+    assert all(pays(*case) == (lowering == "winograd_cl") for case in mid)
+    # 2.1 GFLOP in 121 tiles: v4's rule (by FLOPs alone) takes it, v5's not
+    assert pays((1, 512, 21, 21), (512, 512, 3, 3), (1, 1), (2, 2), (2, 2)) == \
+        (lowering == "winograd")
+    assert not pays((4, 128, 21, 21), (128, 128, 3, 3), (1, 1), (4, 4), (4, 4))  # 31 % past
+    assert not pays((1, 128, 41, 41), (128, 128, 3, 3), (1, 1), (2, 2), (2, 2))  # 0.50 GFLOP
 
 
-def test_winograd_buffers_stay_within_the_budget(monkeypatch):
-    """Winograd chunks by images: where one image's tiles exceed the budget, cpu_v4 leaves the
-    layer to v3's row chunks; otherwise every buffer it asks for fits."""
+@pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
+def test_winograd_buffers_stay_within_the_budget(variant, monkeypatch):
+    """Winograd chunks by images: where one image's tiles exceed the budget, cpu_v4 and v5
+    leave the layer to v3's row chunks; otherwise every buffer they ask for fits."""
     shape, kernel = (2, 256, 41, 41), (256, 256, 3, 3)
-    assert atrous_conv.winograd_pays(shape, kernel, (1, 1), (2, 2), (2, 2))
+    lowering = "winograd" + WINOGRAD_VARIANTS[variant]
+    assert atrous_conv.winograd_pays(shape, kernel, (1, 1), (2, 2), (2, 2), 4, lowering)
     monkeypatch.setitem(atrous_conv.COLS_BUDGET_BYTES, "cpu", 1 << 20)
-    assert not atrous_conv.winograd_pays(shape, kernel, (1, 1), (2, 2), (2, 2))
+    assert not atrous_conv.winograd_pays(shape, kernel, (1, 1), (2, 2), (2, 2), 4, lowering)
     monkeypatch.setitem(atrous_conv.COLS_BUDGET_BYTES, "cpu", 24 << 20)  # one image, not two
     requested = []
     original = atrous_conv._Workspace.get
@@ -131,17 +186,18 @@ def test_winograd_buffers_stay_within_the_budget(monkeypatch):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32)
     w = rng.standard_normal(kernel, dtype=np.float32) * 0.02
-    y = atrous_conv.conv2d_forward(x, w, None, 1, 2, 2, variant="cpu_v4")
-    atrous_conv.conv2d_backward(x, w, np.ones_like(y), 1, 2, 2, variant="cpu_v4")
+    y = atrous_conv.conv2d_forward(x, w, None, 1, 2, 2, variant=variant)
+    atrous_conv.conv2d_backward(x, w, np.ones_like(y), 1, 2, 2, variant=variant)
     assert any(name.startswith("winograd") for name, _ in requested)
     assert max(size for _, size in requested) <= 24 << 20
     y_ref = reference_conv2d(x, w, None, (1, 1), (2, 2), (2, 2))
     assert np.abs(y - y_ref).max() / np.abs(y_ref).max() < 2e-6
 
 
-def test_cpu_v4_forced_with_padding_above_twice_the_rate(winograd_everywhere):
+@pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
+def test_forced_winograd_with_padding_above_twice_the_rate(variant, winograd_everywhere):
     """Padding > 2d: the forward by Winograd, the backward v3's way (col2im), both right."""
     rng = np.random.default_rng(4)
     case = (rng.standard_normal((2, 3, 7, 9)), rng.standard_normal((4, 3, 3, 3)),
             rng.standard_normal(4), (1, 1), (5, 3), (2, 1))
-    check_variant("cpu_v4", case, np.float64)
+    check_variant(variant, case, np.float64)
