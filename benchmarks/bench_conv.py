@@ -2,9 +2,13 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv.py [--threads T]
 
-Per shape: our time, torch's time (best of two blocks of --repeat runs, median within a block,
-each block after a pause and a warm-up that also compiles the Numba kernels), the ratio, our GFLOP/s, and NumPy's single-precision GEMM GFLOP/s
-on this machine as the roofline (the im2col path can at best run at GEMM speed).
+Per shape: our time and torch's (the best of --rounds blocks of --repeat runs, median within
+a block, each block after a pause and a warm-up that also compiles the Numba kernels), the
+ratio (the median of the rounds' ratios, with their range: ours and torch run in turns, so a
+ratio compares runs made seconds apart on a machine whose speed drifts), our GFLOP/s, and
+NumPy's single-precision GEMM GFLOP/s on this machine as the roofline (the im2col path can at
+best run at GEMM speed).  ``--against VARIANT`` also times ours with another rung of the
+ladder in the same rounds and gives the default's time over that rung's.
 FLOPs of one forward: 2·N·K·Ho·Wo·C·kh·kw; the backward costs twice that (dx and dw).
 ``--batch N`` runs every shape at batch N (DeepLab trains at 10).  On the GPU, cuDNN runs with
 TF32 off (PyTorch's default lets cuDNN use it), float32 like ours.
@@ -92,7 +96,15 @@ def quiet_small_grid_warnings():
     warnings.filterwarnings("ignore", message=".*will likely result in GPU under-utilization")
 
 
-def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, variant=None):
+def _check_variant(atrous_conv, variant, device, option):
+    if atrous_conv.VARIANTS.get(variant, None) is None or \
+            atrous_conv.VARIANTS[variant].device != device:
+        names = sorted(v for v, spec in atrous_conv.VARIANTS.items() if spec.device == device)
+        raise SystemExit(f"{option} must be one of the {device} variants {names}")
+
+
+def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, variant=None,
+        rounds=4, against=None):
     import torch  # first, so that its OpenMP runtime keeps its own defaults
     from threadpoolctl import threadpool_limits
 
@@ -103,12 +115,10 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
     from tinydeeplab.kernels import atrous_conv
 
     if variant is not None:  # ours with another rung of the ladder than the default
-        if atrous_conv.VARIANTS.get(variant, None) is None or \
-                atrous_conv.VARIANTS[variant].device != device:
-            names = sorted(v for v, spec in atrous_conv.VARIANTS.items()
-                           if spec.device == device)
-            raise SystemExit(f"--variant must be one of the {device} variants {names}")
+        _check_variant(atrous_conv, variant, device, "--variant")
         atrous_conv.DEFAULT[device] = variant
+    if against is not None:
+        _check_variant(atrous_conv, against, device, "--against")
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -134,9 +144,13 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
         else:
             print(f"# {torch.cuda.get_device_name()}; cuDNN {torch.backends.cudnn.version()}, "
                   "TF32 off", file=out)
-        print("| input (N,C,H,W) | K | k | d | ours ms | torch ms | ours/torch | ours GFLOP/s |",
-              file=out)
-        print("|---|---|---|---|---|---|---|---|", file=out)
+        ours_name = atrous_conv.DEFAULT[device]
+        extra = f" {ours_name}/{against} |" if against else ""
+        print(f"# {rounds} rounds in turns; times: best round; ratios: median of the rounds' "
+              "[range]", file=out)
+        print("| input (N,C,H,W) | K | k | d | ours ms | torch ms | ours/torch | ours GFLOP/s |"
+              + extra, file=out)
+        print("|---|---|---|---|---|---|---|---|" + ("---|" if against else ""), file=out)
         ratios = []
         for (N, C, H, W), K, k, d in shapes:
             pad = d * (k - 1) // 2
@@ -168,12 +182,26 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
                 y.backward(DY)
                 sync()
 
-            t_ours, t_torch = median_times_in_blocks([ours, theirs], repeat)
+            def rung_below():
+                atrous_conv.DEFAULT[device] = against
+                try:
+                    ours()
+                finally:
+                    atrous_conv.DEFAULT[device] = ours_name
+
+            fns = [ours, theirs] + ([rung_below] if against else [])
+            times = np.array(block_times(fns, repeat, rounds))
+            t_ours, t_torch = times[:, 0].min(), times[:, 1].min()
+            per_round = times[:, 0] / times[:, 1]
             flops = 3 * 2 * N * K * H * W * C * k * k
-            ratios.append(t_ours / t_torch)
-            print(f"| {(N, C, H, W)} | {K} | {k}×{k} | {d} | {t_ours * 1e3:.1f} | "
-                  f"{t_torch * 1e3:.1f} | {t_ours / t_torch:.2f} | {flops / t_ours / 1e9:.1f} |",
-                  file=out)
+            ratios.append(float(np.median(per_round)))
+            row = (f"| {(N, C, H, W)} | {K} | {k}×{k} | {d} | {t_ours * 1e3:.1f} | "
+                   f"{t_torch * 1e3:.1f} | {ratios[-1]:.2f} [{per_round.min():.2f}-"
+                   f"{per_round.max():.2f}] | {flops / t_ours / 1e9:.1f} |")
+            if against:
+                rung = times[:, 0] / times[:, 2]
+                row += f" {np.median(rung):.2f} [{rung.min():.2f}-{rung.max():.2f}] |"
+            print(row, file=out)
         print(f"\nmedian ratio ours/torch: {statistics.median(ratios):.2f}, "
               f"worst: {max(ratios):.2f}", file=out)
     return ratios
@@ -184,14 +212,19 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
     parser.add_argument("--repeat", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=4,
+                        help="blocks of ours then torch per shape; the ratio is their median")
     parser.add_argument("--variant", default=None,
                         help="ours with this atrous_conv variant (default: the library's)")
+    parser.add_argument("--against", default=None, metavar="VARIANT",
+                        help="also time ours with this variant, in the same rounds")
     parser.add_argument("--batch", type=positive_int, default=None,
                         help="every shape at this batch size (default: the table's)")
     args = parser.parse_args(argv)
     shapes = SHAPES if args.batch is None else \
         [((args.batch, *x[1:]), K, k, d) for x, K, k, d in SHAPES]
-    run(args.device, args.threads, args.repeat, shapes=shapes, variant=args.variant)
+    run(args.device, args.threads, args.repeat, shapes=shapes, variant=args.variant,
+        rounds=args.rounds, against=args.against)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ for s in $STEPS; do
       fi ;;
     conv)
       step conv 60 env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
-        python benchmarks/bench_conv.py --device cuda --repeat 3 ;;
+        python benchmarks/bench_conv.py --device cuda --repeat 3 --rounds 2 ;;
     lessons)
       for lesson in lessons/1[45]_*.py; do
         [ -f "$lesson" ] && step "lesson_$(basename "$lesson" .py)" 120 \
@@ -76,7 +76,7 @@ for s in $STEPS; do
     model)
       step model 180 python benchmarks/bench_model.py --device cuda --repeat 3 --rounds 3 ;;
     convbatch)
-      step convbatch 90 python benchmarks/bench_conv.py --device cuda --repeat 3 --batch 10 ;;
+      step convbatch 90 python benchmarks/bench_conv.py --device cuda --repeat 3 --rounds 2 --batch 10 ;;
     voc)
       VOC=${VOC:-../shared/data/voc_mini}
       if [ -d "$VOC" ]; then
