@@ -345,10 +345,12 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
 
             default = conv_k.DEFAULT["cpu"]
             rungs = ("cpu_v3", "cpu_v4", "cpu_v5")
-            t = median_times_in_blocks([with_conv(v) for v in rungs], repeat)
+            t = np.array(block_times([with_conv(v) for v in rungs], repeat, rounds))
             conv_k.DEFAULT["cpu"] = default
+            r = t[:, 2] / t[:, 1]
             print(f"\n(atrous conv {' / '.join(rungs)}, ours, {label} step: "
-                  f"{' / '.join(f'{s:.3f}' for s in t)} s, cpu_v5 / cpu_v4 {t[2] / t[1]:.2f}; "
+                  f"{' / '.join(f'{s:.3f}' for s in np.median(t, axis=0))} s; cpu_v5 / cpu_v4 "
+                  f"{np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}] over {rounds} rounds; "
                   f"the table uses {default})\n", file=out)
         if name == "tiny":  # the batch norm + ReLU fusion, measured in the same blocks
             def with_fusion(flag):
