@@ -303,8 +303,8 @@ def input_gradient(w, dy, x_shape, padding, dilation, budget, buffer=_fresh):
 # to SIMD instructions.  Each value is computed by the same additions in the same order as in
 # cpu_v4 (V and Y from M bit for bit); the GEMMs become M[e] = V[e] · U[e]ᵀ, the same products
 # with the matrices' roles transposed.  The price is one transposing copy of the input (with
-# the zero padding written in, so the tile loops need no bounds tests) and of the output, a
-# few percent of the transforms' traffic.
+# the zero padding written in, so the tile loops need no bounds tests: a quarter of what the
+# input transform writes) and one of each output row.
 
 # STAGING: a tile row's output (or dy's) rows are staged channels last and copied to or from
 # the planes one channel at a time, reading (writing) the staging buffer K + 16 numbers apart.
@@ -313,8 +313,8 @@ def input_gradient(w, dy, x_shape, padding, dilation, budget, buffer=_fresh):
 @njit(cache=True)
 def _transpose(src, dst):
     # dst[j, c] = src[c, j], 16 rows of src at a time: each row of dst then gets 16 numbers
-    # side by side (a cache line) per visit; 0.3-0.6× the time of copying one number at a
-    # time on DeepLab's layers.
+    # side by side (a cache line) per visit; 0.3-0.8× the time of copying one number at a
+    # time on bench_conv's 3×3 layers.
     C, W = src.shape
     whole = C - C % 16
     for c0 in range(0, whole, 16):
