@@ -192,9 +192,10 @@ def _budget(x):
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_FLOPS = 64, 1.5e9
 # cpu_v5's transforms cost a fraction of v4's, so it pays on smaller layers, where three
 # things hold (forward + backward against v3, in turns on 2 cores): ≥ 0.6 GFLOP (0.75-0.97×
-# v3's time above, 1.1-1.6× below); ≥ 256 tiles, for the 16 GEMMs' rows (1 × 256 × 21²,
-# 121 tiles: 1.0-1.2×; 1 × 256 × 33², 289 tiles: 0.85×); and tiles that fit the map, their
-# 2×2 outputs no more than 12.5 % past it (4 × 128 × 21² at rate 4 has 31 % beyond: 1.23×).
+# v3's time above, 1.08-1.6× below); ≥ 256 tiles, for the 16 GEMMs' rows (one 21² map,
+# 121 tiles: 0.93-1.17× at 256-1024 channels; 1 × 256 × 33², 289 tiles: 0.85×); and tiles
+# that fit the map, their 2×2 outputs no more than 12.5 % past it (4 × 128 × 21² at rate 4
+# has 31 % beyond: 1.23×).
 WINOGRAD_CL_MIN_FLOPS, WINOGRAD_CL_MIN_TILES, WINOGRAD_CL_MAX_OVERHANG = 0.6e9, 256, 0.125
 
 
