@@ -206,8 +206,9 @@ _WINOGRAD = {"winograd": "", "winograd_cl": "_cl"}
 def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4,
                   lowering="winograd"):
     """Whether cpu_v4 (``lowering`` "winograd") or cpu_v5 ("winograd_cl") computes this
-    convolution by Winograd (see WINOGRAD_MIN_*); not when one image's buffers would exceed
-    the budget (Winograd chunks by images; v3 can cut an image into rows)."""
+    convolution by Winograd (see WINOGRAD_MIN_* and WINOGRAD_CL_*); not when one image's
+    buffers would exceed the budget (Winograd chunks by images; v3 can cut an image into
+    rows)."""
     N, C, H, W = x_shape
     K = w_shape[0]
     if not _winograd.applies(w_shape, stride) or min(C, K) < WINOGRAD_MIN_CHANNELS:
