@@ -215,16 +215,16 @@ def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4,
         return False
     Ho, Wo = output_size(H, W, 3, 3, stride, padding, dilation)
     flops = 2 * K * C * 9 * N * Ho * Wo
+    if flops < (WINOGRAD_CL_MIN_FLOPS if lowering == "winograd_cl" else WINOGRAD_MIN_FLOPS):
+        return False  # first, as the cheapest test: most small layers stop here
     tiles = len(_winograd.tile_origins(Ho, dilation[0])) * len(
         _winograd.tile_origins(Wo, dilation[1]))
     if lowering == "winograd_cl":
-        if flops < WINOGRAD_CL_MIN_FLOPS or N * tiles < WINOGRAD_CL_MIN_TILES or \
+        if N * tiles < WINOGRAD_CL_MIN_TILES or \
                 4 * tiles > (1 + WINOGRAD_CL_MAX_OVERHANG) * Ho * Wo:
             return False
         per_image = _winograd.channels_last_bytes(C, K, Ho, Wo, dilation, itemsize)
     else:
-        if flops < WINOGRAD_MIN_FLOPS:
-            return False
         per_image = 16 * (C + K) * tiles * itemsize
     return per_image <= COLS_BUDGET_BYTES["cpu"]
 
