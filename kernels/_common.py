@@ -40,7 +40,9 @@ def int_pair(value, name, minimum, op):
     the argument and its value otherwise."""
     if type(value) is tuple and len(value) == 2 and type(value[0]) is int and \
             type(value[1]) is int and value[0] >= minimum and value[1] >= minimum:
-        return value  # the common case, checked first: this runs for every kernel call
+        return value  # the common cases, checked first: this runs for every kernel call
+    if type(value) is int and value >= minimum:
+        return value, value
     pair = (value, value) if np.isscalar(value) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
         raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")

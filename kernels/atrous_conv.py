@@ -49,6 +49,7 @@ The library uses ``DEFAULT[device]``.  The im2col buffer is bounded (``COLS_BUDG
 work is cut into chunks of images, or of output rows within one image, so a 1024-channel 65×65
 layer never needs gigabytes.
 """
+import math
 import threading
 from collections import namedtuple
 
@@ -164,7 +165,7 @@ class _Workspace(threading.local):
     def get(self, name, shape, dtype, xp):
         if xp is not np:
             return xp.empty(shape, dtype=dtype)
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         buf = getattr(self, name, None)
         if buf is None or buf.dtype != dtype or buf.size < size:
             buf = np.empty(size, dtype=dtype)

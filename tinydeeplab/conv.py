@@ -30,7 +30,8 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1):
             raise TypeError(f"conv2d: {name} must be a Tensor, got {type(t).__name__}")
     if b is not None and not isinstance(b, Tensor):
         raise TypeError(f"conv2d: b must be a Tensor or None, got {type(b).__name__}")
-    # Validate here too, so that errors name the Tensor arguments before any kernel runs.
-    atrous_conv.check_conv_args(x.data, w.data, None if b is None else b.data, stride, padding,
-                                dilation)
+    # Validate here too, so that errors name the Tensor arguments before any kernel runs; the
+    # (h, w) pairs it returns are what the kernels check again fastest.
+    stride, padding, dilation, _ = atrous_conv.check_conv_args(
+        x.data, w.data, None if b is None else b.data, stride, padding, dilation)
     return Conv2d.apply(x, w, b, stride, padding, dilation)
