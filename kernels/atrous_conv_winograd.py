@@ -56,14 +56,17 @@ def applies(w_shape, stride):
     return tuple(w_shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
 
 
-def _weight_transform(w, U):
-    # U[4a + b, k, c] = (G w[k, c] Gᵀ)[a, b], G's rows (1 0 0), (½ ½ ½), (½ −½ ½), (0 0 1)
+def _weight_transform(w, U, flip):
+    # U[4a + b, k, c] = (G w[k, c] Gᵀ)[a, b], G's rows (1 0 0), (½ ½ ½), (½ −½ ½), (0 0 1);
+    # with ``flip``, of w[k, c] turned by 180° (w[k, c, 2 − p, 2 − q]), read in place
     K, C = w.shape[0], w.shape[1]
+    first, last = (2, 0) if flip else (0, 2)
     for k in prange(K):
         t = np.empty((4, 3), w.dtype)
         for c in range(C):
             for q in range(3):  # G w: the rows of w combined
-                w0, w1, w2 = w[k, c, 0, q], w[k, c, 1, q], w[k, c, 2, q]
+                qq = 2 - q if flip else q
+                w0, w1, w2 = w[k, c, first, qq], w[k, c, 1, qq], w[k, c, last, qq]
                 t[0, q], t[1, q], t[2, q], t[3, q] = w0, (w0 + w1 + w2) / 2, \
                     (w0 - w1 + w2) / 2, w2
             for a in range(4):  # then · Gᵀ: the columns combined
@@ -81,7 +84,7 @@ def weight_transform(w):
     """U (16, K, C) = G w Gᵀ for every (k, c), flattened over the 4×4 positions (w's dtype)."""
     w = np.ascontiguousarray(w)
     U = np.empty((16, w.shape[0], w.shape[1]), w.dtype)
-    _weight_transform_cpu(w, U)
+    _weight_transform_cpu(w, U, False)
     return U
 
 
@@ -463,18 +466,23 @@ def _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget, buffer)
 
 def forward_cl(x, w, b, padding, dilation, budget, buffer=_fresh):
     """``forward`` with the channels last: M[e] = V[e] · U[e]ᵀ as (tiles, K) matrices."""
+    U = buffer("winograd_U", (16, w.shape[0], w.shape[1]), x.dtype)
+    _weight_transform_cpu(w.astype(x.dtype, copy=False), U, False)
+    return _forward_cl(x, U.transpose(0, 2, 1), b, padding, dilation, budget, buffer)
+
+
+def _forward_cl(x, UT, b, padding, dilation, budget, buffer):
+    # forward_cl from UT (16, C, K), the transformed kernel with its two channel axes swapped
     N, C, H, W = x.shape
-    K = w.shape[0]
+    K = UT.shape[2]
     (ph, pw), (dh, dw) = padding, dilation
     Ho, Wo = H + 2 * ph - 2 * dh, W + 2 * pw - 2 * dw
     rows, cols = tile_origins(Ho, dh), tile_origins(Wo, dw)
-    U = buffer("winograd_U", (16, K, C), x.dtype)
-    _weight_transform_cpu(w.astype(x.dtype, copy=False), U)  # w may be a view (flipped)
     y = np.empty((N, K, Ho, Wo), x.dtype)
     for n0, n1, V in _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget,
                                      buffer):
         M = buffer("winograd_M", (16, V.shape[1], K), x.dtype)
-        np.matmul(V, U.transpose(0, 2, 1), out=M)  # 16 GEMMs
+        np.matmul(V, UT, out=M)  # 16 GEMMs
         _output_transform_cl_cpu(M, y[n0:n1], rows, cols, dh, dw)
     if b is not None:
         y += b.reshape(1, K, 1, 1)
@@ -504,9 +512,12 @@ def weight_gradient_cl(x, dy, padding, dilation, budget, buffer=_fresh):
 
 
 def input_gradient_cl(w, dy, x_shape, padding, dilation, budget, buffer=_fresh):
-    """``input_gradient`` by ``forward_cl`` (the flipped kernel as a view: no copy)."""
+    """``input_gradient`` by the channels-last forward.  The flipped kernel's U, with K and C
+    swapped, is what its GEMMs take as U[e]ᵀ: the transform of each w[k, c] turned by 180°,
+    written in w's own (k, c) order (no transposed reads)."""
     (ph, pw), (dh, dw) = padding, dilation
-    w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-    dx = forward_cl(dy, w_flip, None, (2 * dh - ph, 2 * dw - pw), dilation, budget, buffer)
+    UT = buffer("winograd_U", (16, w.shape[0], w.shape[1]), dy.dtype)
+    _weight_transform_cpu(w.astype(dy.dtype, copy=False), UT, True)
+    dx = _forward_cl(dy, UT, None, (2 * dh - ph, 2 * dw - pw), dilation, budget, buffer)
     assert dx.shape == tuple(x_shape)
     return dx
