@@ -40,6 +40,8 @@ Variants (``VARIANTS``; one parametrised test runs them all against the same ref
     cpu_v5   v4 with the channels last inside Winograd (images (N, H, W, C), tiles (16,
              tiles, C)): the transforms become loops over contiguous channels, in SIMD, and
              cost a fraction of v4's, so Winograd pays on smaller layers too
+    cpu_v6   v5, but F(4×4, 3×3) on layers with many tiles that fit the map: 36 GEMMs with
+             4× fewer multiply-adds than im2col (float32 error ~20× F(2×2)'s: ~1e-5)
     cuda_v1  one CUDA thread per output element (and per input pixel / weight for backward)
     cuda_v2  im2col / col2im CUDA kernels + cuBLAS GEMM via cupy.matmul
     cuda_v3  tiled shared-memory implicit GEMM: im2col happens while loading the tiles
@@ -198,29 +200,35 @@ WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_FLOPS = 64, 1.5e9
 # that fit the map, their 2×2 outputs no more than 12.5 % past it (4 × 128 × 21² at rate 4
 # has 31 % beyond: 1.23×).
 WINOGRAD_CL_MIN_FLOPS, WINOGRAD_CL_MIN_TILES, WINOGRAD_CL_MAX_OVERHANG = 0.6e9, 256, 0.125
+# cpu_v6 takes F(4×4, 3×3) instead of F(2×2) where cpu_v5 takes Winograd and also (forward +
+# backward against F(2×2), in turns on 2 cores): both channel counts ≥ 128 (64: 1.0×); ≥ 256
+# of its 4×4 tiles, for the 36 GEMMs' rows (1 × 256 × 41², 121 tiles: 1.07-1.16×; 4 × 256 ×
+# 41², 484: 0.82×; 1 × 256 × 65², 289: 0.86×); and outputs no more than 25 % past the map
+# (41² at rate 4, 37 %: 1.07-1.65×).
+WINOGRAD4_MIN_CHANNELS, WINOGRAD4_MIN_TILES, WINOGRAD4_MAX_OVERHANG = 128, 256, 0.25
 
 
 # The Winograd lowerings: the suffix of their functions in atrous_conv_winograd
-_WINOGRAD = {"winograd": "", "winograd_cl": "_cl"}
+_WINOGRAD = {"winograd": "", "winograd_cl": "_cl", "winograd_cl4": "_cl"}
 
 
 def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4,
                   lowering="winograd"):
-    """Whether cpu_v4 (``lowering`` "winograd") or cpu_v5 ("winograd_cl") computes this
-    convolution by Winograd (see WINOGRAD_MIN_* and WINOGRAD_CL_*); not when one image's
-    buffers would exceed the budget (Winograd chunks by images; v3 can cut an image into
-    rows)."""
+    """Whether cpu_v4 (``lowering`` "winograd") or cpu_v5 and v6 ("winograd_cl",
+    "winograd_cl4") compute this convolution by Winograd (see WINOGRAD_MIN_* and
+    WINOGRAD_CL_*); not when one image's buffers would exceed the budget (Winograd chunks by
+    images; v3 can cut an image into rows)."""
     N, C, H, W = x_shape
     K = w_shape[0]
     if not _winograd.applies(w_shape, stride) or min(C, K) < WINOGRAD_MIN_CHANNELS:
         return False
     Ho, Wo = output_size(H, W, 3, 3, stride, padding, dilation)
     flops = 2 * K * C * 9 * N * Ho * Wo
-    if flops < (WINOGRAD_CL_MIN_FLOPS if lowering == "winograd_cl" else WINOGRAD_MIN_FLOPS):
+    if flops < (WINOGRAD_MIN_FLOPS if lowering == "winograd" else WINOGRAD_CL_MIN_FLOPS):
         return False  # first, as the cheapest test: most small layers stop here
     tiles = len(_winograd.tile_origins(Ho, dilation[0])) * len(
         _winograd.tile_origins(Wo, dilation[1]))
-    if lowering == "winograd_cl":
+    if lowering != "winograd":  # the channels-last rungs
         if N * tiles < WINOGRAD_CL_MIN_TILES or \
                 4 * tiles > (1 + WINOGRAD_CL_MAX_OVERHANG) * Ho * Wo:
             return False
@@ -228,6 +236,32 @@ def winograd_pays(x_shape, w_shape, stride, padding, dilation, itemsize=4,
     else:
         per_image = 16 * (C + K) * tiles * itemsize
     return per_image <= COLS_BUDGET_BYTES["cpu"]
+
+
+def winograd_tile(x_shape, w_shape, padding, dilation):
+    """cpu_v6's tile: 4 (F(4×4, 3×3)) where WINOGRAD4_* hold, else 2 (F(2×2), like cpu_v5);
+    for layers where ``winograd_pays``.  Its buffers then fit the budget too: with outputs at
+    most 25 % past the map, V and M hold ≤ 36 · 1.25 / 16 = 2.8 numbers per output and
+    channel, F(2×2)'s ≥ 16 / 4 = 4."""
+    N, C, H, W = x_shape
+    K = w_shape[0]
+    if min(C, K) < WINOGRAD4_MIN_CHANNELS:
+        return 2
+    Ho, Wo = output_size(H, W, 3, 3, (1, 1), padding, dilation)
+    tiles = len(_winograd.tile_origins(Ho, dilation[0], 4)) * len(
+        _winograd.tile_origins(Wo, dilation[1], 4))
+    if N * tiles < WINOGRAD4_MIN_TILES or 16 * tiles > (1 + WINOGRAD4_MAX_OVERHANG) * Ho * Wo:
+        return 2
+    return 4
+
+
+def _winograd_call(lowering, name, x, w, padding, dilation):
+    """The Winograd function ``name`` of ``lowering``, with cpu_v6's tile size bound."""
+    fn = getattr(_winograd, name + _WINOGRAD[lowering])
+    if lowering != "winograd_cl4":
+        return fn
+    m = winograd_tile(x.shape, w.shape, padding, dilation)
+    return lambda *args: fn(*args, m=m)
 
 
 def _buffer(name, shape, dtype):
@@ -248,7 +282,7 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
     if lowering in _WINOGRAD and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
                                                             dilation, x.itemsize, lowering):
-        forward = getattr(_winograd, "forward" + _WINOGRAD[lowering])
+        forward = _winograd_call(lowering, "forward", x, w, padding, dilation)
         return forward(x, w, b, padding, dilation, _budget(x), _buffer)
     y = xp.empty((N, K, Ho, Wo), dtype=x.dtype)
     if _is_pointwise(w, stride, padding):  # 1×1: x itself (subsampled) is the column matrix
@@ -343,10 +377,9 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
             winograd_pays(x.shape, w.shape, stride, padding, dilation, x.itemsize, lowering):
         # dw as the gradient of the Winograd forward; dx as a Winograd convolution of dy with
         # the flipped kernel (padding 2d − pad; where that is negative, v3's way below)
-        suffix = _WINOGRAD[lowering]
-        dw = getattr(_winograd, "weight_gradient" + suffix)(x, dy, padding, dilation,
-                                                            _budget(x), _buffer)
-        dx = getattr(_winograd, "input_gradient" + suffix)(
+        dw = _winograd_call(lowering, "weight_gradient", x, w, padding, dilation)(
+            x, dy, padding, dilation, _budget(x), _buffer)
+        dx = _winograd_call(lowering, "input_gradient", x, w, padding, dilation)(
             w, dy, x.shape, padding, dilation, _budget(x), _buffer) if need_dx else None
         return dx, dw, db
     if not need_dx:
@@ -466,6 +499,8 @@ VARIANTS = {
                                                "stride-1 3×3 layers"),
     "cpu_v5": _gemm_variant("cpu", "winograd_cl", "cpu_v4 with the channels last in the "
                                                   "Winograd transforms (vectorised)"),
+    "cpu_v6": _gemm_variant("cpu", "winograd_cl4", "cpu_v5 with Winograd F(4×4, 3×3) where "
+                                                   "its 4×4 tiles fit the map"),
     "cuda_v1": Variant("cuda", lazy("atrous_conv_cuda", "forward_v1"),
                        lazy("atrous_conv_cuda", "backward_v1"),
                        "one thread per output element / input pixel / weight"),
@@ -475,7 +510,7 @@ VARIANTS = {
     "cuda_v4": _gemm_variant("cuda", "adaptive", "cpu_v3's lowerings with CUDA kernels + "
                                                  "cuBLAS"),
 }
-DEFAULT = {"cpu": "cpu_v5", "cuda": "cuda_v4"}
+DEFAULT = {"cpu": "cpu_v6", "cuda": "cuda_v4"}
 
 
 def kernel_source(variant):

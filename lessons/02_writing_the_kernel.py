@@ -258,10 +258,11 @@ print(f"one 2×2 block by Winograd against the loops: {tile_gap:.1e}")
 # cpu_v4 does this for every tile at once: 16 GEMMs over the channels (U[e] = G w Gᵀ at
 # position e, (K × C), times V[e] = Bᵀ X B, (C × tiles)), forward, dx and dw (the transposed
 # transforms).  It takes this path for large layers only — below ~1.5 GFLOP the transforms cost
-# more than the multiplications saved (kernels/atrous_conv.py, winograd_pays).  cpu_v5, the
-# default, does the same additions with the channels last — every number of a tile above is
-# then a run of C numbers side by side, which the CPU adds 16 at a time — and so pays from
-# ~0.6 GFLOP on.
+# more than the multiplications saved (kernels/atrous_conv.py, winograd_pays).  cpu_v5 does
+# the same additions with the channels last — every number of a tile above is then a run of C
+# numbers side by side, which the CPU adds 16 at a time — and so pays from ~0.6 GFLOP on.
+# cpu_v6, the default, takes F(4×4, 3×3) on layers with many tiles: 6×6 inputs, 4×4 outputs,
+# 36 products instead of 144, but matrices with 4, 5 and 8 in them, so ~20× the rounding.
 
 # %% Check
 assert np.abs(y_gemm - y_loops).max() < 1e-10, "im2col + GEMM disagrees with the loops"

@@ -1,17 +1,24 @@
-"""Winograd F(2×2, 3×3) (the rung of cpu_v4 and, channels last, cpu_v5 for large 3×3 layers):
-the NumPy reference, both rungs' Numba transforms, and cpu_v4/cpu_v5 forced onto small shapes,
-against the float64 loops, PyTorch and finite differences; and the rules that decide when they
-take it."""
+"""Winograd F(2×2, 3×3) (the rung of cpu_v4 and, channels last, cpu_v5 for large 3×3 layers)
+and F(4×4, 3×3) (cpu_v6): the NumPy reference, the rungs' Numba transforms, and cpu_v4-v6 forced
+onto small shapes, against the float64 loops, PyTorch and finite differences; and the rules
+that decide when they take it."""
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinydeeplab.functional as F
-from test_atrous_conv import check_variant, reference_conv2d
+from test_atrous_conv import check_variant, reference_conv2d, torch_conv2d
 from tinydeeplab import Tensor, gradcheck
 from tinydeeplab.kernels import atrous_conv
 from tinydeeplab.kernels import atrous_conv_winograd as winograd
+
+
+def F4(fn):
+    """A channels-last Winograd function by F(4×4, 3×3) (cpu_v6's tile)."""
+    return functools.partial(fn, m=4)
 
 
 @st.composite
@@ -32,8 +39,10 @@ def stride1_3x3_case(draw):
 def test_reference_and_fast_forward_equal_the_loops(case):
     x, w, b, _, pad, d = case
     y_ref = reference_conv2d(x, w, b, (1, 1), pad, d)
-    np.testing.assert_allclose(winograd.winograd_reference(x, w, b, pad, d), y_ref, atol=1e-11)
-    for forward in (winograd.forward, winograd.forward_cl):
+    for m in (2, 4):
+        np.testing.assert_allclose(winograd.winograd_reference(x, w, b, pad, d, m), y_ref,
+                                   atol=1e-11)
+    for forward in (winograd.forward, winograd.forward_cl, F4(winograd.forward_cl)):
         np.testing.assert_allclose(forward(x, w, b, pad, d, 1 << 26), y_ref, atol=1e-11)
         # images one at a time (a budget too small for two) give the same result
         np.testing.assert_allclose(forward(x, w, b, pad, d, 1), y_ref, atol=1e-11)
@@ -47,7 +56,8 @@ def test_weight_gradient_is_the_adjoint_of_the_forward(case):
     y = reference_conv2d(x, w, None, (1, 1), pad, d)
     dy = np.random.default_rng(1).standard_normal(y.shape)
     _, dw_ref, _ = atrous_conv.conv2d_backward(x, w, dy, 1, pad, d, variant="cpu_v1")
-    for weight_gradient in (winograd.weight_gradient, winograd.weight_gradient_cl):
+    for weight_gradient in (winograd.weight_gradient, winograd.weight_gradient_cl,
+                            F4(winograd.weight_gradient_cl)):
         np.testing.assert_allclose(weight_gradient(x, dy, pad, d, 1 << 26), dw_ref, atol=1e-10)
         np.testing.assert_allclose(weight_gradient(x, dy, pad, d, 1), dw_ref, atol=1e-10)
 
@@ -83,23 +93,29 @@ def test_float32_rounding_is_bounded():
     x = rng.standard_normal((2, 64, 23, 19)).astype(np.float32)
     w = (rng.standard_normal((48, 64, 3, 3)) * 0.1).astype(np.float32)
     y_ref = reference_conv2d(x, w, None, (1, 1), (2, 2), (2, 2))
-    for forward in (winograd.forward, winograd.forward_cl):
+    for forward, bound in ((winograd.forward, 2e-6), (winograd.forward_cl, 2e-6),
+                           (F4(winograd.forward_cl), 1e-5)):  # F(4×4): 6.7e-6 here
         y = forward(x, w, None, (2, 2), (2, 2), 1 << 26)
         assert y.dtype == np.float32
-        assert np.abs(y - y_ref).max() / np.abs(y_ref).max() < 2e-6
+        assert np.abs(y - y_ref).max() / np.abs(y_ref).max() < bound
 
 
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
-    """cpu_v4 and cpu_v5 take Winograd for every stride-1 3×3 layer, however small."""
+    """cpu_v4-v6 take Winograd for every stride-1 3×3 layer, however small (cpu_v6 by
+    F(4×4))."""
     monkeypatch.setattr(atrous_conv, "WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(atrous_conv, "WINOGRAD_MIN_FLOPS", 0)
     monkeypatch.setattr(atrous_conv, "WINOGRAD_CL_MIN_FLOPS", 0)
     monkeypatch.setattr(atrous_conv, "WINOGRAD_CL_MIN_TILES", 0)
     monkeypatch.setattr(atrous_conv, "WINOGRAD_CL_MAX_OVERHANG", np.inf)
+    monkeypatch.setattr(atrous_conv, "WINOGRAD4_MIN_CHANNELS", 1)
+    monkeypatch.setattr(atrous_conv, "WINOGRAD4_MIN_TILES", 0)
+    monkeypatch.setattr(atrous_conv, "WINOGRAD4_MAX_OVERHANG", np.inf)
 
 
-WINOGRAD_VARIANTS = {"cpu_v4": "", "cpu_v5": "_cl"}  # and the suffix of their functions
+# the variants that take Winograd, and the suffix of their functions
+WINOGRAD_VARIANTS = {"cpu_v4": "", "cpu_v5": "_cl", "cpu_v6": "_cl"}
 
 
 @pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
@@ -118,19 +134,20 @@ def test_forced_winograd_takes_the_winograd_path(variant, winograd_everywhere, m
     calls = []
     suffix = WINOGRAD_VARIANTS[variant]
     for name in ("forward" + suffix, "weight_gradient" + suffix, "input_gradient" + suffix):
-        monkeypatch.setattr(winograd, name, lambda *a, f=getattr(winograd, name), n=name:
-                            calls.append(n.removesuffix(suffix)) or f(*a))
+        monkeypatch.setattr(winograd, name, lambda *a, f=getattr(winograd, name), n=name, **k:
+                            calls.append((n.removesuffix(suffix), k.get("m", 2))) or f(*a, **k))
     x, w = np.ones((1, 2, 7, 9)), np.ones((3, 2, 3, 3))
     atrous_conv.conv2d_forward(x, w, None, 1, 2, 2, variant=variant)
     atrous_conv.conv2d_backward(x, w, np.ones((1, 3, 7, 9)), 1, 2, 2, variant=variant)
-    # forward; dw; dx as the flipped convolution (cpu_v4 through forward, cpu_v5 through the
-    # forward's GEMMs and transforms from its own flipped U)
-    expected = ["forward", "weight_gradient", "input_gradient"]
-    expected += ["forward"] if variant == "cpu_v4" else []
+    # forward; dw; dx as the flipped convolution (cpu_v4 through forward, cpu_v5 and v6
+    # through the forward's GEMMs and transforms from their own flipped U); cpu_v6 by F(4×4)
+    m = 4 if variant == "cpu_v6" else 2
+    expected = [("forward", m), ("weight_gradient", m), ("input_gradient", m)]
+    expected += [("forward", m)] if variant == "cpu_v4" else []
     assert calls == expected
     atrous_conv.conv2d_backward(x, w, np.ones((1, 3, 7, 9)), 1, 2, 2, variant=variant,
                                 need_dx=False)
-    assert calls[len(expected):] == ["weight_gradient"]
+    assert calls[len(expected):] == [("weight_gradient", m)]
 
 
 @pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
@@ -143,8 +160,8 @@ def test_gradcheck_through_forced_winograd(variant, winograd_everywhere, monkeyp
     assert gradcheck(lambda x, w, b: F.conv2d(x, w, b, 1, 3, 2), [x, w, b])
 
 
-@pytest.mark.parametrize("lowering", ["winograd", "winograd_cl"])
-def test_when_cpu_v4_and_v5_take_winograd(lowering):
+@pytest.mark.parametrize("lowering", ["winograd", "winograd_cl", "winograd_cl4"])
+def test_when_cpu_v4_to_v6_take_winograd(lowering):
     def pays(x_shape, w_shape, stride, padding, dilation):
         return atrous_conv.winograd_pays(x_shape, w_shape, stride, padding, dilation, 4,
                                          lowering)
@@ -159,12 +176,48 @@ def test_when_cpu_v4_and_v5_take_winograd(lowering):
     # that fit the map)
     mid = [((2, 64, 65, 65), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1)),  # 0.62 GFLOP
            ((2, 128, 33, 33), (128, 128, 3, 3), (1, 1), (2, 2), (2, 2))]  # 578 tiles
-    assert all(pays(*case) == (lowering == "winograd_cl") for case in mid)
+    assert all(pays(*case) == (lowering != "winograd") for case in mid)
     # 2.1 GFLOP in 121 tiles: v4's rule (by FLOPs alone) takes it, v5's not
     assert pays((1, 512, 21, 21), (512, 512, 3, 3), (1, 1), (2, 2), (2, 2)) == \
         (lowering == "winograd")
     assert not pays((4, 128, 21, 21), (128, 128, 3, 3), (1, 1), (4, 4), (4, 4))  # 31 % past
     assert not pays((1, 128, 41, 41), (128, 128, 3, 3), (1, 1), (2, 2), (2, 2))  # 0.50 GFLOP
+
+
+def test_when_cpu_v6_takes_f4x4():
+    def tile(x_shape, w_shape, d):
+        return atrous_conv.winograd_tile(x_shape, w_shape, (d, d), (d, d))
+
+    assert tile((2, 128, 65, 65), (128, 128, 3, 3), 2) == 4  # 578 tiles, 9 % past the map
+    assert tile((4, 256, 41, 41), (256, 256, 3, 3), 2) == 4  # ResNet layer3 at batch 4
+    assert tile((1, 128, 81, 81), (128, 128, 3, 3), 1) == 4  # 441 tiles
+    assert tile((1, 256, 41, 41), (256, 256, 3, 3), 2) == 2  # 121 tiles: too few rows
+    assert tile((4, 512, 41, 41), (512, 512, 3, 3), 4) == 2  # 37 % of the outputs past
+    assert tile((2, 64, 65, 65), (64, 64, 3, 3), 1) == 2  # 64 channels
+    # F(4×4)'s buffers are smaller than F(2×2)'s wherever it is taken: the budget that
+    # winograd_pays checks holds for both
+    for shape, d in (((2, 128, 65, 65), 2), ((4, 256, 41, 41), 2), ((1, 128, 81, 81), 1)):
+        C, n = shape[1], shape[2]
+        assert winograd.channels_last_bytes(C, C, n, n, (d, d), 4, 4) < \
+            winograd.channels_last_bytes(C, C, n, n, (d, d), 4, 2)
+
+
+def test_cpu_v6_by_f4x4_on_a_layer_its_rule_picks():
+    """Not forced: a 128-channel 3×3 layer on 65² (289 tiles of 4×4) in float32, against
+    float64 PyTorch, forward and backward.  F(4×4)'s rounding: 0.8-1.1e-5 of the largest
+    value for y, dx and dw over two seeds, against 4-7e-7 for cpu_v3 and cpu_v5."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 128, 65, 65))
+    w = rng.standard_normal((128, 128, 3, 3)) * 0.03
+    assert atrous_conv.winograd_tile(x.shape, w.shape, (1, 1), (1, 1)) == 4
+    dy = rng.standard_normal((1, 128, 65, 65))
+    y_t, dx_t, dw_t, _ = torch_conv2d(x, w, np.zeros(128), dy, (1, 1), (1, 1), (1, 1))
+    f32 = [a.astype(np.float32) for a in (x, w, dy)]
+    y = atrous_conv.conv2d_forward(f32[0], f32[1], None, 1, 1, 1, variant="cpu_v6")
+    dx, dw, _ = atrous_conv.conv2d_backward(*f32, 1, 1, 1, variant="cpu_v6")
+    for ours, ref in ((y, y_t), (dx, dx_t), (dw, dw_t)):
+        assert ours.dtype == np.float32
+        assert np.abs(ours - ref).max() / np.abs(ref).max() < 3e-5
 
 
 @pytest.mark.parametrize("variant", WINOGRAD_VARIANTS)
