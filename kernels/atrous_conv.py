@@ -51,6 +51,7 @@ The library uses ``DEFAULT[device]``.  The im2col buffer is bounded (``COLS_BUDG
 work is cut into chunks of images, or of output rows within one image, so a 1024-channel 65×65
 layer never needs gigabytes.
 """
+import functools
 import math
 import threading
 from collections import namedtuple
@@ -255,13 +256,15 @@ def winograd_tile(x_shape, w_shape, padding, dilation):
     return 4
 
 
-def _winograd_call(lowering, name, x, w, padding, dilation):
-    """The Winograd function ``name`` of ``lowering``, with cpu_v6's tile size bound."""
-    fn = getattr(_winograd, name + _WINOGRAD[lowering])
+def _winograd_functions(lowering, x, w, padding, dilation):
+    """(forward, weight_gradient, input_gradient) of the Winograd ``lowering``; cpu_v6's with
+    its tile size for this layer bound."""
+    names = ("forward", "weight_gradient", "input_gradient")
+    fns = [getattr(_winograd, name + _WINOGRAD[lowering]) for name in names]
     if lowering != "winograd_cl4":
-        return fn
+        return fns
     m = winograd_tile(x.shape, w.shape, padding, dilation)
-    return lambda *args: fn(*args, m=m)
+    return [functools.partial(fn, m=m) for fn in fns]
 
 
 def _buffer(name, shape, dtype):
@@ -282,7 +285,7 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
     if lowering in _WINOGRAD and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
                                                             dilation, x.itemsize, lowering):
-        forward = _winograd_call(lowering, "forward", x, w, padding, dilation)
+        forward = _winograd_functions(lowering, x, w, padding, dilation)[0]
         return forward(x, w, b, padding, dilation, _budget(x), _buffer)
     y = xp.empty((N, K, Ho, Wo), dtype=x.dtype)
     if _is_pointwise(w, stride, padding):  # 1×1: x itself (subsampled) is the column matrix
@@ -377,10 +380,11 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
             winograd_pays(x.shape, w.shape, stride, padding, dilation, x.itemsize, lowering):
         # dw as the gradient of the Winograd forward; dx as a Winograd convolution of dy with
         # the flipped kernel (padding 2d − pad; where that is negative, v3's way below)
-        dw = _winograd_call(lowering, "weight_gradient", x, w, padding, dilation)(
-            x, dy, padding, dilation, _budget(x), _buffer)
-        dx = _winograd_call(lowering, "input_gradient", x, w, padding, dilation)(
-            w, dy, x.shape, padding, dilation, _budget(x), _buffer) if need_dx else None
+        _, weight_gradient, input_gradient = _winograd_functions(lowering, x, w, padding,
+                                                                 dilation)
+        dw = weight_gradient(x, dy, padding, dilation, _budget(x), _buffer)
+        dx = input_gradient(w, dy, x.shape, padding, dilation, _budget(x),
+                            _buffer) if need_dx else None
         return dx, dw, db
     if not need_dx:
         return (None, *_weights_backward(x, w, dy, stride, padding, dilation, kern), db)

@@ -31,18 +31,11 @@ gradient is the forward's adjoint (dM = A dY Aᵀ per tile, dU[e] = dM[e] · V[e
 The transforms add rounding: float32 results differ from the float64 reference by a few 1e-6
 relative — like a GEMM's different summation order, checked by the same tests.
 
-F(4×4, 3×3) (the same construction from a 6×6 tile, points 0, ±1, ±2, ∞) gives a 4×4 block of
-outputs from 36 products instead of 144: 4× fewer multiply-adds than im2col, against F(2×2)'s
-2.25×, and transformed tiles 36/16 numbers per output instead of 16/4.  Its matrices hold 4, 5
-and 8 (and G sixths and 24ths), so float32 results carry ~20× F(2×2)'s rounding: about 1e-5
-of the largest value against the float64 reference, where F(2×2) and im2col give 4-7e-7
-(test_winograd bounds it at 3e-5).  And its tiles, 4 outputs spaced d, overhang small maps
-more.
-
 Ladder: ``winograd_reference`` (NumPy, float64, the formulas above written out; ``m=4`` for
 F(4×4)) → the Numba transforms, one number at a time, parallel over channels, with the GEMMs in
-BLAS (cpu_v4) → the same transforms with the channels last, in SIMD over channels (cpu_v5) →
-F(4×4) with the channels last where its larger tiles fit the map (cpu_v6, the last section).
+BLAS (cpu_v4) → the same transforms with the channels last, in SIMD over channels (cpu_v5, the
+last section; its driver functions take ``m=4`` for F(4×4, 3×3), cpu_v6, whose transforms are
+in atrous_conv_winograd4).
 """
 from collections import namedtuple
 
@@ -54,14 +47,6 @@ from . import parallel_njit
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
-# F(4, 3): 6 inputs, 4 outputs
-BT4 = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
-G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
-AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
-                [0, 1, -1, 8, -8, 1]], np.float64)
-MATRICES = {2: (BT, G, AT), 4: (BT4, G4, AT4)}  # F(m, 3) for m outputs a tile
 
 
 def tile_origins(n_out, d, m=2):
@@ -114,7 +99,7 @@ def winograd_reference(x, w, b, padding, dilation, m=2):
     N, C, H, W = x.shape
     K = w.shape[0]
     (ph, pw), (dh, dw) = padding, dilation
-    bt, g, at = MATRICES[m]
+    bt, g, at = (BT, G, AT) if m == 2 else _kernels(4).matrices
     Ho, Wo = H + 2 * ph - 2 * dh, W + 2 * pw - 2 * dw
     rows, cols = tile_origins(Ho, dh, m), tile_origins(Wo, dw, m)
     xp = np.zeros((N, C, H + 2 * ph + (m + 1) * dh, W + 2 * pw + (m + 1) * dw))  # room for
@@ -334,6 +319,26 @@ def input_gradient(w, dy, x_shape, padding, dilation, budget, buffer=_fresh):
 # the planes one channel at a time, reading (writing) the staging buffer K + 16 numbers apart.
 # Without the 16, rows of 512 channels lie 2 KB apart, and every 32nd cache set takes all of
 # them: the copy of a 512-channel tile row then ran 4× slower (1 × 512 × 41², d = 4).
+@njit(inline="always")
+def _unstage_rows(out, y, n, i0, dh):
+    # y[n, k, i0 + s·dh, :] = out[s, :, k] for the staged rows s that lie inside the map
+    K, Ho, Wo = y.shape[1:]
+    for s in range(min(out.shape[0], (Ho - 1 - i0) // dh + 1)):
+        for k in range(K):
+            for j in range(Wo):
+                y[n, k, i0 + s * dh, j] = out[s, j, k]
+
+
+@njit(inline="always")
+def _stage_rows(dy, g, n, i0, dh):
+    # g[s, :, k] = dy[n, k, i0 + s·dh, :], the transpose of _unstage_rows
+    K, Ho, Wo = dy.shape[1:]
+    for s in range(min(g.shape[0], (Ho - 1 - i0) // dh + 1)):
+        for k in range(K):
+            for j in range(Wo):
+                g[s, j, k] = dy[n, k, i0 + s * dh, j]
+
+
 @njit(cache=True)
 def _transpose(src, dst):
     # dst[j, c] = src[c, j], 16 rows of src at a time: each row of dst then gets 16 numbers
@@ -424,10 +429,7 @@ def _output_transform_cl(M, y, rows, cols, dh, dw):
                 s2, s3 = m12 - m22 - m32, m13 - m23 - m33
                 out[0, j0, k], out[0, j1, k] = r0 + r1 + r2, r1 - r2 - r3  # then · A
                 out[1, j0, k], out[1, j1, k] = s0 + s1 + s2, s1 - s2 - s3
-        for s in range(min(2, (Ho - 1 - i0) // dh + 1)):  # the second row may lie past the end
-            for k in range(K):
-                for j in range(Wo):
-                    y[n, k, i0 + s * dh, j] = out[s, j, k]
+        _unstage_rows(out, y, n, i0, dh)  # the second row may lie past the end
 
 
 def _output_transform_adjoint_cl(dy, dM, rows, cols, dh, dw):
@@ -438,10 +440,7 @@ def _output_transform_adjoint_cl(dy, dM, rows, cols, dh, dw):
     for r in prange(N * TR):
         n, i0 = r // TR, rows[r % TR]
         g = np.zeros((2, Wo + dw, K + 16), dy.dtype)  # see STAGING
-        for s in range(min(2, (Ho - 1 - i0) // dh + 1)):
-            for k in range(K):
-                for j in range(Wo):
-                    g[s, j, k] = dy[n, k, i0 + s * dh, j]
+        _stage_rows(dy, g, n, i0, dh)
         for tc in range(TC):
             j0 = cols[tc]
             j1 = j0 + dw
@@ -484,7 +483,7 @@ def _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget, buffer,
         _padded_channels_last_cpu(x[n0:n1], xh, ph, pw)
         V = buffer("winograd_V", ((m + 2) ** 2, (n1 - n0) * rows.shape[0] * cols.shape[0], C),
                    x.dtype)
-        _CL[m].input(xh, V, rows, cols, dh, dw)
+        _kernels(m).input(xh, V, rows, cols, dh, dw)
         yield n0, n1, V
 
 
@@ -492,7 +491,7 @@ def forward_cl(x, w, b, padding, dilation, budget, buffer=_fresh, m=2):
     """``forward`` with the channels last: M[e] = V[e] · U[e]ᵀ as (tiles, K) matrices; by
     F(m×m, 3×3), m = 2 (cpu_v5) or 4 (cpu_v6)."""
     U = buffer("winograd_U", ((m + 2) ** 2, w.shape[0], w.shape[1]), x.dtype)
-    _CL[m].weight(w.astype(x.dtype, copy=False), U, False)
+    _kernels(m).weight(w.astype(x.dtype, copy=False), U, False)
     return _forward_cl(x, U.transpose(0, 2, 1), b, padding, dilation, budget, buffer, m)
 
 
@@ -508,7 +507,7 @@ def _forward_cl(x, UT, b, padding, dilation, budget, buffer, m):
                                      buffer, m):
         M = buffer("winograd_M", (V.shape[0], V.shape[1], K), x.dtype)
         np.matmul(V, UT, out=M)  # 16 (or 36) GEMMs
-        _CL[m].output(M, y[n0:n1], rows, cols, dh, dw)
+        _kernels(m).output(M, y[n0:n1], rows, cols, dh, dw)
     if b is not None:
         y += b.reshape(1, K, 1, 1)
     return y
@@ -525,14 +524,14 @@ def weight_gradient_cl(x, dy, padding, dilation, budget, buffer=_fresh, m=2):
     for n0, n1, V in _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget,
                                      buffer, m):
         dM = buffer("winograd_M", (V.shape[0], V.shape[1], K), x.dtype)
-        _CL[m].output_adjoint(dy[n0:n1], dM, rows, cols, dh, dw_)
+        _kernels(m).output_adjoint(dy[n0:n1], dM, rows, cols, dh, dw_)
         if first:
             np.matmul(dM.transpose(0, 2, 1), V, out=dU)  # 16 (or 36) GEMMs
             first = False
         else:
             dU += np.matmul(dM.transpose(0, 2, 1), V)
     dw = np.empty((K, C, 3, 3), x.dtype)
-    _CL[m].weight_adjoint(dU, dw)
+    _kernels(m).weight_adjoint(dU, dw)
     return dw
 
 
@@ -542,205 +541,25 @@ def input_gradient_cl(w, dy, x_shape, padding, dilation, budget, buffer=_fresh, 
     written in w's own (k, c) order (no transposed reads)."""
     (ph, pw), (dh, dw) = padding, dilation
     UT = buffer("winograd_U", ((m + 2) ** 2, w.shape[0], w.shape[1]), dy.dtype)
-    _CL[m].weight(w.astype(dy.dtype, copy=False), UT, True)
+    _kernels(m).weight(w.astype(dy.dtype, copy=False), UT, True)
     dx = _forward_cl(dy, UT, None, (2 * dh - ph, 2 * dw - pw), dilation, budget, buffer, m)
     assert dx.shape == tuple(x_shape)
     return dx
 
 
-# ---- F(4×4, 3×3) with the channels last (cpu_v6) ----------------------------------------------
-#
-# The same layout as cpu_v5, with 6×6 tiles of inputs and 4×4 blocks of outputs.  Each 2-D
-# transform is two passes of a 1-D one: down the tile's columns into a (6, 6, C) block, then
-# along its rows, every pass an inner loop over channels.  The 1-D transforms below are BT4,
-# AT4 and AT4ᵀ with their common subexpressions shared; the constants take the data's dtype
-# (``dtype.type``) so that float32 stays float32.  The weight transforms run in float64 and
-# round once (G holds sixths): a k at a time into a (36, C) block, copied out row by row —
-# U's 36 rows lie K·C numbers apart, and 36 streams that far apart share a few cache sets
-# (written side by side: 11 ms instead of 0.6 at 256 channels).
-
-@njit(inline="always")
-def _bt6(x0, x1, x2, x3, x4, x5, two, four, five):
-    # Bᵀ x: the rows of BT4
-    return (four * x0 - five * x2 + x4, (x3 + x4) - four * (x1 + x2),
-            (x4 - x3) + four * (x1 - x2), (x4 - x2) - two * (x1 - x3),
-            (x4 - x2) + two * (x1 - x3), four * x1 - five * x3 + x5)
-
-
-@njit(inline="always")
-def _at6(m0, m1, m2, m3, m4, m5, two, four, eight):
-    # Aᵀ m: the rows of AT4
-    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
-    return m0 + s12 + s34, d12 + two * d34, s12 + four * s34, d12 + eight * d34 + m5
-
-
-@njit(inline="always")
-def _a6(g0, g1, g2, g3, two, four, eight):
-    # A g: the columns of AT4, the adjoint of _at6
-    s02, s13 = g0 + g2, g1 + g3
-    p02, p13 = g0 + four * g2, two * g1 + eight * g3
-    return g0, s02 + s13, s02 - s13, p02 + p13, p02 - p13, g3
-
-
-@njit(inline="always")
-def _g6(w0, w1, w2):
-    # G w: the rows of G4, in float64
-    s, d = (w0 + w2) * (1 / 6), w1 * (1 / 6)
-    e, f = w0 * (1 / 24) + w2 * (1 / 6), w1 * (1 / 12)
-    return w0 * 0.25, -(s + d), d - s, e + f, e - f, w2 * 1.0
-
-
-@njit(inline="always")
-def _gt6(u0, u1, u2, u3, u4, u5):
-    # Gᵀ u, the adjoint of _g6, in float64
-    s12, d12, s34, d34 = u1 + u2, u2 - u1, u3 + u4, u3 - u4
-    return (u0 * 0.25 - s12 * (1 / 6) + s34 * (1 / 24), d12 * (1 / 6) + d34 * (1 / 12),
-            (s34 - s12) * (1 / 6) + u5)
-
-
-def _input_transform4_cl(xh, V, rows, cols, dh, dw):
-    # V[6u + v, p, c] = (Bᵀ X B)[u, v] for tile p = (n, tr, tc), X 6×6 spaced (dh, dw)
-    N, C = xh.shape[0], xh.shape[3]
-    TR, TC = rows.shape[0], cols.shape[0]
-    two, four, five = xh.dtype.type(2), xh.dtype.type(4), xh.dtype.type(5)
-    for r in prange(N * TR):
-        n, i0 = r // TR, rows[r % TR]
-        t = np.empty((6, 6, C), xh.dtype)
-        for tc in range(TC):
-            j0 = cols[tc]
-            p = r * TC + tc
-            for v in range(6):  # Bᵀ down each column of the tile
-                j = j0 + v * dw
-                for c in range(C):
-                    b0, b1, b2, b3, b4, b5 = _bt6(
-                        xh[n, i0, j, c], xh[n, i0 + dh, j, c], xh[n, i0 + 2 * dh, j, c],
-                        xh[n, i0 + 3 * dh, j, c], xh[n, i0 + 4 * dh, j, c],
-                        xh[n, i0 + 5 * dh, j, c], two, four, five)
-                    t[0, v, c], t[1, v, c], t[2, v, c] = b0, b1, b2
-                    t[3, v, c], t[4, v, c], t[5, v, c] = b3, b4, b5
-            for u in range(6):  # then B along each row
-                for c in range(C):
-                    b0, b1, b2, b3, b4, b5 = _bt6(t[u, 0, c], t[u, 1, c], t[u, 2, c],
-                                                  t[u, 3, c], t[u, 4, c], t[u, 5, c],
-                                                  two, four, five)
-                    V[6 * u, p, c], V[6 * u + 1, p, c], V[6 * u + 2, p, c] = b0, b1, b2
-                    V[6 * u + 3, p, c], V[6 * u + 4, p, c], V[6 * u + 5, p, c] = b3, b4, b5
-
-
-def _output_transform4_cl(M, y, rows, cols, dh, dw):
-    # y[n, k, i0 + s·dh, j0 + t·dw] = (Aᵀ M A)[s, t]; a tile row's four output rows are
-    # staged channels last in ``out`` (rows K + 16 long: see STAGING), then copied to y
-    N, K, Ho, Wo = y.shape
-    TR, TC = rows.shape[0], cols.shape[0]
-    two, four, eight = M.dtype.type(2), M.dtype.type(4), M.dtype.type(8)
-    for r in prange(N * TR):
-        n, i0 = r // TR, rows[r % TR]
-        t = np.empty((4, 6, K), M.dtype)
-        out = np.empty((4, Wo + 3 * dw, K + 16), y.dtype)
-        for tc in range(TC):
-            j0 = cols[tc]
-            p = r * TC + tc
-            for v in range(6):  # Aᵀ down each column
-                for k in range(K):
-                    a0, a1, a2, a3 = _at6(M[v, p, k], M[6 + v, p, k], M[12 + v, p, k],
-                                          M[18 + v, p, k], M[24 + v, p, k], M[30 + v, p, k],
-                                          two, four, eight)
-                    t[0, v, k], t[1, v, k], t[2, v, k], t[3, v, k] = a0, a1, a2, a3
-            for s in range(4):  # then · A along each row
-                for k in range(K):
-                    a0, a1, a2, a3 = _at6(t[s, 0, k], t[s, 1, k], t[s, 2, k], t[s, 3, k],
-                                          t[s, 4, k], t[s, 5, k], two, four, eight)
-                    out[s, j0, k], out[s, j0 + dw, k] = a0, a1
-                    out[s, j0 + 2 * dw, k], out[s, j0 + 3 * dw, k] = a2, a3
-        for s in range(min(4, (Ho - 1 - i0) // dh + 1)):  # rows past the end are dropped
-            for k in range(K):
-                for j in range(Wo):
-                    y[n, k, i0 + s * dh, j] = out[s, j, k]
-
-
-def _output_transform4_adjoint_cl(dy, dM, rows, cols, dh, dw):
-    # dM[6u + v, p, k] = (A dY Aᵀ)[u, v]: the transpose of _output_transform4_cl, dy's four
-    # rows of a tile row staged channels last (zero past the edges) first
-    N, K, Ho, Wo = dy.shape
-    TR, TC = rows.shape[0], cols.shape[0]
-    two, four, eight = dy.dtype.type(2), dy.dtype.type(4), dy.dtype.type(8)
-    for r in prange(N * TR):
-        n, i0 = r // TR, rows[r % TR]
-        g = np.zeros((4, Wo + 3 * dw, K + 16), dy.dtype)  # see STAGING
-        h = np.empty((4, 6, K), dy.dtype)
-        for s in range(min(4, (Ho - 1 - i0) // dh + 1)):
-            for k in range(K):
-                for j in range(Wo):
-                    g[s, j, k] = dy[n, k, i0 + s * dh, j]
-        for tc in range(TC):
-            j0 = cols[tc]
-            p = r * TC + tc
-            for s in range(4):  # A along each row of dY
-                for k in range(K):
-                    a0, a1, a2, a3, a4, a5 = _a6(g[s, j0, k], g[s, j0 + dw, k],
-                                                 g[s, j0 + 2 * dw, k], g[s, j0 + 3 * dw, k],
-                                                 two, four, eight)
-                    h[s, 0, k], h[s, 1, k], h[s, 2, k] = a0, a1, a2
-                    h[s, 3, k], h[s, 4, k], h[s, 5, k] = a3, a4, a5
-            for v in range(6):  # then down each column
-                for k in range(K):
-                    a0, a1, a2, a3, a4, a5 = _a6(h[0, v, k], h[1, v, k], h[2, v, k], h[3, v, k],
-                                                 two, four, eight)
-                    dM[v, p, k], dM[6 + v, p, k], dM[12 + v, p, k] = a0, a1, a2
-                    dM[18 + v, p, k], dM[24 + v, p, k], dM[30 + v, p, k] = a3, a4, a5
-
-
-def _weight_transform4(w, U, flip):
-    # U[6a + b, k, c] = (G w[k, c] Gᵀ)[a, b] (of w[k, c] turned by 180° with ``flip``)
-    K, C = w.shape[0], w.shape[1]
-    first, last = (2, 0) if flip else (0, 2)
-    for k in prange(K):
-        blk = np.empty((36, C), U.dtype)
-        for c in range(C):
-            g0 = _g6(w[k, c, first, first] * 1.0, w[k, c, 1, first] * 1.0,
-                     w[k, c, last, first] * 1.0)  # G w, column by column
-            g1 = _g6(w[k, c, first, 1] * 1.0, w[k, c, 1, 1] * 1.0, w[k, c, last, 1] * 1.0)
-            g2 = _g6(w[k, c, first, last] * 1.0, w[k, c, 1, last] * 1.0,
-                     w[k, c, last, last] * 1.0)
-            for a in range(6):  # then · Gᵀ along each row
-                u0, u1, u2, u3, u4, u5 = _g6(g0[a], g1[a], g2[a])
-                blk[6 * a, c], blk[6 * a + 1, c], blk[6 * a + 2, c] = u0, u1, u2
-                blk[6 * a + 3, c], blk[6 * a + 4, c], blk[6 * a + 5, c] = u3, u4, u5
-        for e in range(36):
-            U[e, k, :] = blk[e]
-
-
-def _weight_transform4_adjoint(dU, dw):
-    # dw[k, c] = Gᵀ dU[k, c] G: the transpose of _weight_transform4
-    K, C = dw.shape[0], dw.shape[1]
-    for k in prange(K):
-        blk = np.empty((36, C), dU.dtype)
-        for e in range(36):
-            blk[e] = dU[e, k, :]
-        for c in range(C):
-            # Gᵀ down each of the 6 columns b: dU[b], dU[6 + b], ..., dU[30 + b]
-            g0 = _gt6(blk[0, c] * 1.0, blk[6, c] * 1.0, blk[12, c] * 1.0, blk[18, c] * 1.0,
-                      blk[24, c] * 1.0, blk[30, c] * 1.0)
-            g1 = _gt6(blk[1, c] * 1.0, blk[7, c] * 1.0, blk[13, c] * 1.0, blk[19, c] * 1.0,
-                      blk[25, c] * 1.0, blk[31, c] * 1.0)
-            g2 = _gt6(blk[2, c] * 1.0, blk[8, c] * 1.0, blk[14, c] * 1.0, blk[20, c] * 1.0,
-                      blk[26, c] * 1.0, blk[32, c] * 1.0)
-            g3 = _gt6(blk[3, c] * 1.0, blk[9, c] * 1.0, blk[15, c] * 1.0, blk[21, c] * 1.0,
-                      blk[27, c] * 1.0, blk[33, c] * 1.0)
-            g4 = _gt6(blk[4, c] * 1.0, blk[10, c] * 1.0, blk[16, c] * 1.0, blk[22, c] * 1.0,
-                      blk[28, c] * 1.0, blk[34, c] * 1.0)
-            g5 = _gt6(blk[5, c] * 1.0, blk[11, c] * 1.0, blk[17, c] * 1.0, blk[23, c] * 1.0,
-                      blk[29, c] * 1.0, blk[35, c] * 1.0)
-            for a in range(3):  # then · G along each row
-                dw[k, c, a, 0], dw[k, c, a, 1], dw[k, c, a, 2] = _gt6(
-                    g0[a], g1[a], g2[a], g3[a], g4[a], g5[a])
-
-
 # The channels-last kernels of each tile size
-_Kernels = namedtuple("_Kernels", "input output output_adjoint weight weight_adjoint")
-_CL = {2: _Kernels(_input_transform_cl_cpu, _output_transform_cl_cpu,
-                   _output_transform_adjoint_cl_cpu, _weight_transform_cpu,
-                   _weight_transform_adjoint_cpu),
-       4: _Kernels(*(parallel_njit(f) for f in (
-           _input_transform4_cl, _output_transform4_cl, _output_transform4_adjoint_cl,
-           _weight_transform4, _weight_transform4_adjoint)))}
+_Kernels = namedtuple("_Kernels", "input output output_adjoint weight weight_adjoint "
+                                   "matrices")
+_CL2 = _Kernels(_input_transform_cl_cpu, _output_transform_cl_cpu,
+                _output_transform_adjoint_cl_cpu, _weight_transform_cpu,
+                _weight_transform_adjoint_cpu, (BT, G, AT))
+
+
+def _kernels(m):
+    """The channels-last kernels of F(m×m, 3×3): this module's for m = 2, those of
+    atrous_conv_winograd4 (cpu_v6) for m = 4."""
+    if m == 2:
+        return _CL2
+    from . import atrous_conv_winograd4  # imported on first use: it builds on this module
+
+    return atrous_conv_winograd4.KERNELS
