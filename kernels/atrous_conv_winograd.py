@@ -99,16 +99,17 @@ def winograd_reference(x, w, b, padding, dilation, m=2):
     N, C, H, W = x.shape
     K = w.shape[0]
     (ph, pw), (dh, dw) = padding, dilation
-    bt, g, at = (BT, G, AT) if m == 2 else _kernels(4).matrices
+    bt, g, at = _kernels(m).matrices
     Ho, Wo = H + 2 * ph - 2 * dh, W + 2 * pw - 2 * dw
     rows, cols = tile_origins(Ho, dh, m), tile_origins(Wo, dw, m)
-    xp = np.zeros((N, C, H + 2 * ph + (m + 1) * dh, W + 2 * pw + (m + 1) * dw))  # room for
-    xp[:, :, ph:ph + H, pw:pw + W] = x                                         # the last tile
+    # zero padding, and room for the last tile (m + 2 inputs from its origin)
+    xp = np.zeros((N, C, H + 2 * ph + (m + 1) * dh, W + 2 * pw + (m + 1) * dw))
+    xp[:, :, ph:ph + H, pw:pw + W] = x
     U = np.einsum("ap,kcpq,bq->abkc", g, w, g)  # G w Gᵀ for every (k, c)
     y = np.zeros((N, K, Ho, Wo))
     for i0 in rows:
         for j0 in cols:
-            tile = xp[:, :, i0:i0 + (m + 2) * dh:dh, j0:j0 + (m + 2) * dw:dw]  # (N, C, m+2, m+2)
+            tile = xp[:, :, i0:i0 + (m + 2) * dh:dh, j0:j0 + (m + 2) * dw:dw]  # (N, C, m+2, ·)
             V = np.einsum("au,ncuv,bv->abnc", bt, tile, bt)  # Bᵀ X B
             M = np.einsum("abkc,abnc->abnk", U, V)  # the (m+2)² products, summed over c
             out = np.einsum("sa,abnk,tb->nkst", at, M, at)  # Aᵀ M A: (N, K, m, m)
