@@ -561,6 +561,8 @@ def _kernels(m):
     atrous_conv_winograd4 (cpu_v6) for m = 4."""
     if m == 2:
         return _CL2
+    if m != 4:
+        raise ValueError(f"Winograd: m (outputs per tile side) must be 2 or 4, got {m!r}")
     from . import atrous_conv_winograd4  # imported on first use: it builds on this module
 
     return atrous_conv_winograd4.KERNELS

@@ -202,6 +202,15 @@ def test_when_cpu_v6_takes_f4x4():
             winograd.channels_last_bytes(C, C, n, n, (d, d), 4, 2)
 
 
+def test_tile_sizes_other_than_2_and_4_are_refused():
+    x, w = np.ones((1, 2, 7, 9)), np.ones((3, 2, 3, 3))
+    for m in (3, 6):
+        with pytest.raises(ValueError, match="m .* must be 2 or 4, got " + str(m)):
+            winograd.forward_cl(x, w, None, (1, 1), (1, 1), 1 << 26, m=m)
+        with pytest.raises(ValueError, match="must be 2 or 4"):
+            winograd.winograd_reference(x, w, None, (1, 1), (1, 1), m)
+
+
 def test_cpu_v6_by_f4x4_on_a_layer_its_rule_picks():
     """Not forced: a 128-channel 3×3 layer on 65² (289 tiles of 4×4) in float32, against
     float64 PyTorch, forward and backward.  F(4×4)'s rounding: 0.8-1.1e-5 of the largest
