@@ -32,3 +32,36 @@ def add_image_argument(parser):
     parser.add_argument("--image", type=existing_file, default=None,
                         help="the photograph to use (default: the shared example im1.png where "
                              "it is found, else a synthetic scene)")
+
+
+# ---- how busy the host was ---------------------------------------------------------------------
+def cpu_ticks(stat="/proc/stat"):
+    """The machine's CPU time counters since boot (Linux: user, nice, system, idle, iowait,
+    irq, softirq, steal, in ticks), or None where there is no such file."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return [int(v) for v in fields[1:9]]
+
+
+def steal_line(start, end=None):
+    """A results line saying what share of the CPU time since ``start`` (a ``cpu_ticks()``)
+    the hypervisor gave to other virtual machines ("steal"), or "" where it cannot tell.
+
+    On a shared virtual machine the same benchmark runs 1.5-2× slower while the host is busy,
+    and the pieces of a step that wait for both cores (every parallel loop, every threaded
+    GEMM) suffer more than a long single computation: ratios against a reference measured at
+    such a time are not comparable with calm ones.  This line lets a reader tell them apart."""
+    end = cpu_ticks() if end is None else end
+    if start is None or end is None:
+        return ""
+    spent = [b - a for a, b in zip(start, end)]
+    total = sum(spent)
+    if total <= 0:
+        return ""
+    return (f"# host: {100 * spent[7] / total:.0f} % of the CPU time during the run went to "
+            f"other virtual machines (steal, /proc/stat); idle {100 * spent[3] / total:.0f} %")

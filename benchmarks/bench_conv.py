@@ -23,7 +23,7 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import positive_int
+from tinydeeplab.benchmarks import cpu_ticks, positive_int, steal_line
 
 
 SHAPES = [  # (N, C, H, W) -> K, kernel, dilation (padding = dilation·(k−1)/2, stride 1)
@@ -134,6 +134,7 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
     else:
         csync = lambda: None  # noqa: E731
 
+    ticks = cpu_ticks()
     with threadpool_limits(limits=threads, user_api="blas"):
         roof = gemm_gflops(threads) if device == "cpu" else float("nan")
         print(f"# atrous conv forward+backward, float32, device={device}, threads={threads}, "
@@ -204,6 +205,9 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
             print(row, file=out)
         print(f"\nmedian ratio ours/torch: {statistics.median(ratios):.2f}, "
               f"worst: {max(ratios):.2f}", file=out)
+    host = steal_line(ticks)
+    if host:
+        print(host, file=out)
     return ratios
 
 

@@ -29,7 +29,7 @@ import sys
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import positive_int
+from tinydeeplab.benchmarks import cpu_ticks, positive_int, steal_line
 
 CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321),
          "resnet101": ("resnet101", 1, 321)}
@@ -312,11 +312,18 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
     from tinydeeplab import nn
     from tinydeeplab.kernels import atrous_conv as conv_k
     from tinydeeplab.kernels import batch_norm as bn_k
-    from tinydeeplab.benchmarks.bench_conv import blas_info, block_times, median_times_in_blocks
+    from threadpoolctl import threadpool_limits
+
+    from tinydeeplab.benchmarks.bench_conv import (blas_info, block_times, gemm_gflops,
+                                                   median_times_in_blocks)
 
     threads = threads or os.cpu_count()
+    ticks = cpu_ticks()
     print(f"# DeepLab v2 training step, float32, CPU, {threads} threads; BLAS: {blas_info()}",
           file=out)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        print(f"# NumPy sgemm 1024³ roofline: {gemm_gflops(threads):.1f} GFLOP/s (the host's "
+              "speed at the start)", file=out)
     print(f"# time: median of {rounds} rounds (each: a block of {repeat} steps of ours, then of "
           "torch; median within a block); ratio: median of the per-round ratios [range]",
           file=out)
@@ -344,14 +351,14 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
                 return step
 
             default = conv_k.DEFAULT["cpu"]
-            rungs = ("cpu_v3", "cpu_v4", "cpu_v5")
+            rungs = [v for v, spec in conv_k.VARIANTS.items() if spec.device == "cpu"][-3:]
             t = np.array(block_times([with_conv(v) for v in rungs], repeat, rounds))
             conv_k.DEFAULT["cpu"] = default
             r = t[:, 2] / t[:, 1]
             print(f"\n(atrous conv {' / '.join(rungs)}, ours, {label} step: "
-                  f"{' / '.join(f'{s:.3f}' for s in np.median(t, axis=0))} s; cpu_v5 / cpu_v4 "
-                  f"{np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}] over {rounds} rounds; "
-                  f"the table uses {default})\n", file=out)
+                  f"{' / '.join(f'{s:.3f}' for s in np.median(t, axis=0))} s; {rungs[2]} / "
+                  f"{rungs[1]} {np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}] over {rounds} "
+                  f"rounds; the table uses {default})\n", file=out)
         if name == "tiny":  # the batch norm + ReLU fusion, measured in the same blocks
             def with_fusion(flag):
                 def step():
@@ -378,6 +385,9 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
             print(f"batch norm kernels cpu_v1 / cpu_v3 / cpu_v2 (ours, {label} step): "
                   f"{t_v1:.3f} / {t_v3:.3f} / {t_v2:.3f} s; the table uses {default}\n",
                   file=out)
+    host = steal_line(ticks)
+    if host:
+        print(host, file=out)
 
 
 def main(argv=None):

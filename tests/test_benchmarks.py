@@ -1,0 +1,41 @@
+"""The convolution benchmark runs on a small shape, and the benchmarks say how busy the host was."""
+import io
+import os
+
+import pytest
+
+from tinydeeplab.benchmarks import cpu_ticks, steal_line
+
+
+def test_cpu_ticks_reads_the_first_line_of_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 20 800 10 0 3 62 0 0\ncpu0 50 2 10 400 5 0 1 31 0 0\n")
+    assert cpu_ticks(str(stat)) == [100, 5, 20, 800, 10, 0, 3, 62]
+    stat.write_text("intr 1 2 3\n")
+    assert cpu_ticks(str(stat)) is None  # not the format it knows: no figure, no guess
+    assert cpu_ticks(str(tmp_path / "absent")) is None  # not Linux
+
+
+def test_steal_line_gives_the_share_of_time_taken_by_other_machines():
+    start = [100, 0, 20, 800, 10, 0, 0, 70]
+    end = [400, 0, 40, 900, 10, 0, 0, 170]  # 300 + 20 + 100 idle + 100 steal = 520 ticks
+    line = steal_line(start, end)
+    assert line.startswith("# host: 19 % of the CPU time"), line  # 100 / 520
+    assert "idle 19 %" in line
+    assert steal_line(None, end) == ""  # no reading at the start (not Linux)
+    assert steal_line(start, start) == ""  # no time passed: nothing to say
+
+
+def test_conv_benchmark_runs_and_reports_the_host():
+    pytest.importorskip("torch", reason="the benchmark compares with PyTorch")
+    from tinydeeplab.benchmarks import bench_conv
+
+    out = io.StringIO()
+    ratios = bench_conv.run("cpu", threads=1, repeat=1, rounds=1, out=out,
+                            shapes=[((1, 3, 9, 7), 2, 3, 2)], against="cpu_v3")
+    text = out.getvalue()
+    assert len(ratios) == 1 and ratios[0] > 0
+    assert "| (1, 3, 9, 7) | 2 | 3×3 | 2 |" in text, text
+    assert "median ratio ours/torch" in text
+    if os.path.isfile("/proc/stat"):
+        assert "# host: " in text and "steal" in text, text
