@@ -7,7 +7,9 @@ You will learn:
   * that the CPU (Numba) and CUDA (numba.cuda) kernels share one piece of index math;
   * how to derive the backward (db, dw, dx = col2im of a matrix product) and check it with an
     adjoint identity and finite differences;
-  * how our kernel compares with PyTorch's on the same input.
+  * how our kernel compares with PyTorch's on the same input;
+  * Winograd's minimal filtering, F(2×2, 3×3) and F(4×4, 3×3), on one tile, and what the
+    larger one's matrices cost in float32 rounding.
 
 Run:  python lessons/02_writing_the_kernel.py   (TDL_FAST=1 for a smaller, quicker run)
 """
@@ -261,12 +263,42 @@ print(f"one 2×2 block by Winograd against the loops: {tile_gap:.1e}")
 # more than the multiplications saved (kernels/atrous_conv.py, winograd_pays).  cpu_v5 does
 # the same additions with the channels last — every number of a tile above is then a run of C
 # numbers side by side, which the CPU adds 16 at a time — and so pays from ~0.6 GFLOP on.
-# cpu_v6, the default, takes F(4×4, 3×3) on layers with many tiles: 6×6 inputs, 4×4 outputs,
-# 36 products instead of 144, but matrices with 4, 5 and 8 in them, so ~20× the rounding.
+# cpu_v6, the default, takes F(4×4, 3×3) on layers with many tiles: a 6×6 tile of inputs
+# (spaced d) gives a 4×4 block of outputs with 36 products instead of 144.  The same block
+# formula with the larger matrices (kernels/atrous_conv_winograd4.py), on one tile:
+from tinydeeplab.kernels import atrous_conv_winograd4 as winograd4  # noqa: E402
+
+i0, j0 = 2, 3  # outputs (i0 + d·u, j0 + d·v), u, v = 0..3
+block4 = np.full((4, 4), b[k0])
+for c in range(C):
+    tile = np.pad(x[0, c], pad)[i0:i0 + 6 * d:d, j0:j0 + 6 * d:d]  # 6×6 inputs, spaced d
+    block4 += winograd4.AT4 @ ((winograd4.G4 @ w[k0, c] @ winograd4.G4.T)
+                               * (winograd4.BT4 @ tile @ winograd4.BT4.T)) @ winograd4.AT4.T
+tile4_gap = float(np.abs(block4 - y_loops[0, k0, i0:i0 + 4 * d:d, j0:j0 + 4 * d:d]).max())
+print(f"one 4×4 block by F(4×4, 3×3) against the loops: {tile4_gap:.1e}")
+# The price is in the matrices: Bᵀ holds 4 and 5, Aᵀ 8, G sixths and 24ths, and float32 rounds
+# every number they touch.  A 64-channel layer in float32, each F through the library's
+# channels-last driver, against float64 (three random layers):
+from tinydeeplab.kernels.atrous_conv import COLS_BUDGET_BYTES  # noqa: E402
+
+errors = {2: [], 4: []}
+for seed in range(3):
+    r = np.random.default_rng(seed)
+    x64, w64 = r.standard_normal((1, 64, 29, 29)), r.standard_normal((64, 64, 3, 3)) / 24
+    y64 = atrous_conv.conv2d_forward(x64, w64, None, 1, 2, 2, variant="cpu_v3")
+    for m in errors:
+        y32 = winograd.forward_cl(x64.astype(np.float32), w64.astype(np.float32), None, (2, 2),
+                                  (2, 2), COLS_BUDGET_BYTES["cpu"], m=m)
+        errors[m].append(float(np.abs(y32 - y64).max() / np.abs(y64).max()))
+for m, e in errors.items():
+    print(f"F({m}×{m}, 3×3) in float32: largest error {', '.join(f'{v:.1e}' for v in e)} of "
+          "the largest output")
+print(f"F(4×4)'s error / F(2×2)'s: {np.mean(errors[4]) / np.mean(errors[2]):.0f}× on average")
 
 # %% Check
 assert np.abs(y_gemm - y_loops).max() < 1e-10, "im2col + GEMM disagrees with the loops"
 assert np.abs(y_winograd_1d - y_direct_1d).max() < 1e-12 and tile_gap < 1e-10
+assert tile4_gap < 1e-10 and max(errors[2]) < max(errors[4]) < 1e-4
 assert np.abs(cols - cols_lib).max() == 0
 assert np.abs(y_cuda - y_cpu).max() < 1e-4, "the CUDA kernel disagrees with the CPU one"
 assert max(np.abs(dx - dx_lib).max(), np.abs(dw - dw_lib).max(), np.abs(db - db_lib).max()) \
