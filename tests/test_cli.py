@@ -98,6 +98,9 @@ def test_crf_command(tmp_path):
      "does not exist"),
     (["bench", "crf", "--repeat", "0"], "positive whole number"),  # before any timing starts
     (["bench", "crf", "--image", "{tmp}/missing.png"], "no such file"),
+    (["bench", "model", "--models", "tiny,resnet7"], "unknown ['resnet7']"),
+    (["bench", "all", "--models", "resnet7"], "unknown ['resnet7']"),  # before conv's timing
+    (["bench", "conv", "--models", "tiny"], "--models is for 'bench model'"),
 ])
 def test_bad_input_exits_non_zero_with_a_message(tmp_path, args, message):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
@@ -192,3 +195,17 @@ def test_crf_params_file_is_checked(tmp_path):
         good.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             crf.read_params(good)
+
+
+def test_bench_model_runs_the_training_step_benchmark(monkeypatch):
+    """`tinydeeplab bench model` hands its options to benchmarks/bench_model.py's run (the
+    benchmark itself takes minutes; tests/test_benchmarks.py runs the convolution one)."""
+    pytest.importorskip("torch", reason="tinydeeplab bench compares with PyTorch")
+    from tinydeeplab.benchmarks import bench_model
+
+    calls = []
+    monkeypatch.setattr(bench_model, "run", lambda *a, **k: calls.append((a, k)))
+    main(["bench", "model", "--models", "tiny,resnet101", "--threads", "1", "--repeat", "2"])
+    main(["bench", "model"])
+    assert calls == [((1, 2), {"models": ("tiny", "resnet101")}),
+                     ((None, 5), {"models": ("tiny", "resnet50")})]

@@ -333,20 +333,38 @@ def _bench(args):
     except ImportError:
         sys.exit("tinydeeplab bench compares against PyTorch, which is not installed: "
                  "pip install 'tinydeeplab[test]'")
-    if args.what in ("conv", "all"):
-        from .benchmarks import bench_conv
+    from .benchmarks import bench_model
 
-        bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat)
+    if args.models and args.what not in ("model", "all"):
+        sys.exit(f"tinydeeplab bench: --models is for 'bench model' (or 'all'), not "
+                 f"'{args.what}'")
+    cases = bench_model.GPU_CASES if args.device == "cuda" else bench_model.CASES
+    models = tuple(args.models.split(",")) if args.models else \
+        (("resnet101-b10", "resnet101-b2") if args.device == "cuda" else ("tiny", "resnet50"))
+    unknown = sorted(set(models) - set(cases))
+    if unknown:  # before any timing starts
+        sys.exit(f"tinydeeplab bench: --models: unknown {unknown}; choose from {list(cases)} "
+                 f"for --device {args.device}")
     if args.what in ("crf", "all"):
         try:
             import pydensecrf  # noqa: F401
         except ImportError:
             sys.exit("tinydeeplab bench crf compares against pydensecrf, which is not "
                      "installed: pip install 'tinydeeplab[test]'")
+    if args.what in ("conv", "all"):
+        from .benchmarks import bench_conv
+
+        bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat)
+    if args.what in ("crf", "all"):
         from .benchmarks import bench_crf
 
         bench_crf.run(device=args.device, repeat=args.repeat,
                       photo=bench_crf.PHOTO if args.image is None else args.image)
+    if args.what in ("model", "all"):
+        if args.device == "cuda":
+            bench_model.run_cuda(args.repeat, cases=models)
+        else:
+            bench_model.run(args.threads, args.repeat, models=models)
 
 
 def build_parser():
@@ -496,9 +514,17 @@ def build_parser():
     p.add_argument("--backbone", default="resnet101", choices=["resnet50", "resnet101"])
     p.set_defaults(func=_convert_caffe)
 
-    p = sub.add_parser("bench", help="our kernels side by side with PyTorch (convolution) and "
-                                     "pydensecrf (CRF); needs the [test] extra")
-    p.add_argument("what", nargs="?", choices=["conv", "crf", "all"], default="all")
+    p = sub.add_parser("bench", help="our kernels side by side with PyTorch (convolution, a "
+                                     "training step) and pydensecrf (CRF); needs the [test] "
+                                     "extra")
+    p.add_argument("what", nargs="?", choices=["conv", "crf", "model", "all"], default="all",
+                   help="conv: the atrous convolution on DeepLab's layer shapes; crf: 10 dense "
+                        "CRF iterations; model: one training step of whole networks; all: the "
+                        "three (default)")
+    p.add_argument("--models", default=None,
+                   help="model: comma-separated networks (CPU: tiny, resnet50, resnet101; "
+                        "default tiny,resnet50 — with --device cuda: resnet101-b10, "
+                        "resnet101-b2, tiny; default the two ResNet-101 cases)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per block")
