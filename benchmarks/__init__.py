@@ -52,10 +52,11 @@ def steal_line(start, end=None):
     """A results line saying what share of the CPU time since ``start`` (a ``cpu_ticks()``)
     the hypervisor gave to other virtual machines ("steal"), or "" where it cannot tell.
 
-    On a shared virtual machine the same benchmark runs 1.5-2× slower while the host is busy,
-    and the pieces of a step that wait for both cores (every parallel loop, every threaded
-    GEMM) suffer more than a long single computation: ratios against a reference measured at
-    such a time are not comparable with calm ones.  This line lets a reader tell them apart."""
+    On a shared virtual machine the same benchmark runs slower while the host is busy, and not
+    evenly: on machine B (benchmarks/RESULTS.md) a tiny training step took 52-56 ms instead of
+    30 and PyTorch's 36-38 instead of 25, while one long GEMM lost a fifth (sgemm 361 GFLOP/s
+    against 449).  Ratios measured at such a time are not comparable with calm ones; this line
+    and the sgemm figure at the start let a reader tell them apart."""
     end = cpu_ticks() if end is None else end
     if start is None or end is None:
         return ""
