@@ -227,7 +227,7 @@ except ImportError:
     print(f"ours {best_of(lambda: ours(2)) * 1e3:.1f} ms; PyTorch is not installed (pip install "
           "torch) so there is no comparison")
 
-# %% 6. Fewer multiplications: Winograd F(2, 3) on one tile (the CPU's cpu_v4 and cpu_v5)
+# %% 6. Fewer multiplications: Winograd on one tile (the CPU's cpu_v4, cpu_v5 and cpu_v6)
 # Two outputs of a 3-tap correlation, y0 = w0·x0 + w1·x1 + w2·x2 and y1 = w0·x1 + w1·x2 + w2·x3,
 # take 6 multiplications.  Winograd's minimal filtering algorithm F(2, 3) takes 4:
 #     m1 = (x0 − x2)·w0          m2 = (x1 + x2)·(w0 + w1 + w2)/2
