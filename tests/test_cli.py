@@ -101,6 +101,8 @@ def test_crf_command(tmp_path):
     (["bench", "model", "--models", "tiny,resnet7"], "unknown ['resnet7']"),
     (["bench", "all", "--models", "resnet7"], "unknown ['resnet7']"),  # before conv's timing
     (["bench", "conv", "--models", "tiny"], "--models is for 'bench model'"),
+    (["bench", "model", "--rounds", "0"], "positive whole number"),
+    (["bench", "crf", "--rounds", "3"], "--rounds is for 'bench conv'"),
 ])
 def test_bad_input_exits_non_zero_with_a_message(tmp_path, args, message):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
@@ -197,15 +199,22 @@ def test_crf_params_file_is_checked(tmp_path):
             crf.read_params(good)
 
 
-def test_bench_model_runs_the_training_step_benchmark(monkeypatch):
-    """`tinydeeplab bench model` hands its options to benchmarks/bench_model.py's run (the
-    benchmark itself takes minutes; tests/test_benchmarks.py runs the convolution one)."""
+def test_bench_hands_its_options_to_the_benchmarks(monkeypatch):
+    """`tinydeeplab bench model` and `bench conv` hand their options to the benchmarks' run
+    functions (a training-step benchmark takes minutes; tests/test_benchmarks.py runs the
+    convolution one on a small shape)."""
     pytest.importorskip("torch", reason="tinydeeplab bench compares with PyTorch")
     from tinydeeplab.benchmarks import bench_model
 
     calls = []
     monkeypatch.setattr(bench_model, "run", lambda *a, **k: calls.append((a, k)))
-    main(["bench", "model", "--models", "tiny,resnet101", "--threads", "1", "--repeat", "2"])
+    main(["bench", "model", "--models", "tiny,resnet101", "--threads", "1", "--repeat", "2",
+          "--rounds", "3"])
     main(["bench", "model"])
-    assert calls == [((1, 2), {"models": ("tiny", "resnet101")}),
+    assert calls == [((1, 2), {"models": ("tiny", "resnet101"), "rounds": 3}),
                      ((None, 5), {"models": ("tiny", "resnet50")})]
+    from tinydeeplab.benchmarks import bench_conv
+
+    monkeypatch.setattr(bench_conv, "run", lambda **k: calls.append(k))
+    main(["bench", "conv", "--rounds", "7"])
+    assert calls[-1] == {"device": "cpu", "threads": None, "repeat": 5, "rounds": 7}

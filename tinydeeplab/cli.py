@@ -338,6 +338,9 @@ def _bench(args):
     if args.models and args.what not in ("model", "all"):
         sys.exit(f"tinydeeplab bench: --models is for 'bench model' (or 'all'), not "
                  f"'{args.what}'")
+    if args.rounds is not None and args.what == "crf":
+        sys.exit("tinydeeplab bench: --rounds is for 'bench conv' and 'bench model' (crf: "
+                 "--repeat rounds in turns)")
     cases = bench_model.GPU_CASES if args.device == "cuda" else bench_model.CASES
     models = tuple(args.models.split(",")) if args.models else \
         (("resnet101-b10", "resnet101-b2") if args.device == "cuda" else ("tiny", "resnet50"))
@@ -354,17 +357,19 @@ def _bench(args):
     if args.what in ("conv", "all"):
         from .benchmarks import bench_conv
 
-        bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat)
+        bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat,
+                       **({} if args.rounds is None else {"rounds": args.rounds}))
     if args.what in ("crf", "all"):
         from .benchmarks import bench_crf
 
         bench_crf.run(device=args.device, repeat=args.repeat,
                       photo=bench_crf.PHOTO if args.image is None else args.image)
     if args.what in ("model", "all"):
+        rounds = {} if args.rounds is None else {"rounds": args.rounds}
         if args.device == "cuda":
-            bench_model.run_cuda(args.repeat, cases=models)
+            bench_model.run_cuda(args.repeat, cases=models, **rounds)
         else:
-            bench_model.run(args.threads, args.repeat, models=models)
+            bench_model.run(args.threads, args.repeat, models=models, **rounds)
 
 
 def build_parser():
@@ -528,6 +533,10 @@ def build_parser():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per block")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="conv, model: blocks of ours then PyTorch's, in turns; the ratio is "
+                        "the median of the rounds' (default: each benchmark's own, 4 for conv "
+                        "and 6 for model on the CPU)")
     p.add_argument("--image", type=existing_file, default=None,
                    help="crf: the photograph to use (default: the shared example beside the "
                         "checkout, else a synthetic scene; the output says which)")
