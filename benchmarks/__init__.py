@@ -66,3 +66,10 @@ def steal_line(start, end=None):
         return ""
     return (f"# host: {100 * spent[7] / total:.0f} % of the CPU time during the run went to "
             f"other virtual machines (steal, /proc/stat); idle {100 * spent[3] / total:.0f} %")
+
+
+def print_steal_line(start, out):
+    """Print ``steal_line(start)`` to ``out`` where there is something to say."""
+    line = steal_line(start)
+    if line:
+        print(line, file=out)

@@ -23,7 +23,7 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import cpu_ticks, positive_int, steal_line
+from tinydeeplab.benchmarks import cpu_ticks, positive_int, print_steal_line
 
 
 SHAPES = [  # (N, C, H, W) -> K, kernel, dilation (padding = dilation·(k−1)/2, stride 1)
@@ -205,9 +205,7 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
             print(row, file=out)
         print(f"\nmedian ratio ours/torch: {statistics.median(ratios):.2f}, "
               f"worst: {max(ratios):.2f}", file=out)
-    host = steal_line(ticks)
-    if host:
-        print(host, file=out)
+    print_steal_line(ticks, out)
     return ratios
 
 

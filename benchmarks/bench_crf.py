@@ -24,7 +24,7 @@ import tracemalloc
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import add_image_argument, cpu_ticks, positive_int, steal_line
+from tinydeeplab.benchmarks import add_image_argument, cpu_ticks, positive_int, print_steal_line
 
 PARAMS = {
     "DeepLab v2 (pos 1/3, bi 67/3/4)": dict(gs=1, gw=3, bs=67, br=3, bw=4),
@@ -162,9 +162,7 @@ def run(device="cpu", repeat=5, out=sys.stdout, photo=PHOTO):
               f"{statistics.median(ratios):.1f}× [{min(ratios):.1f}-{max(ratios):.1f}] | "
               f"{sizes} | {memory} | {np.abs(q - q_ref).max():.1e} | {agree:.5f} |",
               file=out)
-    host = steal_line(ticks)
-    if host:
-        print(host, file=out)
+    print_steal_line(ticks, out)
 
 
 def main(argv=None):

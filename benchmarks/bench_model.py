@@ -29,7 +29,7 @@ import sys
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import cpu_ticks, positive_int, steal_line
+from tinydeeplab.benchmarks import cpu_ticks, positive_int, print_steal_line
 
 CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321),
          "resnet101": ("resnet101", 1, 321)}
@@ -385,9 +385,22 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
             print(f"batch norm kernels cpu_v1 / cpu_v3 / cpu_v2 (ours, {label} step): "
                   f"{t_v1:.3f} / {t_v3:.3f} / {t_v2:.3f} s; the table uses {default}\n",
                   file=out)
-    host = steal_line(ticks)
-    if host:
-        print(host, file=out)
+    print_steal_line(ticks, out)
+
+
+DEFAULT_MODELS = {"cpu": ("tiny", "resnet50"), "cuda": ("resnet101-b10", "resnet101-b2")}
+
+
+def choose_models(text, device):
+    """The cases named in ``text`` ("tiny,resnet50"; None: DEFAULT_MODELS) for ``device``;
+    a ValueError naming the unknown ones and the choices."""
+    cases = GPU_CASES if device == "cuda" else CASES
+    models = tuple(text.split(",")) if text else DEFAULT_MODELS[device]
+    unknown = sorted(set(models) - set(cases))
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {list(cases)} for "
+                         f"--device {device}")
+    return models
 
 
 def main(argv=None):
@@ -406,23 +419,17 @@ def main(argv=None):
                         "resnet101-b10,resnet101-b2)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
+    try:
+        models = choose_models(args.models, args.device)
+    except ValueError as e:
+        parser.error(str(e))
     if args.device == "cuda":
         from tinydeeplab.backend import has_cuda
 
         if not has_cuda():
             parser.error("--device cuda: CuPy sees no GPU here")
-        cases = tuple((args.models or "resnet101-b10,resnet101-b2").split(","))
-        unknown = set(cases) - set(GPU_CASES)
-        if unknown:
-            parser.error(f"--models: unknown {sorted(unknown)}; choose from {list(GPU_CASES)}")
-        return run_cuda(args.repeat, cases=cases, rounds=args.rounds)
-    args.models = args.models or "tiny,resnet50"
-    models = tuple(args.models.split(","))
-    unknown = set(models) - set(CASES)
-    if unknown:
-        parser.error(f"--models: unknown {sorted(unknown)}; choose from {list(CASES)}")
+        return run_cuda(args.repeat, cases=models, rounds=args.rounds)
     run(args.threads, args.repeat, models=models, rounds=args.rounds)
-
 
 if __name__ == "__main__":
     main()

@@ -341,13 +341,11 @@ def _bench(args):
     if args.rounds is not None and args.what == "crf":
         sys.exit("tinydeeplab bench: --rounds is for 'bench conv' and 'bench model' (crf: "
                  "--repeat rounds in turns)")
-    cases = bench_model.GPU_CASES if args.device == "cuda" else bench_model.CASES
-    models = tuple(args.models.split(",")) if args.models else \
-        (("resnet101-b10", "resnet101-b2") if args.device == "cuda" else ("tiny", "resnet50"))
-    unknown = sorted(set(models) - set(cases))
-    if unknown:  # before any timing starts
-        sys.exit(f"tinydeeplab bench: --models: unknown {unknown}; choose from {list(cases)} "
-                 f"for --device {args.device}")
+    try:  # before any timing starts
+        models = bench_model.choose_models(args.models, args.device)
+    except ValueError as e:
+        sys.exit(f"tinydeeplab bench: {e}")
+    rounds = {} if args.rounds is None else {"rounds": args.rounds}
     if args.what in ("crf", "all"):
         try:
             import pydensecrf  # noqa: F401
@@ -357,15 +355,13 @@ def _bench(args):
     if args.what in ("conv", "all"):
         from .benchmarks import bench_conv
 
-        bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat,
-                       **({} if args.rounds is None else {"rounds": args.rounds}))
+        bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat, **rounds)
     if args.what in ("crf", "all"):
         from .benchmarks import bench_crf
 
         bench_crf.run(device=args.device, repeat=args.repeat,
                       photo=bench_crf.PHOTO if args.image is None else args.image)
     if args.what in ("model", "all"):
-        rounds = {} if args.rounds is None else {"rounds": args.rounds}
         if args.device == "cuda":
             bench_model.run_cuda(args.repeat, cases=models, **rounds)
         else:
