@@ -10,7 +10,9 @@ median of the per-round ratios, so that the slow drifts of a shared machine's sp
 Peak memory: each framework's step in a fresh child process, the rise of its resident set
 (VmHWM) during one step, after a warm-up step and malloc_trim (so memory the allocator kept
 from the warm-up does not hide the peak).
-Also reports the batch norm + ReLU fusion: the same tiny step with the fusion switched off.
+Also reports the batch norm + ReLU fusion (the same tiny step with the fusion switched off)
+and, for every model, the step with the ASPP head computed branch by branch instead of as one
+convolution (``kernels/aspp.py``).
 
 ``--device cuda`` (CuPy and a CUDA build of PyTorch on a GPU): ResNet-101 DeepLab v2 (ASPP,
 output stride 8) on 321² crops at batch 10 (the paper's) and 2, forward + loss + backward + SGD
@@ -343,6 +345,19 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
               f"{np.median(ratios):.2f} [{ratios.min():.2f}-{ratios.max():.2f}] | "
               f"{m_ours:.0f} | {m_torch:.0f} | "
               f"{m_ours / m_torch:.2f} |", file=out)
+        def with_stacked_aspp(flag):  # the ASPP head as one convolution or branch by branch
+            def step():
+                ours.head.stacked = flag
+                step_ours()
+            return step
+
+        t = np.array(block_times([with_stacked_aspp(True), with_stacked_aspp(False)], repeat,
+                                 rounds))
+        ours.head.stacked = True
+        r = t[:, 0] / t[:, 1]
+        print(f"\nASPP as one convolution / branch by branch (ours, {label} step): "
+              f"{np.median(t[:, 0]):.3f} / {np.median(t[:, 1]):.3f} s, {np.median(r):.2f} "
+              f"[{r.min():.2f}-{r.max():.2f}] over {rounds} rounds; the table uses one", file=out)
         if name != "tiny":  # the convolution ladder's last two rungs, in turns
             def with_conv(variant):
                 def step():

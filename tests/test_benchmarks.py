@@ -39,3 +39,17 @@ def test_conv_benchmark_runs_and_reports_the_host():
     assert "median ratio ours/torch" in text
     if os.path.isfile("/proc/stat"):
         assert "# host: " in text and "steal" in text, text
+
+
+def test_aspp_benchmark_runs_and_reports_the_host():
+    pytest.importorskip("torch", reason="the benchmark compares with PyTorch")
+    from tinydeeplab.benchmarks import bench_aspp
+
+    out = io.StringIO()
+    results = bench_aspp.run(threads=1, repeat=1, rounds=1, out=out,
+                             shapes=[((2, 5, 9, 7), 3)])
+    text = out.getvalue()
+    assert len(results) == 1 and all(r > 0 for r in results[0])
+    assert "| (2, 5, 9, 7) | 3 |" in text, text
+    if os.path.isfile("/proc/stat"):
+        assert "# host: " in text and "steal" in text, text

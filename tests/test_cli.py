@@ -103,6 +103,7 @@ def test_crf_command(tmp_path):
     (["bench", "conv", "--models", "tiny"], "--models is for 'bench model'"),
     (["bench", "model", "--rounds", "0"], "positive whole number"),
     (["bench", "crf", "--rounds", "3"], "--rounds is for 'bench conv'"),
+    (["bench", "aspp", "--device", "cuda"], "on the CPU only"),
 ])
 def test_bad_input_exits_non_zero_with_a_message(tmp_path, args, message):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
@@ -200,7 +201,7 @@ def test_crf_params_file_is_checked(tmp_path):
 
 
 def test_bench_hands_its_options_to_the_benchmarks(monkeypatch):
-    """`tinydeeplab bench model` and `bench conv` hand their options to the benchmarks' run
+    """`tinydeeplab bench model`, `bench conv` and `bench aspp` hand their options to the run
     functions (a training-step benchmark takes minutes; tests/test_benchmarks.py runs the
     convolution one on a small shape)."""
     pytest.importorskip("torch", reason="tinydeeplab bench compares with PyTorch")
@@ -218,3 +219,8 @@ def test_bench_hands_its_options_to_the_benchmarks(monkeypatch):
     monkeypatch.setattr(bench_conv, "run", lambda **k: calls.append(k))
     main(["bench", "conv", "--rounds", "7"])
     assert calls[-1] == {"device": "cpu", "threads": None, "repeat": 5, "rounds": 7}
+    from tinydeeplab.benchmarks import bench_aspp
+
+    monkeypatch.setattr(bench_aspp, "run", lambda *a, **k: calls.append((a, k)))
+    main(["bench", "aspp", "--threads", "2", "--repeat", "3", "--rounds", "4"])
+    assert calls[-1] == ((2, 3), {"rounds": 4})

@@ -339,8 +339,8 @@ def _bench(args):
         sys.exit(f"tinydeeplab bench: --models is for 'bench model' (or 'all'), not "
                  f"'{args.what}'")
     if args.rounds is not None and args.what == "crf":
-        sys.exit("tinydeeplab bench: --rounds is for 'bench conv' and 'bench model' (crf: "
-                 "--repeat rounds in turns)")
+        sys.exit("tinydeeplab bench: --rounds is for 'bench conv', 'bench aspp' and 'bench "
+                 "model' (crf: --repeat rounds in turns)")
     try:  # before any timing starts
         models = bench_model.choose_models(args.models, args.device)
     except ValueError as e:
@@ -356,6 +356,10 @@ def _bench(args):
         from .benchmarks import bench_conv
 
         bench_conv.run(device=args.device, threads=args.threads, repeat=args.repeat, **rounds)
+    if args.what == "aspp" or (args.what == "all" and args.device == "cpu"):
+        from .benchmarks import bench_aspp
+
+        bench_aspp.run(args.threads, args.repeat, **rounds)
     if args.what in ("crf", "all"):
         from .benchmarks import bench_crf
 
@@ -518,10 +522,11 @@ def build_parser():
     p = sub.add_parser("bench", help="our kernels side by side with PyTorch (convolution, a "
                                      "training step) and pydensecrf (CRF); needs the [test] "
                                      "extra")
-    p.add_argument("what", nargs="?", choices=["conv", "crf", "model", "all"], default="all",
-                   help="conv: the atrous convolution on DeepLab's layer shapes; crf: 10 dense "
-                        "CRF iterations; model: one training step of whole networks; all: the "
-                        "three (default)")
+    p.add_argument("what", nargs="?", choices=["conv", "aspp", "crf", "model", "all"],
+                   default="all",
+                   help="conv: the atrous convolution on DeepLab's layer shapes; aspp: the "
+                        "ASPP head (CPU); crf: 10 dense CRF iterations; model: one training "
+                        "step of whole networks; all: each of them (default)")
     p.add_argument("--models", default=None,
                    help="model: comma-separated networks (CPU: tiny, resnet50, resnet101; "
                         "default tiny,resnet50 — with --device cuda: resnet101-b10, "
@@ -530,9 +535,9 @@ def build_parser():
     p.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per block")
     p.add_argument("--rounds", type=positive_int, default=None,
-                   help="conv, model: blocks of ours then PyTorch's, in turns; the ratio is "
-                        "the median of the rounds' (default: each benchmark's own, 4 for conv "
-                        "and 6 for model on the CPU)")
+                   help="conv, aspp, model: blocks of ours then PyTorch's, in turns; the "
+                        "ratio is the median of the rounds' (default: each benchmark's own, 4 "
+                        "for conv, 5 for aspp and 6 for model on the CPU)")
     p.add_argument("--image", type=existing_file, default=None,
                    help="crf: the photograph to use (default: the shared example beside the "
                         "checkout, else a synthetic scene; the output says which)")
@@ -548,6 +553,9 @@ def main(argv=None):
         if value is not None and value < 1:
             sys.exit(f"tinydeeplab {args.command}: --{name.replace('_', '-')} must be ≥ 1, "
                      f"got {value}")
+    if args.command == "bench" and args.what == "aspp" and args.device == "cuda":
+        sys.exit("tinydeeplab bench aspp: the ASPP head runs as one convolution on the CPU "
+                 "only; on a GPU it is four convolutions (bench conv --device cuda)")
     if getattr(args, "device", None) == "cuda":  # before any work or any file
         from .backend import cuda_usable
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from .autograd import Function, Tensor
 from .backend import array_module, to_device
-from .conv import conv2d  # noqa: F401  (re-exported)
+from .conv import aspp_conv2d, conv2d  # noqa: F401  (re-exported)
 from .spatial import batch_norm, interpolate, max_pool2d  # noqa: F401  (re-exported)
 from .ops import (  # noqa: F401  (re-exported)
     add,

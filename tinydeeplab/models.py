@@ -164,10 +164,17 @@ class ASPP(nn.Module):
         self.branches = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, 1, r, r, bias=True, init_std=0.01, rng=rng)
             for r in self.rates)
+        # True: the branches' sum computed as one convolution (one GEMM each way instead of
+        # one per branch; ``kernels.aspp``); False: branch by branch, as written above.
+        self.stacked = True
 
     def forward(self, x):
-        out = self.branches[0](x)
-        for branch in list(self.branches)[1:]:
+        branches = list(self.branches)
+        if self.stacked:  # the same sum, as one convolution: kernels/aspp.py
+            return F.aspp_conv2d(x, [b.weight for b in branches], [b.bias for b in branches],
+                                 self.rates)
+        out = branches[0](x)
+        for branch in branches[1:]:
             out = out + branch(x)
         return out
 
