@@ -165,14 +165,15 @@ def _stacked_weights(weights, taps):
                                          ).reshape(-1, weights[0].shape[1]))
 
 
-def _image_chunks(N, H, W, rows, itemsize):
-    """(n0, n1) chunks of images: several at a time for small maps, within the im2col budget;
-    None when one image's buffer does not fit (then the branches go one by one)."""
-    per_image = rows * H * W * itemsize
-    if per_image > atrous_conv.COLS_BUDGET_BYTES["cpu"]:
+def _image_chunks(N, H, W, rows, C, itemsize):
+    """(n0, n1) chunks of images: several at a time for small maps, as many as keep both
+    buffers — the ``rows`` tap planes and x's copy of C channels — within the im2col budget;
+    None when one image's tap planes do not fit (then the branches go one by one)."""
+    budget = atrous_conv.COLS_BUDGET_BYTES["cpu"]
+    if rows * H * W * itemsize > budget:
         return None
     step = 1 if H * W > CHUNK_MAX_PIXELS else \
-        max(1, min(N, atrous_conv.COLS_BUDGET_BYTES["cpu"] // per_image))
+        max(1, min(N, budget // (max(rows, C) * H * W * itemsize)))
     return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
 
 
@@ -195,7 +196,7 @@ def _stacked_forward(x, weights, biases, rates):
     N, C, H, W = x.shape
     K = weights[0].shape[0]
     taps = live_taps([w.shape for w in weights], rates, H, W)
-    chunks = _image_chunks(N, H, W, len(taps) * K, x.itemsize)
+    chunks = _image_chunks(N, H, W, len(taps) * K, C, x.itemsize)
     if chunks is None:
         return _sum_forward(x, weights, biases, rates)
     w2d, (oy, ox) = _stacked_weights(weights, taps), _offsets(taps)
@@ -215,7 +216,7 @@ def _stacked_backward(x, weights, dy, rates, need_dx):
     N, C, H, W = x.shape
     K = weights[0].shape[0]
     taps = live_taps([w.shape for w in weights], rates, H, W)
-    chunks = _image_chunks(N, H, W, len(taps) * K, x.itemsize)
+    chunks = _image_chunks(N, H, W, len(taps) * K, C, x.itemsize)
     if chunks is None:
         return _sum_backward(x, weights, dy, rates, need_dx)
     w2d, (oy, ox) = _stacked_weights(weights, taps), _offsets(taps)

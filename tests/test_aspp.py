@@ -225,3 +225,32 @@ def test_on_the_simulated_gpu_the_head_takes_the_cuda_convolutions():
     np.testing.assert_allclose(dx, dx_cpu, rtol=1e-10, atol=1e-10)
     for a, b in zip(dws, dws_cpu):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_image_chunks_bound_both_buffers():
+    mb = 1 << 20
+    budget = aspp.atrous_conv.COLS_BUDGET_BYTES["cpu"]
+    # 21² maps: as many images as keep the larger buffer (here x's 2048 channels) in budget
+    step = budget // (2048 * 441 * 4)
+    assert aspp._image_chunks(40, 21, 21, 588, 2048, 4)[0] == (0, min(40, step))
+    assert aspp._image_chunks(3, 21, 21, 588, 128, 4) == [(0, 3)]
+    assert aspp._image_chunks(3, 50, 50, 588, 128, 4) == [(0, 1), (1, 2), (2, 3)]  # large maps
+    assert aspp._image_chunks(1, 500, 500, 756, 2048, 4) is None  # 756 planes of 1 MB: > 64 MB
+    assert budget == 64 * mb
+
+
+def test_several_chunks_of_images_give_the_branch_sum(monkeypatch):
+    x, weights, biases, dy = _case(5, 6, 9, 8, 3, (1, 2, 6), (3, 3))
+    rows = len(aspp.live_taps([w.shape for w in weights], (1, 2, 6), 9, 8)) * 3  # 27 taps
+    y0 = aspp.aspp_forward(x, weights, biases, (1, 2, 6), variant="sum")
+    dx0, dws0, _ = aspp.aspp_backward(x, weights, dy, (1, 2, 6), variant="sum")
+    monkeypatch.setitem(aspp.atrous_conv.COLS_BUDGET_BYTES, "cpu", 2 * rows * 72 * 8)
+    assert aspp._image_chunks(5, 9, 8, rows, 6, 8) == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setattr(aspp, "_sum_forward", None)  # the stacked path must not fall back
+    monkeypatch.setattr(aspp, "_sum_backward", None)
+    y = aspp.aspp_forward(x, weights, biases, (1, 2, 6), variant="stacked")
+    dx, dws, _ = aspp.aspp_backward(x, weights, dy, (1, 2, 6), variant="stacked")
+    np.testing.assert_allclose(y, y0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dx0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(dws, dws0):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
