@@ -92,15 +92,16 @@ def check_aspp_args(x, weights, biases, rates, dy=None):
     return [int(r) for r in rates], biases
 
 
-def _padding(w, rate):
-    return rate * (w.shape[2] - 1) // 2, rate * (w.shape[3] - 1) // 2
+def _padding(shape, rate):
+    """The 'same' padding of a (K, C, kh, kw) kernel at ``rate``."""
+    return rate * (shape[2] - 1) // 2, rate * (shape[3] - 1) // 2
 
 
 def live_taps(weight_shapes, rates, H, W):
     """The taps that read the map somewhere: a list of (branch, p, q, oy, ox)."""
     taps = []
     for b, (shape, rate) in enumerate(zip(weight_shapes, rates)):
-        ph, pw = rate * (shape[2] - 1) // 2, rate * (shape[3] - 1) // 2
+        ph, pw = _padding(shape, rate)
         for p in range(shape[2]):
             for q in range(shape[3]):
                 oy, ox = p * rate - ph, q * rate - pw
@@ -113,7 +114,7 @@ def live_taps(weight_shapes, rates, H, W):
 def _sum_forward(x, weights, biases, rates):
     y = None
     for w, b, r in zip(weights, biases, rates):
-        yb = atrous_conv.conv2d_forward(x, w, b, 1, _padding(w, r), r)
+        yb = atrous_conv.conv2d_forward(x, w, b, 1, _padding(w.shape, r), r)
         y = yb if y is None else y + yb
     return y
 
@@ -121,9 +122,10 @@ def _sum_forward(x, weights, biases, rates):
 def _sum_backward(x, weights, dy, rates, need_dx):
     dx, dws, dbs = None, [], []
     for w, r in zip(weights, rates):
-        dxb, dw, db = atrous_conv.conv2d_backward(x, w, dy, 1, _padding(w, r), r,
+        dxb, dw, db = atrous_conv.conv2d_backward(x, w, dy, 1, _padding(w.shape, r), r,
                                                   need_dx=need_dx)
-        dx = dxb if dx is None else (dx if dxb is None else dx + dxb)
+        if need_dx:
+            dx = dxb if dx is None else dx + dxb
         dws.append(dw)
         dbs.append(db)
     return dx, dws, dbs
@@ -187,19 +189,26 @@ def _pixels_of(a, n0, n1, name):
     return flat.reshape(C, nb * H * W)
 
 
-def _offsets(taps):
-    return (np.array([t[3] for t in taps], dtype=np.int64),
-            np.array([t[4] for t in taps], dtype=np.int64))
+def _plan(x, weights, rates):
+    """What both directions need: the live taps, the image chunks, W2d and the taps' offsets
+    (oy, ox); None when one image is too large for the buffers (then go branch by branch)."""
+    N, C, H, W = x.shape
+    taps = live_taps([w.shape for w in weights], rates, H, W)
+    chunks = _image_chunks(N, H, W, len(taps) * weights[0].shape[0], C, x.itemsize)
+    if chunks is None:
+        return None
+    offsets = (np.array([t[3] for t in taps], dtype=np.int64),
+               np.array([t[4] for t in taps], dtype=np.int64))
+    return taps, chunks, _stacked_weights(weights, taps), offsets
 
 
 def _stacked_forward(x, weights, biases, rates):
     N, C, H, W = x.shape
     K = weights[0].shape[0]
-    taps = live_taps([w.shape for w in weights], rates, H, W)
-    chunks = _image_chunks(N, H, W, len(taps) * K, C, x.itemsize)
-    if chunks is None:
+    plan = _plan(x, weights, rates)
+    if plan is None:
         return _sum_forward(x, weights, biases, rates)
-    w2d, (oy, ox) = _stacked_weights(weights, taps), _offsets(taps)
+    _, chunks, w2d, (oy, ox) = plan
     y = np.empty((N, K, H, W), dtype=x.dtype)
     y[...] = 0
     for b in biases:
@@ -215,11 +224,10 @@ def _stacked_forward(x, weights, biases, rates):
 def _stacked_backward(x, weights, dy, rates, need_dx):
     N, C, H, W = x.shape
     K = weights[0].shape[0]
-    taps = live_taps([w.shape for w in weights], rates, H, W)
-    chunks = _image_chunks(N, H, W, len(taps) * K, C, x.itemsize)
-    if chunks is None:
+    plan = _plan(x, weights, rates)
+    if plan is None:
         return _sum_backward(x, weights, dy, rates, need_dx)
-    w2d, (oy, ox) = _stacked_weights(weights, taps), _offsets(taps)
+    taps, chunks, w2d, (oy, ox) = plan
     dw2d = np.zeros_like(w2d)
     dx = np.empty_like(x) if need_dx else None
     for n0, n1 in chunks:
