@@ -310,6 +310,17 @@ def run_cuda(repeat=3, out=sys.stdout, cases=("resnet101-b10", "resnet101-b2"), 
     print("", *copies, sep="\n", file=out)
 
 
+def _steps_with(step, setter, values):
+    """One step function per value: each calls ``setter(value)`` (a switch of the library,
+    such as a kernel variant), then ``step``; timed in turns, they compare the settings."""
+    def make(value):
+        def run():
+            setter(value)
+            step()
+        return run
+    return [make(v) for v in values]
+
+
 def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
     from tinydeeplab import nn
     from tinydeeplab.kernels import atrous_conv as conv_k
@@ -345,29 +356,19 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
               f"{np.median(ratios):.2f} [{ratios.min():.2f}-{ratios.max():.2f}] | "
               f"{m_ours:.0f} | {m_torch:.0f} | "
               f"{m_ours / m_torch:.2f} |", file=out)
-        def with_stacked_aspp(flag):  # the ASPP head as one convolution or branch by branch
-            def step():
-                ours.head.stacked = flag
-                step_ours()
-            return step
-
-        t = np.array(block_times([with_stacked_aspp(True), with_stacked_aspp(False)], repeat,
-                                 rounds))
+        # the ASPP head as one convolution, then branch by branch, in the same rounds
+        t = np.array(block_times(_steps_with(step_ours, lambda flag: setattr(
+            ours.head, "stacked", flag), (True, False)), repeat, rounds))
         ours.head.stacked = True
         r = t[:, 0] / t[:, 1]
         print(f"\nASPP as one convolution / branch by branch (ours, {label} step): "
               f"{np.median(t[:, 0]):.3f} / {np.median(t[:, 1]):.3f} s, {np.median(r):.2f} "
               f"[{r.min():.2f}-{r.max():.2f}] over {rounds} rounds; the table uses one", file=out)
         if name != "tiny":  # the convolution ladder's last two rungs, in turns
-            def with_conv(variant):
-                def step():
-                    conv_k.DEFAULT["cpu"] = variant
-                    step_ours()
-                return step
-
             default = conv_k.DEFAULT["cpu"]
             rungs = [v for v, spec in conv_k.VARIANTS.items() if spec.device == "cpu"][-3:]
-            t = np.array(block_times([with_conv(v) for v in rungs], repeat, rounds))
+            t = np.array(block_times(_steps_with(step_ours, lambda v: conv_k.DEFAULT.update(
+                cpu=v), rungs), repeat, rounds))
             conv_k.DEFAULT["cpu"] = default
             r = t[:, 2] / t[:, 1]
             print(f"\n(atrous conv {' / '.join(rungs)}, ours, {label} step: "
@@ -375,27 +376,17 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
                   f"{rungs[1]} {np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}] over {rounds} "
                   f"rounds; the table uses {default})\n", file=out)
         if name == "tiny":  # the batch norm + ReLU fusion, measured in the same blocks
-            def with_fusion(flag):
-                def step():
-                    nn.FUSE_BN_RELU = flag
-                    step_ours()
-                return step
-
-            t_fused, t_separate = median_times_in_blocks([with_fusion(True),
-                                                          with_fusion(False)], repeat)
+            t_fused, t_separate = median_times_in_blocks(_steps_with(
+                step_ours, lambda flag: setattr(nn, "FUSE_BN_RELU", flag), (True, False)),
+                repeat)
             nn.FUSE_BN_RELU = True
             print(f"\nbatch norm + ReLU fused vs separate (ours, {label} step): "
                   f"{t_fused:.3f} s vs {t_separate:.3f} s", file=out)
 
-            def with_bn(variant):  # the batch norm ladder, in the same blocks
-                def step():
-                    bn_k.DEFAULT["cpu"] = variant
-                    step_ours()
-                return step
-
-            default = bn_k.DEFAULT["cpu"]
-            t_v1, t_v3, t_v2 = median_times_in_blocks(
-                [with_bn("cpu_v1"), with_bn("cpu_v3"), with_bn("cpu_v2")], repeat)
+            default = bn_k.DEFAULT["cpu"]  # the batch norm ladder, in the same blocks
+            t_v1, t_v3, t_v2 = median_times_in_blocks(_steps_with(
+                step_ours, lambda v: bn_k.DEFAULT.update(cpu=v), ("cpu_v1", "cpu_v3", "cpu_v2")),
+                repeat)
             bn_k.DEFAULT["cpu"] = default
             print(f"batch norm kernels cpu_v1 / cpu_v3 / cpu_v2 (ours, {label} step): "
                   f"{t_v1:.3f} / {t_v3:.3f} / {t_v2:.3f} s; the table uses {default}\n",
@@ -445,6 +436,7 @@ def main(argv=None):
             parser.error("--device cuda: CuPy sees no GPU here")
         return run_cuda(args.repeat, cases=models, rounds=args.rounds)
     run(args.threads, args.repeat, models=models, rounds=args.rounds)
+
 
 if __name__ == "__main__":
     main()
