@@ -123,14 +123,16 @@ def check_conv_args(x, w, b, stride, padding, dilation, dy=None):
 
 # ---- the im2col + GEMM driver, shared by cpu_v2 and cuda_v2 -----------------------------------
 COLS_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
-# On the CPU the forward's im2col takes as few whole images at a time as fit in this much,
-# so that the GEMM reads the columns from cache right after im2col wrote them instead of
-# from memory: the tiny model's 7×7/2 stem (15 MB of columns for 4 × 161²) runs as four
-# 3.9 MB pieces, and the tiny training step took 0.97× and 0.99× the time in two runs
-# (machine B, in turns; the stem's forward alone 0.90×: 0.83 against 0.93 ms).
-# Whole images only: the GEMMs are one per image either way, so the result keeps its bits
-# (cutting an image's rows would change the GEMMs' shapes, and OpenBLAS's summation order
-# with them).  The backward keeps COLS_BUDGET_BYTES: pieces would reorder dw's sums.
+# On the CPU im2col takes as few whole images at a time as fit in this much, so that the
+# GEMMs read the columns from cache right after im2col wrote them instead of from memory:
+# the tiny model's 7×7/2 stem (15 MB of columns for 4 × 161²) runs as four 3.9 MB pieces.
+# Forward: the tiny training step took 0.97× and 0.99× the time in two runs (machine B, in
+# turns; the stem's forward alone 0.90×: 0.83 against 0.93 ms).  The stem's weight gradient
+# (its input needs none): 0.74× [0.60-0.86] (machine C, 9 rounds in turns).
+# Whole images only: the GEMMs are one per image either way and dw adds them up image by
+# image in the same order, so every result keeps its bits (cutting an image's rows would
+# change the GEMMs' shapes, and OpenBLAS's summation order with them).  The backward of a
+# stride-1 3×3 layer, which takes several images in one GEMM, keeps COLS_BUDGET_BYTES.
 FORWARD_PIECE_BYTES = 4 << 20
 
 
@@ -187,6 +189,15 @@ def _rows_of(a, n, r0, r1, Wo):
 def _budget(x):
     """The im2col buffer budget, in bytes, for x's device."""
     return COLS_BUDGET_BYTES["cuda" if on_gpu(x) else "cpu"]
+
+
+def _piece_budget(x, row_bytes, Ho):
+    """The budget for im2col followed by one GEMM per image: cache-sized pieces of whole
+    images on the CPU where one image fits in a piece (see FORWARD_PIECE_BYTES)."""
+    budget = _budget(x)
+    if array_module(x) is np and row_bytes * Ho <= FORWARD_PIECE_BYTES:
+        budget = min(budget, FORWARD_PIECE_BYTES)
+    return budget
 
 
 # cpu_v4 takes Winograd where it measured faster than v3 on 2 cores (benchmarks/RESULTS.md):
@@ -308,10 +319,8 @@ def _im2col_forward(x, w, y, stride, padding, dilation, kern):
     K, Ho, Wo = y.shape[1:]
     w2d = w.reshape(K, -1)  # (K, C·kh·kw)
     row_bytes = w2d.shape[1] * Wo * x.itemsize
-    budget = _budget(x)
-    if xp is np and row_bytes * Ho <= FORWARD_PIECE_BYTES:  # see FORWARD_PIECE_BYTES
-        budget = min(budget, FORWARD_PIECE_BYTES)
-    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, budget):
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes,
+                                      _piece_budget(x, row_bytes, Ho)):
         L = (r1 - r0) * Wo  # columns per image in this chunk
         cols = _workspace.get("cols", (w2d.shape[1], (n1 - n0) * L), x.dtype, xp)
         kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
@@ -400,7 +409,8 @@ def _weights_backward(x, w, dy, stride, padding, dilation, kern):
     K, Ho, Wo = dy.shape[1:]
     dw2d = xp.zeros((K, w[0].size), dtype=x.dtype)
     row_bytes = dw2d.shape[1] * Wo * x.itemsize
-    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, _budget(x)):
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes,
+                                      _piece_budget(x, row_bytes, Ho)):
         L = (r1 - r0) * Wo
         cols = _workspace.get("cols", (dw2d.shape[1], (n1 - n0) * L), x.dtype, xp)
         kern.im2col_dilated(x[n0:n1], w.shape, stride, padding, dilation, r0, r1, Wo, cols)
@@ -418,7 +428,8 @@ def _col2im_backward(x, w, dy, stride, padding, dilation, kern):
     dx = xp.empty_like(x)  # zeroed by a write, not zeros_like: see max_pool._cpu_backward
     dx[...] = 0
     row_bytes = w2d.shape[1] * Wo * x.itemsize
-    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes, _budget(x)):
+    for n0, n1, r0, r1 in plan_chunks(x.shape[0], Ho, row_bytes,
+                                      _piece_budget(x, row_bytes, Ho)):
         L = (r1 - r0) * Wo
         shape = (w2d.shape[1], (n1 - n0) * L)
         cols = _workspace.get("cols", shape, x.dtype, xp)

@@ -229,25 +229,43 @@ def test_lowering_buffers_are_bounded_for_a_large_layer(variant, monkeypatch):
     ((4, 3, 161, 161), (16, 3, 7, 7), 2, 3, 4),  # the tiny model's stem: one image a piece
     ((3, 16, 41, 41), (16, 16, 3, 3), 2, 1, 1),  # all three images fit in one piece
     ((1, 64, 81, 81), (64, 64, 3, 3), 1, 1, 1),  # one image is larger: not cut into rows
+    ((3, 5, 61, 61), (32, 5, 3, 3), 2, 1, 3),  # stride 2, K > C: im2col and col2im
 ])
-def test_forward_in_cache_sized_pieces_gives_the_same_bits(shape, w_shape, stride, padding,
-                                                             pieces_expected, monkeypatch):
-    """FORWARD_PIECE_BYTES takes the forward's images a few at a time so that the GEMM finds
-    the columns in cache; the GEMMs are per image either way, so the result must not change by
-    a bit (training runs recorded before stay reproducible).  Rows are never cut for it: that
-    changes OpenBLAS's summation order (3 % of a 64-channel 81² layer's outputs moved)."""
+def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding,
+                                               pieces_expected, monkeypatch):
+    """FORWARD_PIECE_BYTES takes im2col's images a few at a time so that the GEMMs find the
+    columns in cache: in the forward, in the weight gradient alone (the stem's) and in the
+    col2im backward.  The GEMMs are per image either way and dw sums them in image order, so
+    no result may change by a bit (training runs recorded before stay reproducible).  Rows
+    are never cut for it: that changes OpenBLAS's summation order (3 % of a 64-channel 81²
+    layer's outputs moved)."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
+    if pieces_expected == 3:  # make one image's columns exceed a piece that is shrunk to fit
+        monkeypatch.setattr(atrous_conv, "FORWARD_PIECE_BYTES", 45 * 31 * 31 * 4)
     pieces = []
     original = atrous_conv.plan_chunks
     monkeypatch.setattr(atrous_conv, "plan_chunks",
                         lambda *args: pieces.append(list(original(*args))) or iter(pieces[-1]))
-    cut = atrous_conv.conv2d_forward(x, w, None, stride, padding, 1, variant="cpu_v3")
+
+    def run():
+        y = atrous_conv.conv2d_forward(x, w, None, stride, padding, 1, variant="cpu_v3")
+        dy = np.random.default_rng(6).standard_normal(y.shape).astype(np.float32)
+        grads = atrous_conv.conv2d_backward(x, w, dy, stride, padding, 1, variant="cpu_v3")
+        dw_alone = atrous_conv.conv2d_backward(x, w, dy, stride, padding, 1,
+                                               variant="cpu_v3", need_dx=False)
+        return y, *grads, *dw_alone[1:]
+
+    cut = run()
+    planned = len(pieces)
     monkeypatch.setattr(atrous_conv, "FORWARD_PIECE_BYTES", 1 << 40)
-    whole = atrous_conv.conv2d_forward(x, w, None, stride, padding, 1, variant="cpu_v3")
-    assert len(pieces[0]) == pieces_expected and len(pieces[1]) == 1
-    np.testing.assert_array_equal(cut, whole)
+    whole = run()
+    assert len(pieces[0]) == pieces_expected and len(pieces[planned]) == 1
+    if stride == 2:  # the backward's im2col was cut into the same pieces
+        assert [len(p) for p in pieces[:planned]] == [pieces_expected] * planned
+    for a, b in zip(cut, whole):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_same_width_im2col_equals_the_row_by_row_one():
