@@ -128,5 +128,6 @@ exercises.run(exercises.check_move_backbone, move_backbone)
 #   means its parameters and its batch-norm statistics.
 # * At lesson scale (section 3: 24 target images, 400 iterations, 3 seeds), a backbone
 #   pre-trained on object-versus-background lifted val mIoU from 0.200 ± 0.008 to
-#   0.249 ± 0.011, every seed by +0.026 or more — the paper's direction, on a toy scale.
+#   0.249 ± 0.011, every seed by +0.026 or more (machine C: 0.198 → 0.247, +0.036 or more)
+#   — the paper's direction, on a toy scale.
 # Next: lesson 09 — the learning-rate policy (network track).
