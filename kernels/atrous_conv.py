@@ -133,7 +133,7 @@ COLS_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 # image in the same order, so every result keeps its bits (cutting an image's rows would
 # change the GEMMs' shapes, and OpenBLAS's summation order with them).  The backward of a
 # stride-1 3×3 layer, which takes several images in one GEMM, keeps COLS_BUDGET_BYTES.
-FORWARD_PIECE_BYTES = 4 << 20
+PIECE_BYTES = 4 << 20
 
 
 def plan_chunks(N, Ho, bytes_per_row, budget):
@@ -193,10 +193,10 @@ def _budget(x):
 
 def _piece_budget(x, row_bytes, Ho):
     """The budget for im2col followed by one GEMM per image: cache-sized pieces of whole
-    images on the CPU where one image fits in a piece (see FORWARD_PIECE_BYTES)."""
+    images on the CPU where one image fits in a piece (see PIECE_BYTES)."""
     budget = _budget(x)
-    if array_module(x) is np and row_bytes * Ho <= FORWARD_PIECE_BYTES:
-        budget = min(budget, FORWARD_PIECE_BYTES)
+    if array_module(x) is np and row_bytes * Ho <= PIECE_BYTES:
+        budget = min(budget, PIECE_BYTES)
     return budget
 
 

@@ -233,7 +233,7 @@ def test_lowering_buffers_are_bounded_for_a_large_layer(variant, monkeypatch):
 ])
 def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding,
                                                pieces_expected, monkeypatch):
-    """FORWARD_PIECE_BYTES takes im2col's images a few at a time so that the GEMMs find the
+    """PIECE_BYTES takes im2col's images a few at a time so that the GEMMs find the
     columns in cache: in the forward, in the weight gradient alone (the stem's) and in the
     col2im backward.  The GEMMs are per image either way and dw sums them in image order, so
     no result may change by a bit (training runs recorded before stay reproducible).  Rows
@@ -243,7 +243,7 @@ def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding,
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
     if pieces_expected == 3:  # make one image's columns exceed a piece that is shrunk to fit
-        monkeypatch.setattr(atrous_conv, "FORWARD_PIECE_BYTES", 45 * 31 * 31 * 4)
+        monkeypatch.setattr(atrous_conv, "PIECE_BYTES", 45 * 31 * 31 * 4)
     pieces = []
     original = atrous_conv.plan_chunks
     monkeypatch.setattr(atrous_conv, "plan_chunks",
@@ -259,7 +259,7 @@ def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding,
 
     cut = run()
     planned = len(pieces)
-    monkeypatch.setattr(atrous_conv, "FORWARD_PIECE_BYTES", 1 << 40)
+    monkeypatch.setattr(atrous_conv, "PIECE_BYTES", 1 << 40)
     whole = run()
     assert len(pieces[0]) == pieces_expected and len(pieces[planned]) == 1
     if stride == 2:  # the backward's im2col was cut into the same pieces
