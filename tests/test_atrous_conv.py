@@ -225,13 +225,14 @@ def test_lowering_buffers_are_bounded_for_a_large_layer(variant, monkeypatch):
     np.testing.assert_allclose(dw, wt.grad.numpy(), atol=2e-2, rtol=1e-3)
 
 
-@pytest.mark.parametrize("shape, w_shape, stride, padding, pieces_expected", [
-    ((4, 3, 161, 161), (16, 3, 7, 7), 2, 3, 4),  # the tiny model's stem: one image a piece
-    ((3, 16, 41, 41), (16, 16, 3, 3), 2, 1, 1),  # all three images fit in one piece
-    ((1, 64, 81, 81), (64, 64, 3, 3), 1, 1, 1),  # one image is larger: not cut into rows
-    ((3, 5, 61, 61), (32, 5, 3, 3), 2, 1, 3),  # stride 2, K > C: im2col and col2im
+@pytest.mark.parametrize("shape, w_shape, stride, padding, piece_bytes, pieces_expected", [
+    ((4, 3, 161, 161), (16, 3, 7, 7), 2, 3, None, 4),  # the tiny model's stem: an image a piece
+    ((3, 16, 41, 41), (16, 16, 3, 3), 2, 1, None, 1),  # all three images fit in one piece
+    ((1, 64, 81, 81), (64, 64, 3, 3), 1, 1, None, 1),  # one image is larger: not cut into rows
+    # stride 2, K > C (im2col and col2im), pieces shrunk to one image's 45 × 31² columns
+    ((3, 5, 61, 61), (32, 5, 3, 3), 2, 1, 45 * 31 * 31 * 4, 3),
 ])
-def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding,
+def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding, piece_bytes,
                                                pieces_expected, monkeypatch):
     """PIECE_BYTES takes im2col's images a few at a time so that the GEMMs find the
     columns in cache: in the forward, in the weight gradient alone (the stem's) and in the
@@ -242,8 +243,8 @@ def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding,
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
-    if pieces_expected == 3:  # make one image's columns exceed a piece that is shrunk to fit
-        monkeypatch.setattr(atrous_conv, "PIECE_BYTES", 45 * 31 * 31 * 4)
+    if piece_bytes is not None:
+        monkeypatch.setattr(atrous_conv, "PIECE_BYTES", piece_bytes)
     pieces = []
     original = atrous_conv.plan_chunks
     monkeypatch.setattr(atrous_conv, "plan_chunks",
