@@ -7,6 +7,13 @@ imports numba.cuda when a CUDA kernel is first used.
 import os
 import sys
 
+# tinydeeplab before NumPy, as its users import it: it has OpenBLAS's workers sleep after each
+# GEMM and picks Numba's TBB layer (tinydeeplab/_threads.py).  With NumPy first the suite runs
+# on the workqueue layer, whose ~50 µs wake per parallel loop made the small kernels' tests
+# (the CRF layer's gradcheck: ~800 forwards) an order of magnitude slower.
+import tinydeeplab  # noqa: E402,F401  (numba.cuda is not imported yet: see below)
+from tinydeeplab import _threads  # noqa: E402
+
 
 def _gpu_visible():
     try:
@@ -27,6 +34,7 @@ if CUDA_MODE == "simulator":
         import numba.core.config
 
         numba.core.config.reload_config()
+        _threads.configure_numba()  # the reload set Numba's threading layer back to its default
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
