@@ -21,9 +21,11 @@ So, unless you chose otherwise:
 1. before NumPy (and so OpenBLAS) is first imported, set ``OPENBLAS_THREAD_TIMEOUT=4``
    (2^4 cycles: its workers go to sleep right after a GEMM); the variable is removed again once
    NumPy has loaded, so child processes and other libraries see your environment unchanged;
-2. if that worked (or you set OPENBLAS_THREAD_TIMEOUT yourself), use Numba's ``tbb`` layer
-   when the ``tbb`` package is installed (a dependency on Linux x86-64); otherwise, or if NumPy
-   was imported first, ``workqueue``.
+2. use Numba's ``tbb`` layer when the ``tbb`` package is installed (a dependency on Linux
+   x86-64), otherwise ``workqueue``.  Also when NumPy was imported first and OpenBLAS's workers
+   spin: measured then (machine C, tiny step, six processes each in turns) tbb took 46-80 ms a
+   step (median of medians 59) against workqueue's 54-65 (62), and a CRF-layer gradcheck on
+   2 × 3 × 7 × 9 — hundreds of small kernel calls — 1.6-2.2 s against 16-17 s.
 
 Your own NUMBA_THREADING_LAYER and OPENBLAS_THREAD_TIMEOUT win.  ``describe()`` says what was
 chosen (the benchmarks print it).  Every layer gives bit-identical results: they only decide
@@ -74,10 +76,6 @@ def configure_numba():
     import numba
 
     if "NUMBA_THREADING_LAYER" in os.environ:
-        return
-    if not BLAS_WORKERS_SLEEP:
-        numba.config.THREADING_LAYER = "workqueue"
-        _choice = "workqueue (NumPy was imported before tinydeeplab: OpenBLAS workers spin)"
         return
     if not _load_tbb():
         numba.config.THREADING_LAYER = "workqueue"
