@@ -96,6 +96,12 @@ def every_kernel(monkeypatch):
     from tinydeeplab.kernels.permutohedral import cuda as permutohedral_cuda
     from tinydeeplab.kernels.softmax import softmax_rows
 
+    from tinydeeplab.kernels import batch_norm_cuda
+
+    # every simulated thread is a Python thread, and batch norm's blocks of 128 cost ~8 s a
+    # dtype; only the argument types are recorded here (the compile below, in another
+    # process, sees the module's own block size), so blocks of 4 do
+    monkeypatch.setattr(batch_norm_cuda, "THREADS", 4)
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64):
         x = rng.standard_normal((1, 2, 5, 4)).astype(dt)  # the simulator runs every thread
