@@ -139,7 +139,7 @@ def test_train_device_cuda_runs_under_the_simulator(tmp_path, monkeypatch):
     saved = {}
     for device in ("cpu", "cuda"):
         cfg = TrainConfig(root, str(tmp_path / device), backbone="sim", aspp_rates=(1, 2),
-                          crop=17, scale=None, batch_size=2, iterations=1, device=device)
+                          crop=13, scale=None, batch_size=2, iterations=1, device=device)
         with backend.simulated_gpu() if device == "cuda" else contextlib.nullcontext():
             _, history = train(cfg, log=lambda s: None, progress=False)
         saved[device] = dict(np.load(str(tmp_path / device / "checkpoint.npz")))
