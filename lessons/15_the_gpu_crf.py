@@ -60,7 +60,7 @@ def bilateral_features(image):
 # run.  The GPU lattice sorts instead: after a stable sort of the keys, equal keys sit side by
 # side, a vertex is a run of equal keys, and a prefix sum over "this key differs from the one
 # before" numbers the runs.  In NumPy, on a crop:
-h, w = (20, 28) if FAST else (24, 32)
+h, w = (12, 16) if FAST else (24, 32)
 crop = np.ascontiguousarray(photo[100:100 + h, 280:280 + w])  # the rocket's edge and the sky
 features = bilateral_features(crop)
 elevated = R.elevate(features)
