@@ -11,8 +11,7 @@ import sys
 # GEMM and picks Numba's TBB layer (tinydeeplab/_threads.py).  With NumPy first the suite runs
 # on the workqueue layer, whose ~50 µs wake per parallel loop made the small kernels' tests
 # (the CRF layer's gradcheck: ~800 forwards) an order of magnitude slower.
-import tinydeeplab  # noqa: E402,F401  (numba.cuda is not imported yet: see below)
-from tinydeeplab import _threads  # noqa: E402
+from tinydeeplab import _threads  # noqa: E402  (numba.cuda is not imported yet: see below)
 
 
 def _gpu_visible():

@@ -92,11 +92,9 @@ def every_kernel(monkeypatch):
     from tinydeeplab import crf
     from tinydeeplab.kernels import atrous_conv
     from tinydeeplab.kernels import batch_norm as bn
-    from tinydeeplab.kernels import bilinear, max_pool
+    from tinydeeplab.kernels import batch_norm_cuda, bilinear, max_pool
     from tinydeeplab.kernels.permutohedral import cuda as permutohedral_cuda
     from tinydeeplab.kernels.softmax import softmax_rows
-
-    from tinydeeplab.kernels import batch_norm_cuda
 
     # every simulated thread is a Python thread, and batch norm's blocks of 128 cost ~8 s a
     # dtype; only the argument types are recorded here (the compile below, in another
