@@ -262,7 +262,7 @@ print(f"one 2×2 block by Winograd against the loops: {tile_gap:.1e}")
 # transforms).  It takes this path for large layers only — below ~1.5 GFLOP the transforms cost
 # more than the multiplications saved (kernels/atrous_conv.py, winograd_pays).  cpu_v5 does
 # the same additions with the channels last — every number of a tile above is then a run of C
-# numbers side by side, which the CPU adds 16 at a time — and so pays from ~0.6 GFLOP on.
+# numbers side by side, which the CPU adds 16 at a time — and so pays from ~0.4 GFLOP on.
 # cpu_v6, the default, takes F(4×4, 3×3) on layers with many tiles: a 6×6 tile of inputs
 # (spaced d) gives a 4×4 block of outputs with 36 products instead of 144.  The same block
 # formula with the larger matrices (kernels/atrous_conv_winograd4.py), on one tile:
