@@ -71,7 +71,9 @@ for os_, f in feats.items():
 # (Exact for ResNet-50/101, whose only 3×3 convolution in a block carries the stride.  In a
 # BasicBlock — ResNet-18/34 and our "tiny" — the second 3×3 also follows the removed stride;
 # like mmsegmentation we keep the previous dilation there, which is close to but not exactly the
-# strided network: see models.BasicBlock for the measured trade-off.)
+# strided network: see models.BasicBlock for the measured trade-off.)  "Exactly" up to float32
+# rounding: OS 8's larger 3×3 layers are computed by Winograd (lesson 02), which rounds
+# differently from the im2col GEMMs of the OS-32 network — hence a difference of ~1e-6 below.
 n32 = feats[32].shape[2]
 sub8 = feats[8][:, :, ::4, ::4][:, :, :n32, :n32]
 sub16 = feats[16][:, :, ::2, ::2][:, :, :n32, :n32]
