@@ -13,6 +13,7 @@ Figures go to $TDL_OUT, else ./lesson_out/ in the working directory.
 # %% Setup
 import os
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 import tinydeeplab.functional as F

@@ -15,6 +15,7 @@ Run:  python lessons/04_backbone_and_output_stride.py   (TDL_FAST=1 for a smalle
 import os
 import time
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 from tinydeeplab import Tensor, exercises, lessons, models, nn, no_grad

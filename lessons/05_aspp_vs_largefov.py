@@ -14,6 +14,7 @@ Run:  python lessons/05_aspp_vs_largefov.py   (TDL_FAST=1 for a smaller, quicker
 # %% Setup
 import os
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 from tinydeeplab import Tensor, data, exercises, lessons, models

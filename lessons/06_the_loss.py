@@ -15,6 +15,7 @@ Run:  python lessons/06_the_loss.py   (TDL_FAST=1 for a smaller, quicker run)
 import os
 import time
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 import tinydeeplab.functional as F

@@ -14,6 +14,7 @@ Run:  python lessons/07_permutohedral_lattice.py   (TDL_FAST=1 for a smaller, qu
 import os
 import time
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 from tinydeeplab import crf, exercises, lessons

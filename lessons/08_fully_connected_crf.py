@@ -16,6 +16,7 @@ Run:  python lessons/08_fully_connected_crf.py   (TDL_FAST=1 for a smaller, quic
 import json
 import os
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 import tinydeeplab.functional as F

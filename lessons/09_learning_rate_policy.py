@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 from tinydeeplab import data, exercises, lessons

@@ -15,6 +15,7 @@ Run:  python lessons/10_limits_thin_structures.py   (TDL_FAST=1 changes nothing:
 # %% Setup
 import os
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 import tinydeeplab.functional as F

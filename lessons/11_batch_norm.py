@@ -14,6 +14,7 @@ Run:  python lessons/11_batch_norm.py   (TDL_FAST=1 for a smaller, quicker run)
 import json
 import os
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 from tinydeeplab import Tensor, data, exercises, gradcheck, lessons

@@ -15,6 +15,7 @@ Run:  python lessons/12_multiscale_and_upsampling.py   (TDL_FAST=1 for a smaller
 import os
 import shutil
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 import tinydeeplab.functional as F

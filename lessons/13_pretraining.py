@@ -15,6 +15,7 @@ Run:  python lessons/13_pretraining.py   (TDL_FAST=1 for a smaller, quicker run)
 import os
 import shutil
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 from PIL import Image
 

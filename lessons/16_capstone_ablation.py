@@ -17,6 +17,7 @@ Run:  python lessons/16_capstone_ablation.py   (TDL_FAST=1 for a smaller, quicke
 # %% Setup
 import os
 
+import tinydeeplab  # noqa: F401  first: its thread set-up must precede NumPy's (README)
 import numpy as np
 
 from tinydeeplab import data, exercises, lessons
