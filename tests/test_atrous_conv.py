@@ -270,31 +270,38 @@ def test_cache_sized_pieces_give_the_same_bits(shape, w_shape, stride, padding, 
 
 
 def test_same_width_im2col_equals_the_row_by_row_one():
-    """Stride 1 with Wo == W takes the shifted-plane copy (``_im2col_same_width``); it must write
-    exactly what the row-by-row ``im2col_rows`` writes, for any padding, dilation, kernel size and
-    chunk of output rows, including shifts wider than the plane."""
+    """Where the output is as wide as the input's phase planes (stride 1 with Wo == W, stride s
+    with Wo = ⌈W / s⌉) im2col takes the shifted-plane copy (``_im2col_same_width``); it must
+    write exactly what the row-by-row ``im2col_rows`` writes, for any stride, padding,
+    dilation, kernel size and chunk of output rows, including shifts wider than the plane."""
     from tinydeeplab.kernels import atrous_conv_cpu as cpu
 
     rng = np.random.default_rng(3)
-    checked = 0
-    while checked < 150:
+    checked, strided = 0, 0
+    while checked < 200:
         N, C, H, W = (int(v) for v in rng.integers(1, [4, 4, 12, 12], endpoint=True))
-        kh, kw = int(rng.choice([1, 2, 3, 5])), int(rng.choice([1, 3, 5]))
+        kh, kw = int(rng.choice([1, 2, 3, 5, 7])), int(rng.choice([1, 3, 5, 7]))
         dh, dw = (int(v) for v in rng.integers(1, 7, 2))
+        sh, sw = (int(v) for v in rng.choice([1, 1, 2, 3], 2))
         ph = int(rng.integers(0, 8))
-        if (dw * (kw - 1)) % 2 or H + 2 * ph - dh * (kh - 1) < 1:
-            continue  # no padding keeps the width, or no output row
-        pw, Ho = dw * (kw - 1) // 2, H + 2 * ph - dh * (kh - 1)
+        Wq = -(-W // sw)
+        pads = [p for p in range(12) if (W + 2 * p - dw * (kw - 1) - 1) // sw + 1 == Wq]
+        Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        if not pads or Ho < 1:
+            continue  # no padding gives the planes' width, or no output row
+        pw = pads[0]
         r0 = int(rng.integers(0, Ho))
         r1 = int(rng.integers(r0 + 1, Ho + 1))
         x = rng.standard_normal((N, C, H, W)).astype(np.float32)
-        rowwise = np.full((C * kh * kw, N * (r1 - r0) * W), np.nan, np.float32)
+        rowwise = np.full((C * kh * kw, N * (r1 - r0) * Wq), np.nan, np.float32)
         shifted = rowwise.copy()
-        cpu.im2col_rows(x, (1, C, kh, kw), (1, 1), (ph, pw), (dh, dw), r0, r1, W, rowwise)
-        cpu.im2col_dilated(x, (1, C, kh, kw), (1, 1), (ph, pw), (dh, dw), r0, r1, W, shifted)
-        np.testing.assert_array_equal(shifted, rowwise, err_msg=str((x.shape, kh, kw, ph, pw,
-                                                                     dh, dw, r0, r1)))
+        args = ((1, C, kh, kw), (sh, sw), (ph, pw), (dh, dw), r0, r1, Wq)
+        cpu.im2col_rows(x, *args, rowwise)
+        cpu.im2col_dilated(x, *args, shifted)
+        np.testing.assert_array_equal(shifted, rowwise, err_msg=str((x.shape, args)))
         checked += 1
+        strided += (sh, sw) != (1, 1)
+    assert strided > 50
 
 
 def test_chunk_plan_covers_every_row_once():
