@@ -136,16 +136,16 @@ def _im2col(xs, cols, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, Wo, W):
 
 
 def _im2col_same_width(planes, cols, kh, kw, ph, pw, dh, dw, r0, r1):
-    # _im2col where the output is as wide as the input's phase planes: stride 1 with Wo == W
-    # (DeepLab's 3×3 layers: padding = dilation), or stride s with Wo = ⌈W / s⌉ (the stems,
-    # the stride-2 3×3s).  planes[n, c, a, b] is x[n, c, a::sh, b::sw] (for stride 1 x itself,
-    # a view), zero-padded to ⌈H/sh⌉ × ⌈W/sw⌉.  Tap (p, q) reads input row i·sh + offh
-    # = (i + ⌊offh/sh⌋)·sh + offh mod sh, so from the one plane (a, b) = (offh mod sh, offw mod
-    # sw), shifted: the block of column-matrix row (c,p,q) for image n is that flat plane
-    # shifted by oh·Wq + ow, one contiguous copy, then zeros where the shift wrapped past a row
-    # end (the first or last |ow| columns of each row) and on rows outside the plane.  Copying
-    # output row by output row instead costs a slice per 21-81 values: this is ~4× faster on
-    # DeepLab's small stride-1 planes and 0.5-0.7× the time for the 7×7/2 stems.
+    # _im2col where the output is as wide as the input's phase planes, Wo = ⌈W / sw⌉: stride 1
+    # with padding = dilation (DeepLab's 3×3 layers), and the stride-2 stems and 3×3s.
+    # planes[n, c, a, b] = x[n, c, a::sh, b::sw], zero-padded to Hq × Wq = ⌈H/sh⌉ × ⌈W/sw⌉
+    # (for stride 1, x itself).  Output row i of tap (p, q) reads input row i·sh + offh, with
+    # offh = p·dh − ph: row i + ⌊offh/sh⌋ of the phase planes a = offh mod sh (columns
+    # likewise).  So the tap's block for image n is one phase plane read flat from an offset:
+    # one contiguous copy, then zeros where the shift wrapped past a row end (the first or
+    # last |ow| columns of each row) and on rows outside the plane.  Row-by-row copies cost a
+    # slice per 21-81 values: this is ~4× faster on DeepLab's small stride-1 planes and takes
+    # 0.5-0.7 of the time on the 7×7/2 stems.
     nb, C, sh, sw, Hq, Wq = planes.shape
     rows = r1 - r0
     L = rows * Wq
