@@ -212,9 +212,9 @@ WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_FLOPS = 64, 1.5e9
 # than 12.5 % past it (4 × 128 × 21² at rate 4 has 31 % beyond: 1.23×).  Where the FLOPs
 # start to pay depends on how fast the machine's GEMMs are next to its memory: on machine B
 # (sgemm ~430 GFLOP/s) 0.75-0.97× v3's time above 0.6 GFLOP, 1.08-1.6× below; on machine C
-# (~170 GFLOP/s) 0.81-0.91× at 0.48-0.52 GFLOP (the tiny model's 4 × 128 × 21² at rate 2,
-# ResNet-50's 1 × 64 × 81² and 1 × 128 × 41²), 0.89-0.95× at 0.26-0.31, 1.12× at 0.13.
-# 0.4 lies between the two crossovers.
+# (~170 GFLOP/s; benchmarks/bench_conv_rules.py) 0.81-0.86× from 0.48 GFLOP (the tiny
+# model's 4 × 128 × 21² at rate 2, ResNet-50's 1 × 64 × 81² and 1 × 128 × 41²), 0.90× at
+# 0.31, 1.03× at 0.26, 1.20× at 0.13.  0.4 lies between the two crossovers.
 WINOGRAD_CL_MIN_FLOPS, WINOGRAD_CL_MIN_TILES, WINOGRAD_CL_MAX_OVERHANG = 0.4e9, 256, 0.125
 # cpu_v6 takes F(4×4, 3×3) instead of F(2×2) where cpu_v5 takes Winograd and also (forward +
 # backward against F(2×2), in turns on 2 cores): both channel counts ≥ 128 (64: 1.0×); ≥ 256

@@ -145,7 +145,7 @@ def _im2col_same_width(planes, cols, kh, kw, ph, pw, dh, dw, r0, r1):
     # one contiguous copy, then zeros where the shift wrapped past a row end (the first or
     # last |ow| columns of each row) and on rows outside the plane.  Row-by-row copies cost a
     # slice per 21-81 values: this is ~4× faster on DeepLab's small stride-1 planes and takes
-    # 0.5-0.7 of the time on the 7×7/2 stems.
+    # 0.6-0.95 of the time on the strided ones (benchmarks/bench_conv_rules.py).
     nb, C, sh, sw, Hq, Wq = planes.shape
     rows = r1 - r0
     L = rows * Wq

@@ -53,3 +53,20 @@ def test_aspp_benchmark_runs_and_reports_the_host():
     assert "| (2, 5, 9, 7) | 3 |" in text, text
     if os.path.isfile("/proc/stat"):
         assert "# host: " in text and "steal" in text, text
+
+
+def test_conv_rules_benchmark_runs_and_finds_the_same_columns(monkeypatch):
+    from tinydeeplab.benchmarks import bench_conv_rules
+    from tinydeeplab.kernels import atrous_conv
+
+    monkeypatch.setattr(atrous_conv, "WINOGRAD_CL_MIN_TILES", 0)  # a small map's 16 tiles
+    out = io.StringIO()
+    results = bench_conv_rules.run(threads=1, repeat=1, rounds=1, out=out,
+                                   winograd_shapes=[((1, 2, 8, 8), 3, 1), ((1, 2, 3, 3), 2, 4)],
+                                   im2col_shapes=[((2, 3, 11, 9), 4, 5, 2, 2)])
+    text = out.getvalue()
+    assert len(results["winograd"]) == 1 and results["winograd"][0][2] > 0  # forced: ran
+    assert results["winograd"][0][1] is False  # 0.0007 GFLOP: not the library's choice
+    assert "| (1, 2, 3, 3) | 2 | 4 |" in text and "not Winograd's shape" in text, text
+    assert results["im2col"] == [(True, results["im2col"][0][1])], results
+    assert "| (2, 3, 11, 9) | 5×5 | 2 | yes |" in text, text

@@ -1,0 +1,172 @@
+"""The measurements behind two of the CPU convolution's choices, on this machine.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv_rules.py [--rounds R]
+
+1. Where Winograd pays (``atrous_conv.WINOGRAD_CL_MIN_FLOPS``).  Per stride-1 3×3 layer,
+   forward + backward in turns (``bench_conv.block_times``): ``cpu_v6`` with the FLOP floor
+   and the channel floor lifted (its tile and overhang rules kept), so that the layer takes
+   Winograd, against ``cpu_v3`` (im2col / flipped-kernel GEMMs).  Where the ratio drops below
+   1 depends on how fast the machine's GEMMs are next to its memory; the table says, for
+   each layer, whether the library's rule takes Winograd there.
+2. im2col as shifted plane copies (``atrous_conv_cpu.im2col_dilated``, used wherever the
+   output is as wide as the input's phase planes) against the row-by-row copy
+   (``im2col_rows``, the general one) on strided layers: the same columns, the time of each.
+
+Times: the median over rounds; ratios: the median of the per-round ratios [range].  Both sides
+of every comparison are ours, on the same thread pools, so the blocks follow each other
+without the pause that ``bench_conv`` leaves for another library's threads to go idle: after
+a pause the CPU has clocked down, and a short layer is timed in a cold state that back-to-back
+training steps never see (on machine C such pauses made these layers 2-3× slower).
+"""
+import argparse
+import contextlib
+import sys
+
+import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
+import numpy as np
+
+from tinydeeplab.benchmarks import cpu_ticks, positive_int, print_steal_line
+
+# (N, C, H, W), K, dilation: the tiny model's layers at 4 × 161², ResNet-50's at 1 × 321²
+WINOGRAD_SHAPES = [
+    ((4, 64, 21, 21), 64, 1),
+    ((4, 64, 21, 21), 128, 2),
+    ((1, 64, 65, 65), 64, 1),
+    ((1, 64, 81, 81), 64, 1),
+    ((1, 128, 41, 41), 128, 1),
+    ((4, 128, 21, 21), 128, 2),
+    ((2, 128, 33, 33), 128, 2),
+]
+# (N, C, H, W), K, kernel, stride, padding: the stems at 161² and 321², a stride-2 3×3
+IM2COL_SHAPES = [
+    ((4, 3, 161, 161), 16, 7, 2, 3),
+    ((1, 3, 321, 321), 64, 7, 2, 3),
+    ((4, 16, 41, 41), 32, 3, 2, 1),
+]
+
+
+@contextlib.contextmanager
+def _floors_lifted():
+    """cpu_v6 without its FLOP and channel floors: every layer of Winograd's shape takes it."""
+    from tinydeeplab.kernels import atrous_conv as ac
+
+    floors = ac.WINOGRAD_MIN_CHANNELS, ac.WINOGRAD_CL_MIN_FLOPS
+    ac.WINOGRAD_MIN_CHANNELS, ac.WINOGRAD_CL_MIN_FLOPS = 1, 0
+    try:
+        yield
+    finally:
+        ac.WINOGRAD_MIN_CHANNELS, ac.WINOGRAD_CL_MIN_FLOPS = floors
+
+
+def _winograd_functions(shape, K, d, seed=0):
+    """(forced, plain, whether the rule takes Winograd, whether forcing can: tiles, overhang)"""
+    from tinydeeplab.kernels import atrous_conv as ac
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w = rng.standard_normal((K, shape[1], 3, 3), dtype=np.float32) * 0.03
+    dy = rng.standard_normal((shape[0], K, *shape[2:]), dtype=np.float32)
+
+    def step(variant):
+        ac.conv2d_forward(x, w, None, 1, d, d, variant=variant)
+        ac.conv2d_backward(x, w, dy, 1, d, d, variant=variant)
+
+    def forced():
+        with _floors_lifted():
+            step("cpu_v6")
+
+    def pays():
+        return ac.winograd_pays(shape, w.shape, (1, 1), (d, d), (d, d), 4, "winograd_cl4")
+
+    rule = pays()
+    with _floors_lifted():
+        possible = pays()
+    return forced, lambda: step("cpu_v3"), rule, possible
+
+
+def _im2col_functions(shape, K, k, s, pad, seed=0):
+    from tinydeeplab.kernels import atrous_conv as ac
+    from tinydeeplab.kernels import atrous_conv_cpu as cpu
+
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    Ho, Wo = ac.output_size(shape[2], shape[3], k, k, (s, s), (pad, pad), (1, 1))
+    args = ((K, shape[1], k, k), (s, s), (pad, pad), (1, 1), 0, Ho, Wo)
+    shifted = np.empty((shape[1] * k * k, shape[0] * Ho * Wo), np.float32)
+    rowwise = np.empty_like(shifted)
+    cpu.im2col_dilated(x, *args, shifted)
+    cpu.im2col_rows(x, *args, rowwise)
+    same = bool(np.array_equal(shifted, rowwise))
+    return (lambda: cpu.im2col_dilated(x, *args, shifted),
+            lambda: cpu.im2col_rows(x, *args, rowwise), same)
+
+
+def _ratio_text(r):
+    return f"{np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}]"
+
+
+def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
+        im2col_shapes=IM2COL_SHAPES, out=sys.stdout):
+    import os
+
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    from tinydeeplab.benchmarks.bench_conv import blas_info, block_times, gemm_gflops
+    from tinydeeplab.kernels import atrous_conv as ac
+
+    threads = threads or os.cpu_count()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    ticks = cpu_ticks()
+    results = {"winograd": [], "im2col": []}
+    with threadpool_limits(limits=threads, user_api="blas"):
+        print(f"# CPU convolution rules, float32, {threads} threads; BLAS: {blas_info()}",
+              file=out)
+        print(f"# NumPy sgemm 1024³ roofline: {gemm_gflops(threads):.1f} GFLOP/s (the host's "
+              "speed at the start)", file=out)
+        print(f"# {rounds} rounds in turns; times: median of the rounds; ratios: median of the "
+              "per-round ratios [range]", file=out)
+        print(f"\nWinograd forced (cpu_v6) against cpu_v3, forward + backward; the rule takes "
+              f"Winograd from {ac.WINOGRAD_CL_MIN_FLOPS / 1e9:.2f} GFLOP", file=out)
+        print("| input (N,C,H,W) | K | d | GFLOP | rule takes it | Winograd ms | cpu_v3 ms | "
+              "Winograd / cpu_v3 |", file=out)
+        print("|---|---|---|---|---|---|---|---|", file=out)
+        for shape, K, d in winograd_shapes:
+            forced, plain, rule, possible = _winograd_functions(shape, K, d)
+            gflop = 2 * K * shape[1] * 9 * shape[0] * shape[2] * shape[3] / 1e9
+            if not possible:  # too few tiles or too much overhang: forcing changes nothing
+                print(f"| {shape} | {K} | {d} | {gflop:.2f} | no | - | - | not Winograd's "
+                      "shape (tiles, overhang) |", file=out)
+                continue
+            t = np.array(block_times([forced, plain], repeat, rounds, pause=0))
+            r = t[:, 0] / t[:, 1]
+            med = np.median(t, axis=0) * 1e3
+            print(f"| {shape} | {K} | {d} | {gflop:.2f} | {'yes' if rule else 'no'} | "
+                  f"{med[0]:.2f} | {med[1]:.2f} | {_ratio_text(r)} |", file=out)
+            results["winograd"].append((gflop, rule, float(np.median(r))))
+        print("\nim2col: shifted plane copies against row by row (the same columns)", file=out)
+        print("| input (N,C,H,W) | kernel | stride | same columns | shifted ms | row by row ms "
+              "| shifted / row by row |", file=out)
+        print("|---|---|---|---|---|---|---|", file=out)
+        for shape, K, k, s, pad in im2col_shapes:
+            shifted, rowwise, same = _im2col_functions(shape, K, k, s, pad)
+            t = np.array(block_times([shifted, rowwise], repeat, rounds, pause=0))
+            r = t[:, 0] / t[:, 1]
+            med = np.median(t, axis=0) * 1e3
+            print(f"| {shape} | {k}×{k} | {s} | {'yes' if same else 'NO'} | {med[0]:.3f} | "
+                  f"{med[1]:.3f} | {_ratio_text(r)} |", file=out)
+            results["im2col"].append((same, float(np.median(r))))
+    print_steal_line(ticks, out)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
+    parser.add_argument("--repeat", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    args = parser.parse_args(argv)
+    run(args.threads, args.repeat, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
