@@ -15,6 +15,19 @@ def positive_int(text):
     return value
 
 
+def add_timing_arguments(parser, repeat, rounds, threads=True,
+                         rounds_help="blocks of ours, then the reference, in turns; a ratio "
+                                     "is the median over them"):
+    """The timing options the side-by-side benchmarks share, each a positive int checked
+    before any work starts: --threads (default: all cores; where ``threads``), --repeat
+    (timed runs in a block) and --rounds."""
+    if threads:
+        parser.add_argument("--threads", type=positive_int, default=None,
+                            help="default: all cores")
+    parser.add_argument("--repeat", type=positive_int, default=repeat)
+    parser.add_argument("--rounds", type=positive_int, default=rounds, help=rounds_help)
+
+
 def existing_file(path):
     """argparse type for input files (--image): a path to an existing file, else a clear
     error before any work starts."""

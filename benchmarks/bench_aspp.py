@@ -15,7 +15,7 @@ import sys
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import cpu_ticks, positive_int, print_steal_line
+from tinydeeplab.benchmarks import add_timing_arguments, cpu_ticks, print_steal_line
 
 RATES = (6, 12, 18, 24)
 SHAPES = [  # (N, C, H, W), K: ResNet's head at 321² crops, the tiny network's at 161², the demo's
@@ -95,9 +95,7 @@ def run(threads=None, repeat=3, rounds=5, shapes=SHAPES, out=sys.stdout):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
-    parser.add_argument("--repeat", type=positive_int, default=3)
-    parser.add_argument("--rounds", type=positive_int, default=5)
+    add_timing_arguments(parser, repeat=3, rounds=5)
     args = parser.parse_args(argv)
     run(args.threads, args.repeat, args.rounds)
 

@@ -12,6 +12,7 @@ import sys
 import numba
 import numpy as np
 
+from tinydeeplab.benchmarks import add_timing_arguments
 from tinydeeplab.benchmarks.bench_conv import block_times
 from tinydeeplab.kernels import batch_norm as bn
 
@@ -82,8 +83,7 @@ def run(repeat=5, rounds=5, out=sys.stdout, shapes=SHAPES):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
+    add_timing_arguments(parser, repeat=5, rounds=5, threads=False)
     args = parser.parse_args(argv)
     run(args.repeat, args.rounds)
 

@@ -23,7 +23,7 @@ import time
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import cpu_ticks, positive_int, print_steal_line
+from tinydeeplab.benchmarks import add_timing_arguments, cpu_ticks, positive_int, print_steal_line
 
 
 SHAPES = [  # (N, C, H, W) -> K, kernel, dilation (padding = dilation·(k−1)/2, stride 1)
@@ -212,10 +212,8 @@ def run(device="cpu", threads=None, repeat=5, shapes=SHAPES, out=sys.stdout, var
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
-    parser.add_argument("--repeat", type=positive_int, default=5)
-    parser.add_argument("--rounds", type=positive_int, default=4,
-                        help="blocks of ours then torch per shape; the ratio is their median")
+    add_timing_arguments(parser, repeat=5, rounds=4, rounds_help="blocks of ours then torch "
+                         "per shape; the ratio is their median")
     parser.add_argument("--variant", default=None,
                         help="ours with this atrous_conv variant (default: the library's)")
     parser.add_argument("--against", default=None, metavar="VARIANT",

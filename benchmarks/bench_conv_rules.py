@@ -25,7 +25,7 @@ import sys
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import cpu_ticks, positive_int, print_steal_line
+from tinydeeplab.benchmarks import add_timing_arguments, cpu_ticks, print_steal_line
 
 # (N, C, H, W), K, dilation: the tiny model's layers at 4 × 161², ResNet-50's at 1 × 321²
 WINOGRAD_SHAPES = [
@@ -161,9 +161,7 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=positive_int, default=None, help="default: all cores")
-    parser.add_argument("--repeat", type=positive_int, default=5)
-    parser.add_argument("--rounds", type=positive_int, default=7)
+    add_timing_arguments(parser, repeat=5, rounds=7)
     args = parser.parse_args(argv)
     run(args.threads, args.repeat, args.rounds)
 

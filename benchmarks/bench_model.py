@@ -31,7 +31,7 @@ import sys
 import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab/_threads.py)
 import numpy as np
 
-from tinydeeplab.benchmarks import cpu_ticks, positive_int, print_steal_line
+from tinydeeplab.benchmarks import add_timing_arguments, cpu_ticks, print_steal_line
 
 CASES = {"tiny": ("tiny", 4, 161), "resnet50": ("resnet50", 1, 321),
          "resnet101": ("resnet101", 1, 321)}
@@ -415,10 +415,8 @@ def main(argv=None):
         framework, name, batch, size, threads = argv[1:]
         return child(framework, name, int(batch), int(size), int(threads))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=positive_int, default=None)
-    parser.add_argument("--repeat", type=positive_int, default=3)
-    parser.add_argument("--rounds", type=positive_int, default=6,
-                        help="blocks of ours then torch; the ratio is their median")
+    add_timing_arguments(parser, repeat=3, rounds=6,
+                         rounds_help="blocks of ours then torch; the ratio is their median")
     parser.add_argument("--models", default=None,
                         help=f"comma-separated, from {list(CASES)} (default tiny,resnet50); "
                         f"with --device cuda from {list(GPU_CASES)} (default "

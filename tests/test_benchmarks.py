@@ -70,3 +70,15 @@ def test_conv_rules_benchmark_runs_and_finds_the_same_columns(monkeypatch):
     assert "| (1, 2, 3, 3) | 2 | 4 |" in text and "not Winograd's shape" in text, text
     assert results["im2col"] == [(True, results["im2col"][0][1])], results
     assert "| (2, 3, 11, 9) | 5×5 | 2 | yes |" in text, text
+
+
+@pytest.mark.parametrize("name", ["bench_conv", "bench_model", "bench_aspp", "bench_conv_rules",
+                                  "bench_batch_norm"])
+def test_benchmarks_refuse_a_zero_count_before_timing(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"tinydeeplab.benchmarks.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--rounds", "0"])
+    assert exit_info.value.code != 0
+    assert "expected a positive whole number, got 0" in capsys.readouterr().err
