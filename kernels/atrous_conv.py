@@ -42,6 +42,9 @@ Variants (``VARIANTS``; one parametrised test runs them all against the same ref
              cost a fraction of v4's, so Winograd pays on smaller layers too
     cpu_v6   v5, but F(4×4, 3×3) on layers with many tiles that fit the map: 36 GEMMs with
              4× fewer multiply-adds than im2col (float32 error ~20× F(2×2)'s: ~1e-5)
+    cpu_v7   v6, but the forward of layers with few input channels (C·kh·kw ≤ 288: the
+             stem, the 16- and 32-channel layers) without im2col: blocks of outputs summed
+             in vector registers straight from the padded image (atrous_conv_direct)
     cuda_v1  one CUDA thread per output element (and per input pixel / weight for backward)
     cuda_v2  im2col / col2im CUDA kernels + cuBLAS GEMM via cupy.matmul
     cuda_v3  tiled shared-memory implicit GEMM: im2col happens while loading the tiles
@@ -61,6 +64,7 @@ import numpy as np
 from tinydeeplab.backend import array_module, is_cupy_array, on_gpu
 
 from . import atrous_conv_cpu as _cpu
+from . import atrous_conv_direct as _direct
 from . import atrous_conv_winograd as _winograd
 from ._common import int_pair, lazy, pick
 
@@ -298,6 +302,10 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     N, C, H, W = x.shape
     K, _, kh, kw = w.shape
     Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
+    if lowering == "direct":  # cpu_v7: the direct rung where it pays, else cpu_v6's way
+        if xp is np and _direct.pays(w.shape, x.dtype, Wo):
+            return _direct.forward(x, w, b, stride, padding, dilation, buffer=_buffer)
+        lowering = "winograd_cl4"
     if lowering in _WINOGRAD and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
                                                             dilation, x.itemsize, lowering):
         forward = _winograd_functions(lowering, x, w, padding, dilation)[0]
@@ -371,6 +379,8 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
     N, C, H, W = x.shape
     K, _, kh, kw = w.shape
     (dh, dw_), (ph, pw) = dilation, padding
+    if lowering == "direct":  # cpu_v7's backward is cpu_v6's
+        lowering = "winograd_cl4"
     db = dy.sum(axis=(0, 2, 3))
     if _is_pointwise(w, stride, padding):
         (sh, sw), (Ho, Wo) = stride, dy.shape[2:]
@@ -520,6 +530,8 @@ VARIANTS = {
                                                   "Winograd transforms (vectorised)"),
     "cpu_v6": _gemm_variant("cpu", "winograd_cl4", "cpu_v5 with Winograd F(4×4, 3×3) where "
                                                    "its 4×4 tiles fit the map"),
+    "cpu_v7": _gemm_variant("cpu", "direct", "cpu_v6, with a register-blocked direct "
+                                             "forward for layers with few input channels"),
     "cuda_v1": Variant("cuda", lazy("atrous_conv_cuda", "forward_v1"),
                        lazy("atrous_conv_cuda", "backward_v1"),
                        "one thread per output element / input pixel / weight"),
@@ -529,7 +541,7 @@ VARIANTS = {
     "cuda_v4": _gemm_variant("cuda", "adaptive", "cpu_v3's lowerings with CUDA kernels + "
                                                  "cuBLAS"),
 }
-DEFAULT = {"cpu": "cpu_v6", "cuda": "cuda_v4"}
+DEFAULT = {"cpu": "cpu_v7", "cuda": "cuda_v4"}
 
 
 def kernel_source(variant):

@@ -198,7 +198,8 @@ def test_mixed_dtypes_and_bad_dy_are_rejected():
         atrous_conv.conv2d_backward(x, w.astype(np.float32), np.zeros((1, 3, 5, 5), np.float32))
 
 
-@pytest.mark.parametrize("variant", ["cpu_v2", "cpu_v3", "cpu_v4", "cpu_v5", "cpu_v6"])
+@pytest.mark.parametrize("variant", ["cpu_v2", "cpu_v3", "cpu_v4", "cpu_v5", "cpu_v6",
+                                     "cpu_v7"])
 def test_lowering_buffers_are_bounded_for_a_large_layer(variant, monkeypatch):
     """A 1024-channel 65×65 3×3 layer would need 156 MB of im2col columns; chunks stay within
     the budget, forward and backward, and give the same answer as PyTorch."""

@@ -1,0 +1,206 @@
+"""Direct convolution with its outputs held in registers: ``cpu_v7``'s forward for small layers.
+
+im2col + GEMM (``cpu_v2``-``cpu_v6``) first writes every receptive field out as a column
+(C·kh·kw numbers per output pixel), then hands the columns to the GEMM.  For a layer with few
+input channels that copy costs more than the arithmetic: the tiny network's 7×7 stem writes
+15 MB of columns for 0.12 GFLOP.  A GEMM kernel is fast for another reason, too: it keeps a
+block of its outputs in registers and streams its inputs past them.  This rung does the same
+without the columns, reading the receptive fields straight from the (padded) image:
+
+    y[n, k, i, j0 + r] = Σ_t  xp[n, c_t, i·s + p_t·d, (j0 + r)·s + q_t·d] · w[k, c_t, p_t, q_t]
+
+for a block of R = ``BLOCK`` neighbouring outputs of one row (r = 0 … R − 1) and a block of
+``LANES`` output channels k, over the taps t = (c, p, q) in im2col's row order.  xp is x with its
+zero padding written out, so every read is inside the array.  The R × LANES sums are R vector
+registers (16 float32 lanes with AVX-512, 8 with AVX2); each tap loads one vector of weights
+w[k0 : k0 + LANES, c_t, p_t, q_t] and, for each r, one pixel broadcast to all lanes, and adds
+their product to the r-th register with one fused multiply-add.  In memory, per tap: R + 1
+loads for R·LANES multiply-adds — im2col + GEMM reads and writes every column number twice.
+
+Two versions of that block, one driver (``forward``):
+
+    "plain"  the block as three loops over taps, outputs and lanes (``_block_plain``): the
+             algorithm in readable Python, which the compiler keeps in memory, not registers
+    "simd"   the same loops written in LLVM's vector instructions (``_block_simd``): R
+             accumulators the compiler keeps in registers, one FMA per tap and output
+
+Both add the taps in the same order as a GEMM over im2col's columns (one multiply-add after
+another, from zero), so they agree with the reference to float32 rounding; "simd" fuses each
+multiply and add into one rounding.  The rung pays where C·kh·kw is small (``pays``); above
+that im2col's columns are cheap next to the arithmetic and the GEMM's blocking wins.
+"""
+import numba
+import numpy as np
+from llvmlite import binding, ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import parallel_njit
+
+
+def _host_lanes():
+    """float32 lanes of the widest vectors the compiler targets: 16 with AVX-512, else 8."""
+    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
+    return 16 if "+avx512f" in features.split(",") else 8
+
+
+def _host_has_fma():
+    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
+    return "+fma" in features.split(",")
+
+
+LANES = _host_lanes()
+BLOCK = 7  # R: outputs per block.  7 accumulators, a weight vector and a broadcast fit in
+#            AVX2's 16 registers; machine C (AVX-512), the tiny model's layers, R = 6-20:
+#            7 was fastest or within 5 % of it on each.
+MAX_TAPS = 288  # C·kh·kw up to which the rung is taken (``pays``)
+_i64 = ir.IntType(64)
+
+
+def _block_plain(x, base, step, offsets, wt, out, j0):
+    # out[j0 + r, :] = Σ_t x[base + offsets[t] + r·step] · wt[t, :], the taps in order
+    R, L = BLOCK, wt.shape[1]
+    for r in range(R):
+        for k in range(L):
+            out[j0 + r, k] = 0
+    for t in range(offsets.shape[0]):
+        at = base + offsets[t]
+        for r in range(R):
+            pixel = x[at + r * step]
+            for k in range(L):
+                out[j0 + r, k] += pixel * wt[t, k]
+
+
+@intrinsic
+def _block_simd(typingctx, x, base, step, offsets, wt, out, j0):
+    """``_block_plain`` in LLVM's vector instructions: R accumulators of wt's row length
+    (LANES float32), one fused multiply-add per tap and output."""
+    floats = [a for a in (x, wt, out) if isinstance(a, types.Array) and a.layout == "C"
+              and a.dtype == types.float32]
+    if len(floats) < 3 or not isinstance(offsets, types.Array) or offsets.dtype != types.int64:
+        return None  # a typing error: the vectors below are float32 rows
+    sig = types.void(x, base, step, offsets, wt, out, j0)
+
+    def codegen(context, builder, signature, args):
+        x_, base_, step_, offsets_, wt_, out_, j0_ = args
+        xs, offs, ws, outs = (context.make_array(signature.args[i])(context, builder, a)
+                              for i, a in ((0, x_), (3, offsets_), (4, wt_), (5, out_)))
+        vector = ir.VectorType(ir.FloatType(), LANES)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{LANES}f32")
+        all_zero = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * LANES))
+                for _ in range(BLOCK)]  # promoted to registers by the optimiser
+        with cgutils.for_range(builder, builder.extract_value(offs.shape, 0)) as loop:
+            t = loop.index
+            at = builder.add(base_, builder.load(builder.gep(offs.data, [t])))
+            row = builder.gep(ws.data, [builder.mul(t, ir.Constant(_i64, LANES))])
+            weights = builder.load(builder.bitcast(row, vector.as_pointer()), align=4)
+            for r in range(BLOCK):
+                where = builder.add(at, builder.mul(step_, ir.Constant(_i64, r)))
+                pixel = builder.load(builder.gep(xs.data, [where]))
+                one = builder.insert_element(ir.Constant(vector, ir.Undefined), pixel,
+                                             ir.Constant(ir.IntType(32), 0))
+                pixels = builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), all_zero)
+                builder.store(builder.call(fma, [pixels, weights, builder.load(sums[r])]),
+                              sums[r])
+        for r in range(BLOCK):
+            at = builder.mul(builder.add(j0_, ir.Constant(_i64, r)), ir.Constant(_i64, LANES))
+            target = builder.bitcast(builder.gep(outs.data, [at]), vector.as_pointer())
+            builder.store(builder.load(sums[r]), target, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_block_plain_cpu = njit(_block_plain)
+
+
+def _pad(x, xp, ph, pw):
+    # xp[n, c] = x[n, c] with ph zero rows above and below, pw zero columns left and right
+    N, C, H, W = x.shape
+    Wp = xp.shape[3]
+    for plane in prange(N * C):
+        n, c = plane // C, plane % C
+        for i in range(xp.shape[2]):
+            if i < ph or i >= ph + H:
+                for j in range(Wp):
+                    xp[n, c, i, j] = 0
+            else:
+                for j in range(pw):
+                    xp[n, c, i, j] = 0
+                for j in range(W):
+                    xp[n, c, i, pw + j] = x[n, c, i - ph, j]
+                for j in range(pw + W, Wp):
+                    xp[n, c, i, j] = 0
+
+
+def _rows(xp, offsets, wt, y, sh, sw, simd):
+    # every output row (n, i) for every block of LANES channels: blocks of R outputs along
+    # the row (the last one ending at the row's end, overlapping the one before), then the
+    # row's (Wo, LANES) sums copied out to the LANES planes
+    N, K, Ho, Wo = y.shape
+    C, Hp, Wp = xp.shape[1], xp.shape[2], xp.shape[3]
+    groups, L, R = wt.shape[0], wt.shape[2], BLOCK
+    flat = xp.reshape(-1)
+    for job in prange(N * Ho * groups):
+        n, i, g = job // (Ho * groups), (job // groups) % Ho, job % groups
+        out = np.empty((Wo, L), y.dtype)
+        for b in range((Wo + R - 1) // R):
+            j0 = min(b * R, Wo - R)
+            base = (n * C * Hp + i * sh) * Wp + j0 * sw
+            if simd:
+                _block_simd(flat, base, sw, offsets, wt[g], out, j0)
+            else:
+                _block_plain_cpu(flat, base, sw, offsets, wt[g], out, j0)
+        for k in range(L):
+            for j in range(Wo):
+                y[n, g * L + k, i, j] = out[j, k]
+
+
+_pad_cpu = parallel_njit(_pad)
+_rows_cpu = parallel_njit(_rows)
+
+
+_HAS_FMA = _host_has_fma()
+
+
+def pays(w_shape, dtype, Wo):
+    """Whether ``cpu_v7`` takes this forward: float32, output channels in whole blocks of
+    LANES, more than one tap per channel and at most MAX_TAPS in all (C·kh·kw), rows of at
+    least BLOCK outputs, a CPU with fused multiply-add, and compiled code (plain Python cannot
+    run the intrinsic).  1×1 kernels have no columns to save: their GEMM reads x itself, and
+    took 0.3-0.7 of this rung's time (machine C, 16-256 channels)."""
+    K, C, kh, kw = w_shape
+    return (dtype == np.float32 and K % LANES == 0 and 1 < kh * kw and
+            C * kh * kw <= MAX_TAPS and Wo >= BLOCK and _HAS_FMA and
+            not numba.config.DISABLE_JIT)
+
+
+def forward(x, w, b, stride, padding, dilation, block="simd", buffer=None):
+    """y = conv(x, w) + b by the register-blocked direct loops; ``block`` "simd" or "plain".
+    x, w float32 and C-contiguous; stride, padding, dilation (h, w) pairs; K a multiple of
+    LANES and Wo ≥ BLOCK.  ``buffer(name, shape, dtype)`` supplies the padded copy."""
+    if block not in ("simd", "plain"):
+        raise ValueError(f"direct conv: block must be 'simd' or 'plain', got {block!r}")
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if K % LANES or Wo < BLOCK or x.dtype != np.float32 or w.dtype != np.float32:
+        raise ValueError(f"direct conv: needs float32, K a multiple of {LANES} and at least "
+                         f"{BLOCK} outputs a row; got K={K}, Wo={Wo}, {x.dtype}/{w.dtype}")
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    shape = (N, C, Hp, Wp)
+    xp = buffer("direct_xp", shape, x.dtype) if buffer else np.empty(shape, x.dtype)
+    _pad_cpu(x, xp, ph, pw)
+    c, p, q = np.meshgrid(np.arange(C), np.arange(kh), np.arange(kw), indexing="ij")
+    offsets = ((c * Hp + p * dh) * Wp + q * dw).ravel().astype(np.int64)  # im2col's row order
+    wt = np.ascontiguousarray(w.reshape(K // LANES, LANES, C * kh * kw).transpose(0, 2, 1))
+    y = np.empty((N, K, Ho, Wo), x.dtype)
+    _rows_cpu(xp, offsets, wt, y, sh, sw, block == "simd")
+    if b is not None:
+        y += b.reshape(1, K, 1, 1)
+    return y
