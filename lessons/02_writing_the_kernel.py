@@ -295,10 +295,42 @@ for m, e in errors.items():
           "the largest output")
 print(f"F(4×4)'s error / F(2×2)'s: {np.mean(errors[4]) / np.mean(errors[2]):.0f}× on average")
 
+# %% 7. Outputs in registers: the direct rung (the CPU's cpu_v7, the default)
+# A GEMM kernel is fast because it holds a block of outputs in the CPU's registers while the
+# inputs stream past, so each number loaded feeds many multiply-adds.  im2col pays for that
+# with a copy: every output pixel's receptive field, C·kh·kw numbers, is written out first.
+# On a layer with few input channels — a 7×7 stem reads 3 channels — the copy is most of the
+# work.  kernels/atrous_conv_direct.py does the GEMM's trick without the copy: R = 7
+# neighbouring outputs of a row × one vector of output channels (16 or 8 lanes) are the
+# accumulators; for each tap (c, p, q) it loads one vector of weights and, for each of the 7
+# outputs, one pixel of the padded image spread over all lanes, and adds their products —
+# the same formula as section 1, summed tap by tap in im2col's row order.  Its "plain" block
+# is those loops in ordinary Python (the compiler keeps the sums in memory); its "simd" block
+# is the same loops in LLVM's vector instructions, sums in registers.  A stem in float32:
+from tinydeeplab.kernels import atrous_conv_direct as direct  # noqa: E402
+
+xs = rng.standard_normal((2, 3, 65, 65)).astype(np.float32)
+ws = (0.1 * rng.standard_normal((16, 3, 7, 7))).astype(np.float32)
+ys64 = atrous_conv.conv2d_forward(xs.astype(np.float64), ws.astype(np.float64), None, 2, 3, 1,
+                                  variant="cpu_v3")
+stem = {}
+for label, run in (
+        ("direct, plain block", lambda: direct.forward(xs, ws, None, (2, 2), (3, 3), (1, 1),
+                                                       block="plain")),
+        ("direct, simd block", lambda: direct.forward(xs, ws, None, (2, 2), (3, 3), (1, 1))),
+        ("im2col + GEMM (cpu_v6)", lambda: atrous_conv.conv2d_forward(
+            xs, ws, None, 2, 3, 1, variant="cpu_v6"))):
+    stem[label] = float(np.abs(run() - ys64).max() / np.abs(ys64).max())
+    print(f"{label:24s} {best_of(run) * 1e3:6.2f} ms, error {stem[label]:.1e} of the largest "
+          "output")
+# cpu_v7 takes this rung where C·kh·kw ≤ 288 (the stems and the 16-32-channel layers); above,
+# im2col's copy is small next to the arithmetic and the GEMM's own blocking wins.
+
 # %% Check
 assert np.abs(y_gemm - y_loops).max() < 1e-10, "im2col + GEMM disagrees with the loops"
 assert np.abs(y_winograd_1d - y_direct_1d).max() < 1e-12 and tile_gap < 1e-10
 assert tile4_gap < 1e-10 and max(errors[2]) < max(errors[4]) < 1e-4
+assert max(stem.values()) < 1e-5, "a float32 stem disagrees with the float64 one"
 assert np.abs(cols - cols_lib).max() == 0
 assert np.abs(y_cuda - y_cpu).max() < 1e-4, "the CUDA kernel disagrees with the CPU one"
 assert max(np.abs(dx - dx_lib).max(), np.abs(dw - dw_lib).max(), np.abs(db - db_lib).max()) \
@@ -322,5 +354,7 @@ exercises.run(exercises.check_weight_gradient, weight_gradient)
 # * The CPU loops and the CUDA kernel share one line of index math; gradcheck checks every
 #   gradient element by finite differences.
 # * Speed depends on the shape and on the BLAS kernel: benchmarks/ measure it side by side.
+# * Two ways past im2col + GEMM: Winograd cuts the multiplications; the direct rung, its
+#   sums in registers, cuts im2col's copy where there are few input channels.
 # Next: lesson 14 for the GPU kernel (kernels track), 04 for the network built from these
 # convolutions, or 07 for the CRF's kernel.
