@@ -12,7 +12,8 @@ Peak memory: each framework's step in a fresh child process, the rise of its res
 from the warm-up does not hide the peak).
 Also reports the batch norm + ReLU fusion (the same tiny step with the fusion switched off)
 and, for every model, the step with the ASPP head computed branch by branch instead of as one
-convolution (``kernels/aspp.py``).
+convolution (``kernels/aspp.py``) and with each of the convolution ladder's last three CPU
+rungs.
 
 ``--device cuda`` (CuPy and a CUDA build of PyTorch on a GPU): ResNet-101 DeepLab v2 (ASPP,
 output stride 8) on 321² crops at batch 10 (the paper's) and 2, forward + loss + backward + SGD
@@ -364,17 +365,17 @@ def run(threads=None, repeat=3, out=sys.stdout, models=tuple(CASES), rounds=6):
         print(f"\nASPP as one convolution / branch by branch (ours, {label} step): "
               f"{np.median(t[:, 0]):.3f} / {np.median(t[:, 1]):.3f} s, {np.median(r):.2f} "
               f"[{r.min():.2f}-{r.max():.2f}] over {rounds} rounds; the table uses one", file=out)
-        if name != "tiny":  # the convolution ladder's last two rungs, in turns
-            default = conv_k.DEFAULT["cpu"]
-            rungs = [v for v, spec in conv_k.VARIANTS.items() if spec.device == "cpu"][-3:]
-            t = np.array(block_times(_steps_with(step_ours, lambda v: conv_k.DEFAULT.update(
-                cpu=v), rungs), repeat, rounds))
-            conv_k.DEFAULT["cpu"] = default
-            r = t[:, 2] / t[:, 1]
-            print(f"\n(atrous conv {' / '.join(rungs)}, ours, {label} step: "
-                  f"{' / '.join(f'{s:.3f}' for s in np.median(t, axis=0))} s; {rungs[2]} / "
-                  f"{rungs[1]} {np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}] over {rounds} "
-                  f"rounds; the table uses {default})\n", file=out)
+        # the convolution ladder's last three rungs, in turns
+        default = conv_k.DEFAULT["cpu"]
+        rungs = [v for v, spec in conv_k.VARIANTS.items() if spec.device == "cpu"][-3:]
+        t = np.array(block_times(_steps_with(step_ours, lambda v: conv_k.DEFAULT.update(
+            cpu=v), rungs), repeat, rounds))
+        conv_k.DEFAULT["cpu"] = default
+        r = t[:, 2] / t[:, 1]
+        print(f"\n(atrous conv {' / '.join(rungs)}, ours, {label} step: "
+              f"{' / '.join(f'{s:.3f}' for s in np.median(t, axis=0))} s; {rungs[2]} / "
+              f"{rungs[1]} {np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}] over {rounds} "
+              f"rounds; the table uses {default})\n", file=out)
         if name == "tiny":  # the batch norm + ReLU fusion, measured in the same blocks
             t_fused, t_separate = median_times_in_blocks(_steps_with(
                 step_ours, lambda flag: setattr(nn, "FUSE_BN_RELU", flag), (True, False)),
