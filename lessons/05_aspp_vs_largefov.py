@@ -232,8 +232,9 @@ exercises.run(exercises.check_taps_inside, taps_inside)
 # * Compare heads at matched cost: LargeFOV's default head has 37× ASPP's weights and comes
 #   out ahead here; narrowed to ASPP's size (width 20) the difference on large objects is
 #   about as large as the seeds' spread, and which side of it a run lands on depends on
-#   rounding: −0.01 against a spread of 0.07 (within it) on machine B, +0.04 against 0.035
-#   (just beyond it, ASPP ahead) on machine C, whose OpenBLAS kernel sums in another order
-#   (lessons/README.md, "Figures").  600 iterations from scratch on 120 images cannot settle
-#   the paper's ~1.5 points.  Compare means over seeds, never one run against one run.
+#   rounding: −0.02 against a spread of 0.07 (within it) with OpenBLAS's Haswell kernel,
+#   +0.04 against 0.035 (just beyond it, ASPP ahead) with the SkylakeX kernel, which sums in
+#   another order (lessons/README.md, "Figures").  600 iterations from scratch on 120
+#   images cannot settle the paper's ~1.5 points.  Compare means over seeds, never one run
+#   against one run.
 # Next: lesson 06 — the loss both heads are trained with (network track).

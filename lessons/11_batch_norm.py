@@ -163,9 +163,10 @@ exercises.run(exercises.check_batch_norm_backward, batch_norm_backward)
 #   a few large crops they jump from step to step — one reason DeepLab keeps the ImageNet
 #   statistics frozen while fine-tuning.
 # * Fine-tuning a trained network with batches of 2 (section 4, 3 seeds): learning batch norm
-#   lost ground against the base here (0.247 → 0.220 ± 0.020; machine C 0.249 → 0.210),
-#   frozen statistics gained (0.265 ± 0.012; C 0.256), and frozen came out ahead on every
-#   seed (+0.03 to +0.06 on both), beyond the seeds' spread — the direction of DeepLab's
-#   choice, on a toy scale; learning batch norm also varied more from seed to seed.  With
-#   batches of 2 the statistics it learns from are the noise measured in section 3.
+#   lost ground against the base here (0.247 → 0.214 ± 0.011; with machine C's own OpenBLAS
+#   kernel 0.249 → 0.210), frozen statistics held the base's level (0.246 ± 0.006) or gained
+#   (C: 0.256), and frozen came out ahead on every seed (+0.025 to +0.036; C +0.03 to +0.06),
+#   beyond the seeds' spread — the direction of DeepLab's choice, on a toy scale; learning
+#   batch norm also varied more from seed to seed.  With batches of 2 the statistics it
+#   learns from are the noise measured in section 3.
 # Next: lesson 12 — multi-scale inputs and upsampling (network track).
