@@ -1,4 +1,4 @@
-"""The measurements behind two of the CPU convolution's choices, on this machine.
+"""The measurements behind three of the CPU convolution's choices, on this machine.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv_rules.py [--rounds R]
 
@@ -11,6 +11,10 @@
 2. im2col as shifted plane copies (``atrous_conv_cpu.im2col_dilated``, used wherever the
    output is as wide as the input's phase planes) against the row-by-row copy
    (``im2col_rows``, the general one) on strided layers: the same columns, the time of each.
+3. Where the direct rung pays (``atrous_conv_direct.pays``: C·kh·kw ≤ MAX_TAPS, not 1×1).
+   Per layer, the forward by the direct rung (forced) against ``cpu_v6``'s, in turns, and
+   whether the two agree bit for bit (they add the same products in the same order where
+   OpenBLAS's kernel sums a shared dimension of that length in one sequential pass).
 
 Times: the median over rounds; ratios: the median of the per-round ratios [range].  Both sides
 of every comparison are ours, on the same thread pools, so the blocks follow each other
@@ -42,6 +46,22 @@ IM2COL_SHAPES = [
     ((4, 3, 161, 161), 16, 7, 2, 3),
     ((1, 3, 321, 321), 64, 7, 2, 3),
     ((4, 16, 41, 41), 32, 3, 2, 1),
+]
+
+# (N, C, H, W), K, kernel, stride, dilation (padding keeps the size): the tiny model's layers
+# with few input channels, ResNet's stem, then layers past the rule (64 channels: 576 taps;
+# 1×1 kernels)
+DIRECT_SHAPES = [
+    ((4, 3, 161, 161), 16, 7, 2, 1),
+    ((4, 16, 41, 41), 16, 3, 1, 1),
+    ((4, 16, 41, 41), 32, 3, 2, 1),
+    ((4, 32, 21, 21), 32, 3, 1, 1),
+    ((4, 32, 21, 21), 64, 3, 1, 1),
+    ((1, 3, 321, 321), 64, 7, 2, 1),
+    ((4, 64, 21, 21), 64, 3, 1, 1),
+    ((4, 64, 21, 21), 128, 3, 1, 2),
+    ((4, 32, 21, 21), 64, 1, 1, 1),
+    ((1, 64, 81, 81), 256, 1, 1, 1),
 ]
 
 
@@ -100,12 +120,30 @@ def _im2col_functions(shape, K, k, s, pad, seed=0):
             lambda: cpu.im2col_rows(x, *args, rowwise), same)
 
 
+def _direct_functions(shape, K, k, s, d, seed=0):
+    """(the direct rung forced, cpu_v6's forward, whether the rule takes it, same bits)"""
+    from tinydeeplab.kernels import atrous_conv as ac
+    from tinydeeplab.kernels import atrous_conv_direct as direct
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w = rng.standard_normal((K, shape[1], k, k), dtype=np.float32) * 0.1
+    pad = d * (k - 1) // 2
+    pairs = (s, s), (pad, pad), (d, d)
+    Wo = ac.output_size(shape[2], shape[3], k, k, *pairs)[1]
+    same = bool(np.array_equal(direct.forward(x, w, None, *pairs),
+                               ac.conv2d_forward(x, w, None, *pairs, variant="cpu_v6")))
+    return (lambda: direct.forward(x, w, None, *pairs),
+            lambda: ac.conv2d_forward(x, w, None, *pairs, variant="cpu_v6"),
+            direct.pays(w.shape, x.dtype, Wo), same)
+
+
 def _ratio_text(r):
     return f"{np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}]"
 
 
 def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
-        im2col_shapes=IM2COL_SHAPES, out=sys.stdout):
+        im2col_shapes=IM2COL_SHAPES, direct_shapes=DIRECT_SHAPES, out=sys.stdout):
     import os
 
     import numba
@@ -113,11 +151,12 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
 
     from tinydeeplab.benchmarks.bench_conv import blas_info, block_times, gemm_gflops
     from tinydeeplab.kernels import atrous_conv as ac
+    from tinydeeplab.kernels import atrous_conv_direct as direct
 
     threads = threads or os.cpu_count()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     ticks = cpu_ticks()
-    results = {"winograd": [], "im2col": []}
+    results = {"winograd": [], "im2col": [], "direct": []}
     with threadpool_limits(limits=threads, user_api="blas"):
         print(f"# CPU convolution rules, float32, {threads} threads; BLAS: {blas_info()}",
               file=out)
@@ -155,6 +194,20 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
             print(f"| {shape} | {k}×{k} | {s} | {'yes' if same else 'NO'} | {med[0]:.3f} | "
                   f"{med[1]:.3f} | {_ratio_text(r)} |", file=out)
             results["im2col"].append((same, float(np.median(r))))
+        print("\nThe direct rung (forced) against cpu_v6, forward; the rule takes it up to "
+              f"{direct.MAX_TAPS} taps (C·kh·kw), not for 1×1 kernels", file=out)
+        print("| input (N,C,H,W) | K | kernel | stride | d | taps | rule takes it | same bits "
+              "as cpu_v6 | direct ms | cpu_v6 ms | direct / cpu_v6 |", file=out)
+        print("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+        for shape, K, k, s, d in direct_shapes:
+            forced, v6, rule, same = _direct_functions(shape, K, k, s, d)
+            t = np.array(block_times([forced, v6], repeat, rounds, pause=0))
+            r = t[:, 0] / t[:, 1]
+            med = np.median(t, axis=0) * 1e3
+            print(f"| {shape} | {K} | {k}×{k} | {s} | {d} | {shape[1] * k * k} | "
+                  f"{'yes' if rule else 'no'} | {'yes' if same else 'no'} | {med[0]:.3f} | "
+                  f"{med[1]:.3f} | {_ratio_text(r)} |", file=out)
+            results["direct"].append((rule, same, float(np.median(r))))
     print_steal_line(ticks, out)
     return results
 

@@ -42,9 +42,10 @@ Variants (``VARIANTS``; one parametrised test runs them all against the same ref
              cost a fraction of v4's, so Winograd pays on smaller layers too
     cpu_v6   v5, but F(4×4, 3×3) on layers with many tiles that fit the map: 36 GEMMs with
              4× fewer multiply-adds than im2col (float32 error ~20× F(2×2)'s: ~1e-5)
-    cpu_v7   v6, but the forward of layers with few input channels (C·kh·kw ≤ 288: the
-             stem, the 16- and 32-channel layers) without im2col: blocks of outputs summed
-             in vector registers straight from the padded image (atrous_conv_direct)
+    cpu_v7   v6, but layers with few input channels (C·kh·kw ≤ 576: the stems, the 16-64-
+             channel 3×3 layers) forward without im2col where Winograd does not pay: blocks
+             of outputs summed in vector registers straight from the padded image; the
+             stems' weight gradient likewise (atrous_conv_direct)
     cuda_v1  one CUDA thread per output element (and per input pixel / weight for backward)
     cuda_v2  im2col / col2im CUDA kernels + cuBLAS GEMM via cupy.matmul
     cuda_v3  tiled shared-memory implicit GEMM: im2col happens while loading the tiles
@@ -302,10 +303,11 @@ def gemm_forward(x, w, b, stride, padding, dilation, kern, lowering):
     N, C, H, W = x.shape
     K, _, kh, kw = w.shape
     Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
-    if lowering == "direct":  # cpu_v7: the direct rung where it pays, else cpu_v6's way
-        if xp is np and _direct.pays(w.shape, x.dtype, Wo):
+    if lowering == "direct":  # cpu_v7: cpu_v6's way, but the direct rung where it pays and
+        lowering = "winograd_cl4"  # Winograd does not
+        if xp is np and _direct.pays(w.shape, x.dtype, Wo) and not winograd_pays(
+                x.shape, w.shape, stride, padding, dilation, x.itemsize, lowering):
             return _direct.forward(x, w, b, stride, padding, dilation, buffer=_buffer)
-        lowering = "winograd_cl4"
     if lowering in _WINOGRAD and xp is np and winograd_pays(x.shape, w.shape, stride, padding,
                                                             dilation, x.itemsize, lowering):
         forward = _winograd_functions(lowering, x, w, padding, dilation)[0]
@@ -379,9 +381,13 @@ def gemm_backward(x, w, dy, stride, padding, dilation, kern, lowering, need_dx=T
     N, C, H, W = x.shape
     K, _, kh, kw = w.shape
     (dh, dw_), (ph, pw) = dilation, padding
-    if lowering == "direct":  # cpu_v7's backward is cpu_v6's
-        lowering = "winograd_cl4"
     db = dy.sum(axis=(0, 2, 3))
+    if lowering == "direct":  # cpu_v7: the stems' dw by the direct rung, else cpu_v6's way
+        if not need_dx and xp is np and _direct.weight_gradient_pays(w.shape, x.dtype):
+            dw = _direct.weight_gradient(x, dy, kh, stride, padding, dilation,
+                                         buffer=_buffer)
+            return None, dw, db
+        lowering = "winograd_cl4"
     if _is_pointwise(w, stride, padding):
         (sh, sw), (Ho, Wo) = stride, dy.shape[2:]
         w2d, dw2d = w.reshape(K, C), xp.zeros((K, C), dtype=x.dtype)

@@ -1,4 +1,4 @@
-"""Direct convolution with its outputs held in registers: ``cpu_v7``'s forward for small layers.
+"""Direct convolution with its outputs held in registers: ``cpu_v7``'s rung for small layers.
 
 im2col + GEMM (``cpu_v2``-``cpu_v6``) first writes every receptive field out as a column
 (C·kh·kw numbers per output pixel), then hands the columns to the GEMM.  For a layer with few
@@ -24,10 +24,20 @@ Two versions of that block, one driver (``forward``):
     "simd"   the same loops written in LLVM's vector instructions (``_block_simd``): R
              accumulators the compiler keeps in registers, one FMA per tap and output
 
-Both add the taps in the same order as a GEMM over im2col's columns (one multiply-add after
-another, from zero), so they agree with the reference to float32 rounding; "simd" fuses each
-multiply and add into one rounding.  The rung pays where C·kh·kw is small (``pays``); above
-that im2col's columns are cheap next to the arithmetic and the GEMM's blocking wins.
+Both add the taps one after another, from zero, and agree with the reference to float32
+rounding; "simd" fuses each multiply and add into one rounding.  The rung pays where C·kh·kw
+is small (``pays``); above that im2col's columns are cheap next to the arithmetic and the
+GEMM's blocking wins.
+
+The same block gives the weight gradient of a 7×7 stem, whose input (the image) needs none
+(``weight_gradient``):
+
+    dw[k, c, p, q] = Σ_{n,i,j} dy[n, k, i, j] · xp[n, c, i·s + p·d, j·s + q·d]
+
+A kernel row (c, p) has BLOCK = 7 taps q, spaced d apart like a block's 7 outputs; so the
+block's outputs become the row's taps, its taps the output pixels j of one image row (the
+pixel spread over the lanes), and its weight vectors dy's channels at those pixels (dy copied
+channels last).  Each image row's sums are added to the image's, and the images' in order.
 """
 import numba
 import numpy as np
@@ -54,7 +64,10 @@ LANES = _host_lanes()
 BLOCK = 7  # R: outputs per block.  7 accumulators, a weight vector and a broadcast fit in
 #            AVX2's 16 registers; machine C (AVX-512), the tiny model's layers, R = 6-20:
 #            7 was fastest or within 5 % of it on each.
-MAX_TAPS = 288  # C·kh·kw up to which the rung is taken (``pays``)
+# C·kh·kw up to which the rung is taken (``pays``).  Forward against cpu_v6, machine C, in turns
+# (benchmarks/bench_conv_rules.py): 0.53-0.75 on the 3-32-channel layers (≤ 288 taps), 0.75 and
+# 0.86 on the tiny network's 64-channel ones (576), 1.2 on its 128-channel ones (1152).
+MAX_TAPS = 576
 _i64 = ir.IntType(64)
 
 
@@ -78,8 +91,9 @@ def _block_simd(typingctx, x, base, step, offsets, wt, out, j0):
     (LANES float32), one fused multiply-add per tap and output."""
     floats = [a for a in (x, wt, out) if isinstance(a, types.Array) and a.layout == "C"
               and a.dtype == types.float32]
-    if len(floats) < 3 or not isinstance(offsets, types.Array) or offsets.dtype != types.int64:
-        return None  # a typing error: the vectors below are float32 rows
+    if len(floats) < 3 or not isinstance(offsets, types.Array) or \
+            offsets.dtype != types.int64 or offsets.layout != "C":
+        return None  # a typing error: the code below reads contiguous float32 rows
     sig = types.void(x, base, step, offsets, wt, out, j0)
 
     def codegen(context, builder, signature, args):
@@ -159,19 +173,49 @@ def _rows(xp, offsets, wt, y, sh, sw, simd):
                 y[n, g * L + k, i, j] = out[j, k]
 
 
+def _weight_rows(xp, columns, dyt, partial, sh, dh, dw_, simd):
+    # partial[n, k, c, p, q] = Σ_{i,j} xp[n, c, i·sh + p·dh, j·sw + q·dw_] · dy[n, k, i, j] for
+    # every kernel row (c, p) — exactly BLOCK taps q — and block of LANES channels k: the
+    # block above with a row's output pixels as its taps (columns[j] = j·sw) and the kernel
+    # row's taps as its outputs; each row's sums added to the image's, row by row
+    N, K, C, kh, R = partial.shape
+    Hp, Wp = xp.shape[2], xp.shape[3]
+    groups, Ho, L = dyt.shape[0], dyt.shape[2], dyt.shape[4]
+    flat = xp.reshape(-1)
+    for job in prange(N * C * kh * groups):
+        n, rest = job // (C * kh * groups), job % (C * kh * groups)
+        c, p, g = rest // (kh * groups), (rest // groups) % kh, rest % groups
+        row = np.empty((R, L), partial.dtype)
+        image = np.zeros((R, L), partial.dtype)
+        for i in range(Ho):
+            base = ((n * C + c) * Hp + i * sh + p * dh) * Wp
+            if simd:
+                _block_simd(flat, base, dw_, columns, dyt[g, n, i], row, 0)
+            else:
+                _block_plain_cpu(flat, base, dw_, columns, dyt[g, n, i], row, 0)
+            for q in range(R):
+                for k in range(L):
+                    image[q, k] += row[q, k]
+        for k in range(L):
+            for q in range(R):
+                partial[n, g * L + k, c, p, q] = image[q, k]
+
+
 _pad_cpu = parallel_njit(_pad)
 _rows_cpu = parallel_njit(_rows)
+_weight_rows_cpu = parallel_njit(_weight_rows)
 
 
 _HAS_FMA = _host_has_fma()
 
 
 def pays(w_shape, dtype, Wo):
-    """Whether ``cpu_v7`` takes this forward: float32, output channels in whole blocks of
-    LANES, more than one tap per channel and at most MAX_TAPS in all (C·kh·kw), rows of at
-    least BLOCK outputs, a CPU with fused multiply-add, and compiled code (plain Python cannot
-    run the intrinsic).  1×1 kernels have no columns to save: their GEMM reads x itself, and
-    took 0.3-0.7 of this rung's time (machine C, 16-256 channels)."""
+    """Whether ``cpu_v7`` takes this forward (where Winograd does not pay: atrous_conv checks
+    that first): float32, output channels in whole blocks of LANES, more than one tap per
+    channel and at most MAX_TAPS in all (C·kh·kw), rows of at least BLOCK outputs, a CPU with
+    fused multiply-add, and compiled code (plain Python cannot run the intrinsic).  1×1
+    kernels have no columns to save: their GEMM reads x itself, and took 0.5-0.7 of this
+    rung's time (machine C, 32-64 channels)."""
     K, C, kh, kw = w_shape
     return (dtype == np.float32 and K % LANES == 0 and 1 < kh * kw and
             C * kh * kw <= MAX_TAPS and Wo >= BLOCK and _HAS_FMA and
@@ -204,3 +248,40 @@ def forward(x, w, b, stride, padding, dilation, block="simd", buffer=None):
     if b is not None:
         y += b.reshape(1, K, 1, 1)
     return y
+
+
+def weight_gradient_pays(w_shape, dtype):
+    """Whether ``cpu_v7`` takes dw by ``weight_gradient`` for an input that needs no gradient
+    (the image, under the stem): kernel rows of exactly BLOCK taps (the 7×7 stems), output
+    channels in whole blocks of LANES, float32, FMA, compiled code."""
+    K, C, kh, kw = w_shape
+    return (dtype == np.float32 and K % LANES == 0 and kw == BLOCK and _HAS_FMA and
+            not numba.config.DISABLE_JIT)
+
+
+def weight_gradient(x, dy, kh, stride, padding, dilation, block="simd", buffer=None):
+    """dw (K, C, kh, BLOCK) for y = conv(x, w) and dy = ∂L/∂y, by the same register block as
+    ``forward``: a kernel row's BLOCK taps are the block's outputs, the output pixels its
+    taps (added in order: image, row, column), dy's LANES channels at a pixel its weight
+    vector.  So no im2col: the 7×7 stem's weight gradient without its 15 MB of columns."""
+    if block not in ("simd", "plain"):
+        raise ValueError(f"direct conv: block must be 'simd' or 'plain', got {block!r}")
+    N, C, H, W = x.shape
+    K, Ho, Wo = dy.shape[1:]
+    (sh, sw), (ph, pw), (dh, dw_) = stride, padding, dilation
+    if K % LANES or x.dtype != np.float32 or dy.dtype != np.float32:
+        raise ValueError(f"direct conv weight gradient: needs float32 and K a multiple of "
+                         f"{LANES}; got K={K}, {x.dtype}/{dy.dtype}")
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    shape = (N, C, Hp, Wp)
+    xp = buffer("direct_xp", shape, x.dtype) if buffer else np.empty(shape, x.dtype)
+    _pad_cpu(x, xp, ph, pw)
+    columns = np.arange(Wo, dtype=np.int64) * sw
+    dyt = np.ascontiguousarray(  # (groups, N, Ho, Wo, LANES): dy's channels last
+        dy.reshape(N, K // LANES, LANES, Ho, Wo).transpose(1, 0, 3, 4, 2))
+    partial = np.empty((N, K, C, kh, BLOCK), x.dtype)
+    _weight_rows_cpu(xp, columns, dyt, partial, sh, dh, dw_, block == "simd")
+    dw = partial[0].copy()
+    for n in range(1, N):  # the images' sums, in order
+        dw += partial[n]
+    return dw

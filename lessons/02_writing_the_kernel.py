@@ -323,8 +323,10 @@ for label, run in (
     stem[label] = float(np.abs(run() - ys64).max() / np.abs(ys64).max())
     print(f"{label:24s} {best_of(run) * 1e3:6.2f} ms, error {stem[label]:.1e} of the largest "
           "output")
-# cpu_v7 takes this rung where C·kh·kw ≤ 288 (the stems and the 16-32-channel layers); above,
-# im2col's copy is small next to the arithmetic and the GEMM's own blocking wins.
+# cpu_v7 takes this rung where C·kh·kw ≤ 576 (the stems and the 16-64-channel layers) and
+# Winograd does not pay; above, im2col's copy is small next to the arithmetic and the GEMM's
+# own blocking wins.  The stems' weight gradient uses the same block, with a kernel row's 7
+# taps as its outputs and an image row's pixels as its taps.
 
 # %% Check
 assert np.abs(y_gemm - y_loops).max() < 1e-10, "im2col + GEMM disagrees with the loops"

@@ -63,13 +63,18 @@ def test_conv_rules_benchmark_runs_and_finds_the_same_columns(monkeypatch):
     out = io.StringIO()
     results = bench_conv_rules.run(threads=1, repeat=1, rounds=1, out=out,
                                    winograd_shapes=[((1, 2, 8, 8), 3, 1), ((1, 2, 3, 3), 2, 4)],
-                                   im2col_shapes=[((2, 3, 11, 9), 4, 5, 2, 2)])
+                                   im2col_shapes=[((2, 3, 11, 9), 4, 5, 2, 2)],
+                                   direct_shapes=[((1, 3, 13, 15), 16, 3, 1, 2),
+                                                  ((1, 70, 9, 9), 16, 3, 1, 1)])
     text = out.getvalue()
     assert len(results["winograd"]) == 1 and results["winograd"][0][2] > 0  # forced: ran
     assert results["winograd"][0][1] is False  # 0.0007 GFLOP: not the library's choice
     assert "| (1, 2, 3, 3) | 2 | 4 |" in text and "not Winograd's shape" in text, text
     assert results["im2col"] == [(True, results["im2col"][0][1])], results
     assert "| (2, 3, 11, 9) | 5×5 | 2 | yes |" in text, text
+    assert [rule for rule, _, _ in results["direct"]] == [True, False]  # 27 and 630 taps
+    assert all(ratio > 0 for _, _, ratio in results["direct"])
+    assert "| (1, 3, 13, 15) | 16 | 3×3 | 1 | 2 | 27 | yes |" in text, text
 
 
 @pytest.mark.parametrize("name", ["bench_conv", "bench_model", "bench_aspp", "bench_conv_rules",

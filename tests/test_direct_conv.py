@@ -1,6 +1,7 @@
-"""The direct convolution rung (kernels/atrous_conv_direct.py, cpu_v7's forward for small
-layers): both blocks against the float64 reference and PyTorch on odd shapes, the rule that
-picks it, its adjoint against cpu_v7's backward, and bad input."""
+"""The direct convolution rung (kernels/atrous_conv_direct.py, cpu_v7's for small layers): the
+forward and the stems' weight gradient, both blocks, against the float64 reference and
+PyTorch on odd shapes, the rules that pick them, the forward's adjoint against cpu_v7's
+backward, and bad input."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -56,6 +57,7 @@ def test_both_blocks_match_the_float64_reference(block, case):
     ((2, 16, 41, 39), 16, 3, 1, 1, 1),    # its 16-channel layers, one side odd
     ((3, 16, 41, 41), 32, 3, 2, 1, 1),    # the stride-2 3×3
     ((1, 32, 21, 23), 64, 3, 1, 2, 2),    # 32 channels at rate 2: 288 taps
+    ((2, 64, 21, 21), 128, 3, 1, 2, 2),   # 64 channels: 576 taps, MAX_TAPS
     ((1, 3, 35, 50), 64, 7, 2, 3, 1),     # ResNet's stem, non-square
 ])
 def test_network_layers_match_torch(shape, K, kernel, stride, padding, dilation):
@@ -88,11 +90,12 @@ def test_cpu_v7_takes_the_rung_exactly_where_it_pays(monkeypatch):
     cases = [  # (x shape, w shape, dtype, taken)
         ((2, 3, 30, 30), (L, 3, 7, 7), np.float32, True),
         ((1, 32, 12, 12), (2 * L, 32, 3, 3), np.float32, True),
-        ((1, 33, 12, 12), (L, 33, 3, 3), np.float32, False),      # 297 taps > MAX_TAPS
+        ((1, 65, 12, 12), (L, 65, 3, 3), np.float32, False),      # 585 taps > MAX_TAPS
         ((1, 8, 12, 12), (L + 1, 8, 3, 3), np.float32, False),    # K not in whole blocks
         ((1, 8, 12, 12), (L, 8, 1, 1), np.float32, False),        # 1×1: a GEMM on x itself
         ((1, 8, 12, 12), (L, 8, 3, 3), np.float64, False),        # float64: the GEMM rungs
         ((1, 8, 12, R - 1), (L, 8, 3, 3), np.float32, False),     # rows shorter than a block
+        ((1, 64, 81, 81), (64, 64, 3, 3), np.float32, False),     # where Winograd pays
     ]
     for x_shape, w_shape, dtype, taken in cases:
         calls.clear()
@@ -101,7 +104,68 @@ def test_cpu_v7_takes_the_rung_exactly_where_it_pays(monkeypatch):
         atrous_conv.conv2d_forward(x, w, None, 1, 1, 1, variant="cpu_v7")
         assert bool(calls) == taken, (x_shape, w_shape, dtype)
         Wo = atrous_conv.output_size(*x_shape[2:], *w_shape[2:], (1, 1), (1, 1), (1, 1))[1]
-        assert direct.pays(w_shape, np.dtype(dtype), Wo) == taken
+        winograd = atrous_conv.winograd_pays(x_shape, w_shape, (1, 1), (1, 1), (1, 1), 4,
+                                             "winograd_cl4")
+        assert (direct.pays(w_shape, np.dtype(dtype), Wo) and not winograd) == taken
+
+
+def torch_weight_gradient(x, w_shape, dy, stride, padding, dilation):
+    xt = torch.tensor(x, dtype=torch.float64)
+    wt = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(xt, wt, None, stride, padding, dilation)
+    y.backward(torch.tensor(dy, dtype=torch.float64))
+    return wt.grad.numpy()
+
+
+@pytest.mark.parametrize("block", ["simd", "plain"])
+@pytest.mark.parametrize("shape, K, kh, stride, padding, dilation", [
+    ((4, 3, 161, 161), 16, 7, 2, 3, 1),   # the tiny network's stem
+    ((1, 3, 67, 50), 64, 7, 2, 3, 1),     # ResNet's stem, odd sizes
+    ((2, 5, 19, 23), 2 * L, 3, (1, 2), (0, 4), (2, 1)),  # 3×7 kernel rows, mixed everything
+    ((3, 1, 12, 30), L, 1, 3, 2, (1, 3)),  # 1×7, dilated rows
+])
+def test_stem_weight_gradient_matches_torch(block, shape, K, kh, stride, padding, dilation):
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    rng = np.random.default_rng(sum(shape) + K)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w_shape = (K, shape[1], kh, R)
+    Ho, Wo = atrous_conv.output_size(*shape[2:], kh, R, stride, padding, dilation)
+    dy = rng.standard_normal((shape[0], K, Ho, Wo)).astype(np.float32)
+    ref = torch_weight_gradient(x, w_shape, dy, stride, padding, dilation)
+    dw = direct.weight_gradient(x, dy, kh, stride, padding, dilation, block=block)
+    assert dw.shape == w_shape and dw.dtype == np.float32
+    assert_close_to_float64(dw, ref, f"{block} weight gradient")
+
+
+def test_cpu_v7_takes_the_stems_weight_gradient_when_the_input_needs_none(monkeypatch):
+    calls = []
+    real = direct.weight_gradient
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(direct, "weight_gradient", spy)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 33, 35)).astype(np.float32)
+    w = rng.standard_normal((L, 3, 7, 7)).astype(np.float32)
+    dy = rng.standard_normal((2, L, 17, 18)).astype(np.float32)
+    ref = torch_weight_gradient(x, w.shape, dy, 2, 3, 1)
+    dx, dw, db = atrous_conv.conv2d_backward(x, w, dy, 2, 3, 1, variant="cpu_v7",
+                                             need_dx=False)
+    assert dx is None and len(calls) == 1
+    assert_close_to_float64(dw, ref, "cpu_v7 dw")
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), rtol=1e-6)
+    atrous_conv.conv2d_backward(x, w, dy, 2, 3, 1, variant="cpu_v7")  # dx wanted: the GEMMs
+    dy5 = rng.standard_normal((2, L, 17, 19)).astype(np.float32)  # rows of 5 taps: the GEMMs
+    atrous_conv.conv2d_backward(x, w[:, :, :, :5].copy(), dy5, 2, 3, 1, variant="cpu_v7",
+                                need_dx=False)
+    assert len(calls) == 1
+    assert direct.weight_gradient_pays(w.shape, np.dtype(np.float32))
+    assert not direct.weight_gradient_pays((L, 3, 7, 5), np.dtype(np.float32))
+    assert not direct.weight_gradient_pays((L + 1, 3, 7, 7), np.dtype(np.float32))
+    assert not direct.weight_gradient_pays(w.shape, np.dtype(np.float64))
 
 
 @pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 3)])
@@ -132,3 +196,6 @@ def test_bad_input_names_what_was_expected():
     with pytest.raises(ValueError, match="block must be"):
         direct.forward(x, np.zeros((L, 2, 3, 3), np.float32), None, (1, 1), (1, 1), (1, 1),
                        block="fast")
+    dy = np.zeros((1, L + 1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="K a multiple of"):
+        direct.weight_gradient(x, dy, 7, (1, 1), (0, 0), (1, 1))
