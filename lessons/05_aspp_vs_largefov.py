@@ -230,11 +230,11 @@ exercises.run(exercises.check_taps_inside, taps_inside)
 #   heads degenerate towards 1×1 classifiers, so rates must be scaled to the maps.  (The
 #   library skips such taps: it computes ASPP as one convolution of the live taps.)
 # * Compare heads at matched cost: LargeFOV's default head has 37× ASPP's weights and comes
-#   out ahead here; narrowed to ASPP's size (width 20) the difference on large objects is
-#   about as large as the seeds' spread, and which side of it a run lands on depends on
-#   rounding: −0.02 against a spread of 0.07 (within it) with OpenBLAS's Haswell kernel,
-#   +0.04 against 0.035 (just beyond it, ASPP ahead) with the SkylakeX kernel, which sums in
-#   another order (lessons/README.md, "Figures").  600 iterations from scratch on 120
-#   images cannot settle the paper's ~1.5 points.  Compare means over seeds, never one run
-#   against one run.
+#   out ahead here on large objects — by 0.064, beyond the seeds' spread of 0.053, with
+#   OpenBLAS's Haswell kernel, by 0.050, within the spread of 0.071, with the SkylakeX
+#   kernel, which sums in another order (lessons/README.md, "Figures"); narrowed to ASPP's
+#   size (width 20) the difference is well inside the seeds' spread with both (−0.019 and
+#   −0.012 against 0.08; an earlier version's run landed just beyond it, ASPP ahead).  600
+#   iterations from scratch on 120 images cannot settle the paper's ~1.5 points.  Compare
+#   means over seeds, never one run against one run.
 # Next: lesson 06 — the loss both heads are trained with (network track).

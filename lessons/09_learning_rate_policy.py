@@ -121,9 +121,8 @@ exercises.run(exercises.check_poly_lr, poly_lr)
 # %% Summary — read next
 # * Poly decays smoothly to 0; step divides by 10 at fixed iterations.  Compare them over
 #   seeds at the same budget before believing a difference: here poly − step came out
-#   +0.020 with OpenBLAS's Haswell kernel and +0.023 with the SkylakeX kernel, which sums in
-#   another order (lessons/README.md, "Figures"), both beyond the seeds' spread; an earlier
-#   version, whose stem summed its products in another order again, printed −0.004, within
-#   it — at this scale the difference is about the size of the rounding's effect on a run.
+#   +0.003, within the seeds' spread, with OpenBLAS's Haswell kernel and +0.030, beyond it,
+#   with the SkylakeX kernel, which sums in another order (lessons/README.md, "Figures") — at
+#   this scale the difference is about the size of the rounding's effect on a run.
 # * The head's 10× learning rate lets the new classifier catch up with a pre-trained body.
 # Next: lesson 16, the capstone (network track), or the CRF track, 07 → 08 → 10.

@@ -163,10 +163,10 @@ exercises.run(exercises.check_batch_norm_backward, batch_norm_backward)
 #   a few large crops they jump from step to step — one reason DeepLab keeps the ImageNet
 #   statistics frozen while fine-tuning.
 # * Fine-tuning a trained network with batches of 2 (section 4, 3 seeds): learning batch norm
-#   lost ground against the base here (0.247 → 0.214 ± 0.011; with machine C's own OpenBLAS
-#   kernel 0.249 → 0.210), frozen statistics held the base's level (0.246 ± 0.006) or gained
-#   (C: 0.256), and frozen came out ahead on every seed (+0.025 to +0.036; C +0.03 to +0.06),
-#   beyond the seeds' spread — the direction of DeepLab's choice, on a toy scale; learning
-#   batch norm also varied more from seed to seed.  With batches of 2 the statistics it
-#   learns from are the noise measured in section 3.
+#   lost ground against the base here (0.243 → 0.230 ± 0.002; with machine C's own OpenBLAS
+#   kernel 0.248 → 0.217 ± 0.013), frozen statistics gained (0.255 ± 0.004) or held the
+#   base's level (C: 0.246 ± 0.008), and frozen came out ahead on every seed (+0.022 to
+#   +0.030; C +0.012 to +0.046), beyond the seeds' spread — the direction of DeepLab's choice,
+#   on a toy scale.  With batches of 2 the statistics it learns from are the noise measured
+#   in section 3.
 # Next: lesson 12 — multi-scale inputs and upsampling (network track).

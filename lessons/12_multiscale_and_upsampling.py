@@ -155,8 +155,8 @@ exercises.run(exercises.check_msc_fuse, msc_fuse)
 #   and last logits on the first and last pixels.  align_corners=False geometry, ours and
 #   PyTorch's, is at most 4 px off that grid (section 2).
 # * At test time, on one small network and 30 images (section 3): nearest, bilinear and
-#   align_corners=True upsampling within 0.004 mIoU of each other (0.004 with machine C's
-#   own OpenBLAS kernel), flipping +0.003 (+0.000), and scales 1/0.75/0.5 0.013 (0.010)
+#   align_corners=True upsampling within 0.002 mIoU of each other (0.005 with machine C's
+#   own OpenBLAS kernel), flipping −0.004 (+0.003), and scales 1/0.75/0.5 0.021 (0.002)
 #   *below* one scale — a network trained on scales 0.75-1.25 only, without MSC; the paper
 #   trains with MSC (section 4) and gains from it.
 # * MSC trains with four losses — three scales and their max — for ~1.8× the forward cost.

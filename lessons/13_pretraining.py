@@ -128,7 +128,7 @@ exercises.run(exercises.check_move_backbone, move_backbone)
 # * DeepLab's backbone is pre-trained; only the head starts from random.  Moving a backbone
 #   means its parameters and its batch-norm statistics.
 # * At lesson scale (section 3: 24 target images, 400 iterations, 3 seeds), a backbone
-#   pre-trained on object-versus-background lifted val mIoU from 0.206 ± 0.002 to
-#   0.267 ± 0.012, every seed by +0.050 or more (with machine C's own OpenBLAS kernel:
-#   0.198 → 0.247, +0.036 or more) — the paper's direction, on a toy scale.
+#   pre-trained on object-versus-background lifted val mIoU from 0.206 ± 0.007 to
+#   0.255 ± 0.008, every seed by +0.029 or more (with machine C's own OpenBLAS kernel:
+#   0.211 → 0.242, +0.009 or more) — the paper's direction, on a toy scale.
 # Next: lesson 09 — the learning-rate policy (network track).
