@@ -222,12 +222,26 @@ def pays(w_shape, dtype, Wo):
             not numba.config.DISABLE_JIT)
 
 
+def _check_block(block):
+    if block not in ("simd", "plain"):
+        raise ValueError(f"direct conv: block must be 'simd' or 'plain', got {block!r}")
+
+
+def _padded(x, ph, pw, buffer):
+    """x with ph zero rows and pw zero columns on each side, in ``buffer("direct_xp", ...)``
+    (the caller's reusable buffer) or a fresh array."""
+    N, C, H, W = x.shape
+    shape = (N, C, H + 2 * ph, W + 2 * pw)
+    xp = buffer("direct_xp", shape, x.dtype) if buffer else np.empty(shape, x.dtype)
+    _pad_cpu(x, xp, ph, pw)
+    return xp
+
+
 def forward(x, w, b, stride, padding, dilation, block="simd", buffer=None):
     """y = conv(x, w) + b by the register-blocked direct loops; ``block`` "simd" or "plain".
     x, w float32 and C-contiguous; stride, padding, dilation (h, w) pairs; K a multiple of
     LANES and Wo ≥ BLOCK.  ``buffer(name, shape, dtype)`` supplies the padded copy."""
-    if block not in ("simd", "plain"):
-        raise ValueError(f"direct conv: block must be 'simd' or 'plain', got {block!r}")
+    _check_block(block)
     N, C, H, W = x.shape
     K, _, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -236,10 +250,8 @@ def forward(x, w, b, stride, padding, dilation, block="simd", buffer=None):
     if K % LANES or Wo < BLOCK or x.dtype != np.float32 or w.dtype != np.float32:
         raise ValueError(f"direct conv: needs float32, K a multiple of {LANES} and at least "
                          f"{BLOCK} outputs a row; got K={K}, Wo={Wo}, {x.dtype}/{w.dtype}")
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    shape = (N, C, Hp, Wp)
-    xp = buffer("direct_xp", shape, x.dtype) if buffer else np.empty(shape, x.dtype)
-    _pad_cpu(x, xp, ph, pw)
+    xp = _padded(x, ph, pw, buffer)
+    Hp, Wp = xp.shape[2:]
     c, p, q = np.meshgrid(np.arange(C), np.arange(kh), np.arange(kw), indexing="ij")
     offsets = ((c * Hp + p * dh) * Wp + q * dw).ravel().astype(np.int64)  # im2col's row order
     wt = np.ascontiguousarray(w.reshape(K // LANES, LANES, C * kh * kw).transpose(0, 2, 1))
@@ -264,18 +276,14 @@ def weight_gradient(x, dy, kh, stride, padding, dilation, block="simd", buffer=N
     ``forward``: a kernel row's BLOCK taps are the block's outputs, the output pixels its
     taps (added in order: image, row, column), dy's LANES channels at a pixel its weight
     vector.  So no im2col: the 7×7 stem's weight gradient without its 15 MB of columns."""
-    if block not in ("simd", "plain"):
-        raise ValueError(f"direct conv: block must be 'simd' or 'plain', got {block!r}")
+    _check_block(block)
     N, C, H, W = x.shape
     K, Ho, Wo = dy.shape[1:]
     (sh, sw), (ph, pw), (dh, dw_) = stride, padding, dilation
     if K % LANES or x.dtype != np.float32 or dy.dtype != np.float32:
         raise ValueError(f"direct conv weight gradient: needs float32 and K a multiple of "
                          f"{LANES}; got K={K}, {x.dtype}/{dy.dtype}")
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    shape = (N, C, Hp, Wp)
-    xp = buffer("direct_xp", shape, x.dtype) if buffer else np.empty(shape, x.dtype)
-    _pad_cpu(x, xp, ph, pw)
+    xp = _padded(x, ph, pw, buffer)
     columns = np.arange(Wo, dtype=np.int64) * sw
     dyt = np.ascontiguousarray(  # (groups, N, Ho, Wo, LANES): dy's channels last
         dy.reshape(N, K // LANES, LANES, Ho, Wo).transpose(1, 0, 3, 4, 2))

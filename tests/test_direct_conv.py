@@ -77,15 +77,21 @@ def test_network_layers_match_torch(shape, K, kernel, stride, padding, dilation)
     assert_close_to_float64(y7, y6.astype(np.float64), "cpu_v7 against cpu_v6")
 
 
-def test_cpu_v7_takes_the_rung_exactly_where_it_pays(monkeypatch):
+def spy_on(monkeypatch, name):
+    """Replace direct.<name> by a wrapper that records each call; return the record."""
     calls = []
-    real = direct.forward
+    real = getattr(direct, name)
 
     def spy(*args, **kwargs):
         calls.append(args[1].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(direct, "forward", spy)
+    monkeypatch.setattr(direct, name, spy)
+    return calls
+
+
+def test_cpu_v7_takes_the_rung_exactly_where_it_pays(monkeypatch):
+    calls = spy_on(monkeypatch, "forward")
     rng = np.random.default_rng(0)
     cases = [  # (x shape, w shape, dtype, taken)
         ((2, 3, 30, 30), (L, 3, 7, 7), np.float32, True),
@@ -139,14 +145,7 @@ def test_stem_weight_gradient_matches_torch(block, shape, K, kh, stride, padding
 
 
 def test_cpu_v7_takes_the_stems_weight_gradient_when_the_input_needs_none(monkeypatch):
-    calls = []
-    real = direct.weight_gradient
-
-    def spy(*args, **kwargs):
-        calls.append(args[1].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(direct, "weight_gradient", spy)
+    calls = spy_on(monkeypatch, "weight_gradient")
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 33, 35)).astype(np.float32)
     w = rng.standard_normal((L, 3, 7, 7)).astype(np.float32)
