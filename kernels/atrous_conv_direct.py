@@ -49,18 +49,15 @@ from numba.extending import intrinsic
 from . import parallel_njit
 
 
-def _host_lanes():
-    """float32 lanes of the widest vectors the compiler targets: 16 with AVX-512, else 8."""
+def _target_features():
+    """The CPU features the compiler targets (NUMBA_CPU_FEATURES, else the host's)."""
     features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
-    return 16 if "+avx512f" in features.split(",") else 8
+    return set(features.split(","))
 
 
-def _host_has_fma():
-    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
-    return "+fma" in features.split(",")
-
-
-LANES = _host_lanes()
+_FEATURES = _target_features()
+LANES = 16 if "+avx512f" in _FEATURES else 8  # float32 lanes of the widest vectors
+_HAS_FMA = "+fma" in _FEATURES
 BLOCK = 7  # R: outputs per block.  7 accumulators, a weight vector and a broadcast fit in
 #            AVX2's 16 registers; machine C (AVX-512), the tiny model's layers, R = 6-20:
 #            7 was fastest or within 5 % of it on each.
@@ -204,9 +201,6 @@ def _weight_rows(xp, columns, dyt, partial, sh, dh, dw_, simd):
 _pad_cpu = parallel_njit(_pad)
 _rows_cpu = parallel_njit(_rows)
 _weight_rows_cpu = parallel_njit(_weight_rows)
-
-
-_HAS_FMA = _host_has_fma()
 
 
 def pays(w_shape, dtype, Wo):
