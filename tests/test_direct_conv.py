@@ -198,3 +198,18 @@ def test_bad_input_names_what_was_expected():
     dy = np.zeros((1, L + 1, 3, 3), np.float32)
     with pytest.raises(ValueError, match="K a multiple of"):
         direct.weight_gradient(x, dy, 7, (1, 1), (0, 0), (1, 1))
+
+
+def test_adjoint_of_the_stem_forward_is_the_direct_weight_gradient():
+    """<conv(x, w), dy> = <w, dw> with dw by the direct rung (the input needs no gradient):
+    the weight gradient is the forward's adjoint in w, float32, odd sizes."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 37, 41)).astype(np.float32)
+    w = rng.standard_normal((L, 3, 7, 7)).astype(np.float32)
+    y = atrous_conv.conv2d_forward(x, w, None, 2, 3, 1, variant="cpu_v7")
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    _, dw, _ = atrous_conv.conv2d_backward(x, w, dy, 2, 3, 1, variant="cpu_v7",
+                                           need_dx=False)
+    inner = float(np.dot(y.ravel().astype(np.float64), dy.ravel()))
+    other = float(np.dot(w.ravel().astype(np.float64), dw.ravel()))
+    assert abs(inner - other) <= 1e-4 * abs(inner) + 1e-3
