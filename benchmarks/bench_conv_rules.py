@@ -1,4 +1,4 @@
-"""The measurements behind three of the CPU convolution's choices, on this machine.
+"""The measurements behind four of the CPU convolution's choices, on this machine.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv_rules.py [--rounds R]
 
@@ -15,6 +15,10 @@
    Per layer, the forward by the direct rung (forced) against ``cpu_v6``'s, in turns, and
    whether the two agree bit for bit (they add the same products in the same order where
    OpenBLAS's kernel sums a shared dimension of that length in one sequential pass).
+4. The Winograd rungs' batches of GEMMs shared out between threads, BLAS on one thread in
+   each (``kernels/_gemm_batch``), against ``np.matmul`` letting OpenBLAS split every GEMM
+   between its threads (``_gemm_batch.SPLIT = False``): forward + backward of the library's
+   default on bench_conv's 3×3 layers and the tiny model's Winograd layer, in turns.
 
 Times: the median over rounds; ratios: the median of the per-round ratios [range].  Both sides
 of every comparison are ours, on the same thread pools, so the blocks follow each other
@@ -62,6 +66,15 @@ DIRECT_SHAPES = [
     ((4, 64, 21, 21), 128, 3, 1, 2),
     ((4, 32, 21, 21), 64, 1, 1, 1),
     ((1, 64, 81, 81), 256, 1, 1, 1),
+]
+
+# (N, C, H, W), K, dilation: bench_conv's 3×3 layers, then the tiny model's Winograd layer
+SPLIT_SHAPES = [
+    ((2, 64, 65, 65), 64, 1),
+    ((2, 128, 65, 65), 128, 2),
+    ((1, 256, 41, 41), 256, 2),
+    ((1, 512, 41, 41), 512, 4),
+    ((4, 128, 21, 21), 128, 2),
 ]
 
 
@@ -138,12 +151,36 @@ def _direct_functions(shape, K, k, s, d, seed=0):
             direct.pays(w.shape, x.dtype, Wo), same)
 
 
+def _split_functions(shape, K, d, seed=0):
+    """(forward + backward with the GEMM batches split, the same with them whole, whether the
+    library takes Winograd there)"""
+    from tinydeeplab.kernels import _gemm_batch
+    from tinydeeplab.kernels import atrous_conv as ac
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w = rng.standard_normal((K, shape[1], 3, 3), dtype=np.float32) * 0.03
+    dy = rng.standard_normal((shape[0], K, *shape[2:]), dtype=np.float32)
+
+    def step(split):
+        before, _gemm_batch.SPLIT = _gemm_batch.SPLIT, split
+        try:
+            ac.conv2d_forward(x, w, None, 1, d, d)
+            ac.conv2d_backward(x, w, dy, 1, d, d)
+        finally:
+            _gemm_batch.SPLIT = before
+
+    takes = ac.winograd_pays(shape, w.shape, (1, 1), (d, d), (d, d), 4, "winograd_cl4")
+    return lambda: step(True), lambda: step(False), takes
+
+
 def _ratio_text(r):
     return f"{np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}]"
 
 
 def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
-        im2col_shapes=IM2COL_SHAPES, direct_shapes=DIRECT_SHAPES, out=sys.stdout):
+        im2col_shapes=IM2COL_SHAPES, direct_shapes=DIRECT_SHAPES, split_shapes=SPLIT_SHAPES,
+        out=sys.stdout):
     import os
 
     import numba
@@ -156,7 +193,7 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
     threads = threads or os.cpu_count()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     ticks = cpu_ticks()
-    results = {"winograd": [], "im2col": [], "direct": []}
+    results = {"winograd": [], "im2col": [], "direct": [], "split": []}
     with threadpool_limits(limits=threads, user_api="blas"):
         print(f"# CPU convolution rules, float32, {threads} threads; BLAS: {blas_info()}",
               file=out)
@@ -208,6 +245,20 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
                   f"{'yes' if rule else 'no'} | {'yes' if same else 'no'} | {med[0]:.3f} | "
                   f"{med[1]:.3f} | {_ratio_text(r)} |", file=out)
             results["direct"].append((rule, same, float(np.median(r))))
+        print("\nThe Winograd GEMM batches split between threads (BLAS on one thread in each) "
+              "against OpenBLAS splitting each GEMM, forward + backward of the default "
+              f"({ac.DEFAULT['cpu']})", file=out)
+        print("| input (N,C,H,W) | K | d | Winograd | split ms | whole ms | split / whole |",
+              file=out)
+        print("|---|---|---|---|---|---|---|", file=out)
+        for shape, K, d in split_shapes:
+            split, whole, takes = _split_functions(shape, K, d)
+            t = np.array(block_times([split, whole], repeat, rounds, pause=0))
+            r = t[:, 0] / t[:, 1]
+            med = np.median(t, axis=0) * 1e3
+            print(f"| {shape} | {K} | {d} | {'yes' if takes else 'no'} | {med[0]:.2f} | "
+                  f"{med[1]:.2f} | {_ratio_text(r)} |", file=out)
+            results["split"].append((takes, float(np.median(r))))
     print_steal_line(ticks, out)
     return results
 

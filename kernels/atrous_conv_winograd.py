@@ -35,7 +35,8 @@ Ladder: ``winograd_reference`` (NumPy, float64, the formulas above written out; 
 F(4×4)) → the Numba transforms, one number at a time, parallel over channels, with the GEMMs in
 BLAS (cpu_v4) → the same transforms with the channels last, in SIMD over channels (cpu_v5, the
 last section; its driver functions take ``m=4`` for F(4×4, 3×3), cpu_v6, whose transforms are
-in atrous_conv_winograd4).
+in atrous_conv_winograd4).  The channels-last drivers hand their 16 or 36 GEMMs to
+``_gemm_batch.matmul_batch``: a share of the batch per thread, BLAS on one thread in each.
 """
 from collections import namedtuple
 
@@ -43,6 +44,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import parallel_njit
+from ._gemm_batch import matmul_batch
 
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
@@ -507,7 +509,7 @@ def _forward_cl(x, UT, b, padding, dilation, budget, buffer, m):
     for n0, n1, V in _input_tiles_cl(x, K, Ho, Wo, rows, cols, padding, dilation, budget,
                                      buffer, m):
         M = buffer("winograd_M", (V.shape[0], V.shape[1], K), x.dtype)
-        np.matmul(V, UT, out=M)  # 16 (or 36) GEMMs
+        matmul_batch(V, UT, M)  # 16 (or 36) GEMMs
         _kernels(m).output(M, y[n0:n1], rows, cols, dh, dw)
     if b is not None:
         y += b.reshape(1, K, 1, 1)
@@ -527,10 +529,10 @@ def weight_gradient_cl(x, dy, padding, dilation, budget, buffer=_fresh, m=2):
         dM = buffer("winograd_M", (V.shape[0], V.shape[1], K), x.dtype)
         _kernels(m).output_adjoint(dy[n0:n1], dM, rows, cols, dh, dw_)
         if first:
-            np.matmul(dM.transpose(0, 2, 1), V, out=dU)  # 16 (or 36) GEMMs
+            matmul_batch(dM.transpose(0, 2, 1), V, dU)  # 16 (or 36) GEMMs
             first = False
         else:
-            dU += np.matmul(dM.transpose(0, 2, 1), V)
+            dU += matmul_batch(dM.transpose(0, 2, 1), V, np.empty_like(dU))
     dw = np.empty((K, C, 3, 3), x.dtype)
     _kernels(m).weight_adjoint(dU, dw)
     return dw

@@ -65,7 +65,8 @@ def test_conv_rules_benchmark_runs_and_finds_the_same_columns(monkeypatch):
                                    winograd_shapes=[((1, 2, 8, 8), 3, 1), ((1, 2, 3, 3), 2, 4)],
                                    im2col_shapes=[((2, 3, 11, 9), 4, 5, 2, 2)],
                                    direct_shapes=[((1, 3, 13, 15), 16, 3, 1, 2),
-                                                  ((1, 70, 9, 9), 16, 3, 1, 1)])
+                                                  ((1, 70, 9, 9), 16, 3, 1, 1)],
+                                   split_shapes=[])
     text = out.getvalue()
     assert len(results["winograd"]) == 1 and results["winograd"][0][2] > 0  # forced: ran
     assert results["winograd"][0][1] is False  # 0.0007 GFLOP: not the library's choice
@@ -75,6 +76,32 @@ def test_conv_rules_benchmark_runs_and_finds_the_same_columns(monkeypatch):
     assert [rule for rule, _, _ in results["direct"]] == [True, False]  # 27 and 630 taps
     assert all(ratio > 0 for _, _, ratio in results["direct"])
     assert "| (1, 3, 13, 15) | 16 | 3×3 | 1 | 2 | 27 | yes |" in text, text
+
+
+def test_conv_rules_benchmark_times_the_split_gemm_batches(monkeypatch):
+    from tinydeeplab.benchmarks import bench_conv_rules
+    from tinydeeplab.kernels import _gemm_batch, atrous_conv
+
+    for name, floor in (("WINOGRAD_CL_MIN_TILES", 0), ("WINOGRAD_MIN_CHANNELS", 1),
+                        ("WINOGRAD_CL_MIN_FLOPS", 0)):  # a small layer takes Winograd
+        monkeypatch.setattr(atrous_conv, name, floor)
+    calls = []
+    real = _gemm_batch.matmul_batch
+    monkeypatch.setattr(_gemm_batch, "matmul_batch",
+                        lambda *a: calls.append(_gemm_batch.SPLIT) or real(*a))
+    from tinydeeplab.kernels import atrous_conv_winograd
+
+    monkeypatch.setattr(atrous_conv_winograd, "matmul_batch", _gemm_batch.matmul_batch)
+    out = io.StringIO()
+    results = bench_conv_rules.run(threads=1, repeat=1, rounds=1, out=out, winograd_shapes=[],
+                                   im2col_shapes=[], direct_shapes=[],
+                                   split_shapes=[((1, 2, 8, 8), 3, 1), ((1, 5, 12, 11), 4, 2)])
+    text = out.getvalue()
+    assert [takes for takes, _ in results["split"]] == [True, True], results
+    assert all(ratio > 0 for _, ratio in results["split"])
+    assert "| (1, 5, 12, 11) | 4 | 2 | yes |" in text, text
+    assert True in calls and False in calls  # both sides ran through the batch GEMMs
+    assert _gemm_batch.SPLIT is True  # and the switch was put back
 
 
 @pytest.mark.parametrize("name", ["bench_conv", "bench_model", "bench_aspp", "bench_conv_rules",

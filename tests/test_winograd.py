@@ -272,3 +272,59 @@ def test_forced_winograd_with_padding_above_twice_the_rate(variant, winograd_eve
     case = (rng.standard_normal((2, 3, 7, 9)), rng.standard_normal((4, 3, 3, 3)),
             rng.standard_normal(4), (1, 1), (5, 3), (2, 1))
     check_variant(variant, case, np.float64)
+
+
+def _blas_or_skip():
+    from tinydeeplab.kernels import _gemm_batch
+
+    blas = _gemm_batch._blas_controller()
+    if not blas:
+        pytest.skip("NumPy's BLAS cannot be controlled by threadpoolctl here: matmul_batch is "
+                    "plain np.matmul, nothing to compare")
+    return _gemm_batch, blas
+
+
+@pytest.mark.parametrize("E, T, C, K", [(16, 37, 24, 40), (36, 121, 64, 48), (3, 5, 7, 9)])
+def test_split_gemm_batch_is_one_threaded_blas_per_gemm(E, T, C, K):
+    """matmul_batch gives each GEMM of the batch to one thread with BLAS on one thread: the
+    result is np.matmul's with BLAS on one thread, bit for bit, for any thread count (odd
+    batch sizes: shares of unequal length), and the thread count is put back afterwards."""
+    gemm_batch, blas = _blas_or_skip()
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((E, T, C)).astype(np.float32)
+    b = rng.standard_normal((E, K, C)).astype(np.float32).transpose(0, 2, 1)  # as U[e]ᵀ
+    before = blas.get_num_threads()
+    try:
+        blas.set_num_threads(1)
+        one_thread = np.matmul(a, b)
+        for threads in (1, 2, 3):
+            blas.set_num_threads(threads)
+            out = np.full((E, T, K), np.nan, np.float32)
+            assert gemm_batch.matmul_batch(a, b, out) is out
+            assert np.array_equal(out, one_thread), threads
+            assert blas.get_num_threads() == threads
+            dU = gemm_batch.matmul_batch(out.transpose(0, 2, 1), a, np.empty((E, K, C),
+                                                                             np.float32))
+            np.testing.assert_allclose(dU, np.matmul(out.transpose(0, 2, 1).astype(np.float64),
+                                                     a.astype(np.float64)), rtol=1e-4,
+                                       atol=1e-3)
+    finally:
+        blas.set_num_threads(before)
+
+
+def test_split_gemm_batch_puts_the_thread_count_back_after_an_error(monkeypatch):
+    gemm_batch, blas = _blas_or_skip()
+    before = blas.get_num_threads()
+    try:
+        blas.set_num_threads(2)
+        a = np.ones((4, 3, 5), np.float32)
+        with pytest.raises(ValueError):
+            gemm_batch.matmul_batch(a, np.ones((4, 6, 2), np.float32),
+                                    np.empty((4, 3, 2), np.float32))  # inner sizes 5 ≠ 6
+        assert blas.get_num_threads() == 2
+        monkeypatch.setattr(gemm_batch, "SPLIT", False)  # off: plain np.matmul
+        out = gemm_batch.matmul_batch(a, np.ones((4, 5, 2), np.float32),
+                                      np.empty((4, 3, 2), np.float32))
+        assert np.array_equal(out, np.full((4, 3, 2), 5, np.float32))
+    finally:
+        blas.set_num_threads(before)
