@@ -6,9 +6,9 @@ them to OpenBLAS one at a time, and OpenBLAS splits each one between its threads
 and a wait at the end for every GEMM, and for the weight gradients' shape (a small K × C result
 summed over a long tile axis) a split that leaves one thread idle part of the time.  Giving
 each thread a contiguous share of the batch instead, with OpenBLAS on one thread inside each,
-costs one hand-off per batch.  Measured on 2 cores (machine C, Zen 4, OpenBLAS SkylakeX;
-benchmarks/bench_conv_rules.py has the table): the forward's GEMMs 0.9-0.95 of the time, the
-weight gradient's 0.7-0.95.
+costs one hand-off per batch.  Measured on 2 cores (machine C, Zen 4, OpenBLAS SkylakeX): the
+forward's GEMMs 0.9-0.95 of the time (~1.0 at 512 channels), the weight gradient's 0.7-0.95;
+whole layers 0.8-0.97 (benchmarks/bench_conv_rules.py, section 4; docs/optimisation-notes.md).
 
 Results are those of OpenBLAS on one thread for every GEMM, whatever the number of threads —
 and so the same whether the machine is shared or not (``_threads.LoadAdapter``).  OpenBLAS's
