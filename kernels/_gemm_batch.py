@@ -26,7 +26,7 @@ SPLIT = True
 
 _lock = threading.Lock()
 _blas = None  # threadpoolctl's controller of NumPy's BLAS, or False where there is none
-_pool, _pool_pid, _pool_size = None, None, 0
+_pool, _pool_size = None, 0
 
 
 def _blas_controller():
@@ -43,14 +43,25 @@ def _blas_controller():
 
 
 def _workers(n):
-    """A pool of n threads (made again in a forked child, whose copy of the pool has none)."""
-    global _pool, _pool_pid, _pool_size
-    if _pool is None or _pool_pid != os.getpid() or _pool_size < n:
-        if _pool is not None and _pool_pid == os.getpid():
+    """A pool of n threads, kept between calls."""
+    global _pool, _pool_size
+    if _pool is None or _pool_size < n:
+        if _pool is not None:
             _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(n, thread_name_prefix="tinydeeplab-gemm")
-        _pool_pid, _pool_size = os.getpid(), n
+        _pool_size = n
     return _pool
+
+
+def _after_fork_in_child():
+    # a forked child has none of the parent's threads, and a lock held by one of them at the
+    # fork would stay held: start both afresh
+    global _lock, _pool, _pool_size
+    _lock, _pool, _pool_size = threading.Lock(), None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def matmul_batch(a, b, out):

@@ -328,3 +328,30 @@ def test_split_gemm_batch_puts_the_thread_count_back_after_an_error(monkeypatch)
         assert np.array_equal(out, np.full((4, 3, 2), 5, np.float32))
     finally:
         blas.set_num_threads(before)
+
+
+def test_split_gemm_batch_works_in_a_forked_child():
+    """A child forked after a batch has run gets a fresh pool and lock: its own batch runs."""
+    import os
+
+    gemm_batch, blas = _blas_or_skip()
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() on this platform")
+    a = np.ones((4, 3, 5), np.float32)
+    b = np.ones((4, 5, 2), np.float32)
+    before = blas.get_num_threads()
+    try:
+        blas.set_num_threads(2)
+        gemm_batch.matmul_batch(a, b, np.empty((4, 3, 2), np.float32))  # the pool now exists
+        pid = os.fork()
+        if pid == 0:
+            import signal
+
+            signal.alarm(120)  # a child stuck waiting on the parent's threads dies, and fails
+            ok = np.array_equal(gemm_batch.matmul_batch(a, b, np.empty((4, 3, 2), np.float32)),
+                                np.full((4, 3, 2), 5, np.float32))
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        blas.set_num_threads(before)
