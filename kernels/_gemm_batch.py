@@ -30,6 +30,8 @@ _pool, _pool_size = None, 0
 
 
 def _blas_controller():
+    """NumPy's BLAS, as threadpoolctl controls it: the one loaded, or of several (SciPy's
+    wheels bring their own OpenBLAS) the one in NumPy's wheel (``numpy.libs``); else False."""
     global _blas
     if _blas is None:
         try:
@@ -38,7 +40,9 @@ def _blas_controller():
             libs = ThreadpoolController().select(user_api="blas").lib_controllers
         except Exception:  # noqa: BLE001  no controllable BLAS: plain np.matmul
             libs = []
-        _blas = libs[0] if len(libs) == 1 else False
+        numpys = [lib for lib in libs
+                  if "numpy" in os.path.basename(os.path.dirname(lib.filepath or ""))]
+        _blas = libs[0] if len(libs) == 1 else numpys[0] if len(numpys) == 1 else False
     return _blas
 
 

@@ -355,3 +355,35 @@ def test_split_gemm_batch_works_in_a_forked_child():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         blas.set_num_threads(before)
+
+
+def test_split_gemm_batch_finds_numpys_blas_among_several(monkeypatch):
+    """With SciPy's OpenBLAS loaded beside NumPy's, the batch controls NumPy's; where it
+    cannot tell which is NumPy's, it does not split (plain np.matmul)."""
+    import threadpoolctl
+
+    from tinydeeplab.kernels import _gemm_batch
+
+    class Lib:
+        def __init__(self, path):
+            self.filepath = path
+
+    found = []
+
+    class Controller:
+        def select(self, user_api):
+            assert user_api == "blas"
+            return type("Selection", (), {"lib_controllers": found})()
+
+    monkeypatch.setattr(threadpoolctl, "ThreadpoolController", Controller)
+    numpys = Lib("/env/site-packages/numpy.libs/libscipy_openblas64_-abc.so")
+    scipys = Lib("/env/site-packages/scipy.libs/libscipy_openblas-def.so")
+    for libs, expected in (([scipys, numpys], numpys), ([scipys], scipys),
+                           ([scipys, Lib("/usr/lib/libopenblas.so.0")], False), ([], False)):
+        found[:] = libs
+        monkeypatch.setattr(_gemm_batch, "_blas", None)
+        assert _gemm_batch._blas_controller() is expected
+    a = np.ones((4, 3, 5), np.float32)
+    out = _gemm_batch.matmul_batch(a, np.ones((4, 5, 2), np.float32),
+                                   np.empty((4, 3, 2), np.float32))  # False: np.matmul
+    assert np.array_equal(out, np.full((4, 3, 2), 5, np.float32))
