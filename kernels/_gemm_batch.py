@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 SPLIT = True
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 _lock = threading.Lock()
 _blas = None  # threadpoolctl's controller of NumPy's BLAS, or False where there is none
@@ -76,7 +77,7 @@ def matmul_batch(a, b, out):
         return np.matmul(a, b, out=out)
     with _lock:
         threads = blas.get_num_threads()
-        shares = min(threads, a.shape[0])
+        shares = min(threads, _CORES, a.shape[0])  # never more threads than cores
         if shares < 2:
             return np.matmul(a, b, out=out)
         cut = [a.shape[0] * i // shares for i in range(shares + 1)]
