@@ -34,6 +34,7 @@ import tinydeeplab  # noqa: F401  first: thread set-up before NumPy (tinydeeplab
 import numpy as np
 
 from tinydeeplab.benchmarks import add_timing_arguments, cpu_ticks, print_steal_line
+from tinydeeplab.benchmarks.bench_conv import SHAPES as CONV_SHAPES
 
 # (N, C, H, W), K, dilation: the tiny model's layers at 4 × 161², ResNet-50's at 1 × 321²
 WINOGRAD_SHAPES = [
@@ -68,14 +69,10 @@ DIRECT_SHAPES = [
     ((1, 64, 81, 81), 256, 1, 1, 1),
 ]
 
-# (N, C, H, W), K, dilation: bench_conv's 3×3 layers, then the tiny model's Winograd layer
-SPLIT_SHAPES = [
-    ((2, 64, 65, 65), 64, 1),
-    ((2, 128, 65, 65), 128, 2),
-    ((1, 256, 41, 41), 256, 2),
-    ((1, 512, 41, 41), 512, 4),
-    ((4, 128, 21, 21), 128, 2),
-]
+# (N, C, H, W), K, dilation: bench_conv's 3×3 backbone layers (not its 21-class ASPP ones,
+# below Winograd's channel floor), then the tiny model's Winograd layer
+SPLIT_SHAPES = [(x, K, d) for x, K, k, d in CONV_SHAPES if k == 3 and K >= 64] + [
+    ((4, 128, 21, 21), 128, 2)]
 
 
 @contextlib.contextmanager
@@ -91,14 +88,20 @@ def _floors_lifted():
         ac.WINOGRAD_MIN_CHANNELS, ac.WINOGRAD_CL_MIN_FLOPS = floors
 
 
-def _winograd_functions(shape, K, d, seed=0):
-    """(forced, plain, whether the rule takes Winograd, whether forcing can: tiles, overhang)"""
-    from tinydeeplab.kernels import atrous_conv as ac
-
+def _layer(shape, K, seed):
+    """x, a 3×3 kernel w and dy (same-size output) for a stride-1 layer, float32."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape, dtype=np.float32)
     w = rng.standard_normal((K, shape[1], 3, 3), dtype=np.float32) * 0.03
     dy = rng.standard_normal((shape[0], K, *shape[2:]), dtype=np.float32)
+    return x, w, dy
+
+
+def _winograd_functions(shape, K, d, seed=0):
+    """(forced, plain, whether the rule takes Winograd, whether forcing can: tiles, overhang)"""
+    from tinydeeplab.kernels import atrous_conv as ac
+
+    x, w, dy = _layer(shape, K, seed)
 
     def step(variant):
         ac.conv2d_forward(x, w, None, 1, d, d, variant=variant)
@@ -157,10 +160,7 @@ def _split_functions(shape, K, d, seed=0):
     from tinydeeplab.kernels import _gemm_batch
     from tinydeeplab.kernels import atrous_conv as ac
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32)
-    w = rng.standard_normal((K, shape[1], 3, 3), dtype=np.float32) * 0.03
-    dy = rng.standard_normal((shape[0], K, *shape[2:]), dtype=np.float32)
+    x, w, dy = _layer(shape, K, seed)
 
     def step(split):
         before, _gemm_batch.SPLIT = _gemm_batch.SPLIT, split

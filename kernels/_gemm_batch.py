@@ -22,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tinydeeplab._threads import usable_cores
+
 SPLIT = True
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_CORES = usable_cores()
 
 _lock = threading.Lock()
 _blas = None  # threadpoolctl's controller of NumPy's BLAS, or False where there is none

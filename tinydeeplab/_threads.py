@@ -115,6 +115,14 @@ def describe():
     return f"Numba threading layer {layer} ({_choice}); {blas}"
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class LoadAdapter:
     """Keep the worker threads to the cores that other processes leave free.
 
@@ -138,10 +146,7 @@ class LoadAdapter:
         import time
 
         self.every, self._clock = every, time.monotonic
-        try:
-            self.cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            self.cores = os.cpu_count() or 1
+        self.cores = usable_cores()
         self.enabled = (os.environ.get("TDL_ADAPT_THREADS", "1") != "0" and self.cores > 1
                         and self._busy() is not None)
         self.threads, self._limits, self._pending = self.cores, None, None
