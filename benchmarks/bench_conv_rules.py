@@ -35,6 +35,7 @@ import numpy as np
 
 from tinydeeplab.benchmarks import add_timing_arguments, cpu_ticks, print_steal_line
 from tinydeeplab.benchmarks.bench_conv import SHAPES as CONV_SHAPES
+from tinydeeplab.benchmarks.bench_conv import block_times
 
 # (N, C, H, W), K, dilation: the tiny model's layers at 4 × 161², ResNet-50's at 1 × 321²
 WINOGRAD_SHAPES = [
@@ -174,6 +175,13 @@ def _split_functions(shape, K, d, seed=0):
     return lambda: step(True), lambda: step(False), takes
 
 
+def _in_turns(first, second, repeat, rounds):
+    """Median times (ms) of the two, timed in turns back to back, and the per-round ratios
+    first / second."""
+    t = np.array(block_times([first, second], repeat, rounds, pause=0))
+    return np.median(t, axis=0) * 1e3, t[:, 0] / t[:, 1]
+
+
 def _ratio_text(r):
     return f"{np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}]"
 
@@ -186,7 +194,7 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
     import numba
     from threadpoolctl import threadpool_limits
 
-    from tinydeeplab.benchmarks.bench_conv import blas_info, block_times, gemm_gflops
+    from tinydeeplab.benchmarks.bench_conv import blas_info, gemm_gflops
     from tinydeeplab.kernels import atrous_conv as ac
     from tinydeeplab.kernels import atrous_conv_direct as direct
 
@@ -213,9 +221,7 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
                 print(f"| {shape} | {K} | {d} | {gflop:.2f} | no | - | - | not Winograd's "
                       "shape (tiles, overhang) |", file=out)
                 continue
-            t = np.array(block_times([forced, plain], repeat, rounds, pause=0))
-            r = t[:, 0] / t[:, 1]
-            med = np.median(t, axis=0) * 1e3
+            med, r = _in_turns(forced, plain, repeat, rounds)
             print(f"| {shape} | {K} | {d} | {gflop:.2f} | {'yes' if rule else 'no'} | "
                   f"{med[0]:.2f} | {med[1]:.2f} | {_ratio_text(r)} |", file=out)
             results["winograd"].append((gflop, rule, float(np.median(r))))
@@ -225,9 +231,7 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
         print("|---|---|---|---|---|---|---|", file=out)
         for shape, K, k, s, pad in im2col_shapes:
             shifted, rowwise, same = _im2col_functions(shape, K, k, s, pad)
-            t = np.array(block_times([shifted, rowwise], repeat, rounds, pause=0))
-            r = t[:, 0] / t[:, 1]
-            med = np.median(t, axis=0) * 1e3
+            med, r = _in_turns(shifted, rowwise, repeat, rounds)
             print(f"| {shape} | {k}×{k} | {s} | {'yes' if same else 'NO'} | {med[0]:.3f} | "
                   f"{med[1]:.3f} | {_ratio_text(r)} |", file=out)
             results["im2col"].append((same, float(np.median(r))))
@@ -238,9 +242,7 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
         print("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
         for shape, K, k, s, d in direct_shapes:
             forced, v6, rule, same = _direct_functions(shape, K, k, s, d)
-            t = np.array(block_times([forced, v6], repeat, rounds, pause=0))
-            r = t[:, 0] / t[:, 1]
-            med = np.median(t, axis=0) * 1e3
+            med, r = _in_turns(forced, v6, repeat, rounds)
             print(f"| {shape} | {K} | {k}×{k} | {s} | {d} | {shape[1] * k * k} | "
                   f"{'yes' if rule else 'no'} | {'yes' if same else 'no'} | {med[0]:.3f} | "
                   f"{med[1]:.3f} | {_ratio_text(r)} |", file=out)
@@ -253,9 +255,7 @@ def run(threads=None, repeat=5, rounds=7, winograd_shapes=WINOGRAD_SHAPES,
         print("|---|---|---|---|---|---|---|", file=out)
         for shape, K, d in split_shapes:
             split, whole, takes = _split_functions(shape, K, d)
-            t = np.array(block_times([split, whole], repeat, rounds, pause=0))
-            r = t[:, 0] / t[:, 1]
-            med = np.median(t, axis=0) * 1e3
+            med, r = _in_turns(split, whole, repeat, rounds)
             print(f"| {shape} | {K} | {d} | {'yes' if takes else 'no'} | {med[0]:.2f} | "
                   f"{med[1]:.2f} | {_ratio_text(r)} |", file=out)
             results["split"].append((takes, float(np.median(r))))
